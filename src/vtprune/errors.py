@@ -1,0 +1,28 @@
+"""Errors raised by vtprune. Each message says what went wrong and what to do about it."""
+
+
+class VTPruneError(Exception):
+    """Base class of every error vtprune raises on purpose."""
+
+
+class BudgetError(VTPruneError, ValueError):
+    """A keep/ratio budget that cannot be met (≤ 0, or not below the number of visual tokens)."""
+
+
+class UnsupportedModelError(VTPruneError, TypeError):
+    """The model class has no adapter."""
+
+
+class UnsupportedMethodError(VTPruneError, ValueError):
+    """The method needs something this model family cannot provide (insertion point, CLS token, ...)."""
+
+
+class UnknownMethodError(VTPruneError, KeyError):
+    """No method is registered under that name."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; show it plainly
+        return str(self.args[0]) if self.args else ""
+
+
+class InputError(VTPruneError, ValueError):
+    """The inputs handed to the model do not fit together (images vs placeholders, dtype, device)."""

@@ -1,0 +1,281 @@
+"""The contract every pruning method follows.
+
+A method is pure tensor logic. It declares the insertion point(s) it works at (:class:`Stage`) and
+receives a context object per image (vision / projected stages) or per sample (LLM stage) whose
+properties are computed lazily by the model adapter: a method that never touches
+``ctx.cls_attention`` never pays for it. It returns a :class:`Selection`: sorted indices of the
+candidate tokens to keep, optionally with replacement values (token merging).
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Callable, ClassVar
+
+import torch
+
+from ..errors import BudgetError, UnknownMethodError, UnsupportedMethodError
+
+
+class Stage(str, Enum):
+    VISION = "vision"  # after the vision encoder, before the projector (per image / per crop)
+    PROJECTED = "projected"  # after the projector, before the LLM
+    LLM = "llm"  # inside the decoder, from a given layer on
+
+
+@dataclass
+class Selection:
+    """What a method keeps of one image's (or one sample's) candidate tokens.
+
+    keep:   int64 indices into the candidates, sorted ascending, unique.
+    values: optional (len(keep), D) replacement features for the kept tokens (merging methods);
+            ``None`` means the kept tokens keep their own features.
+    info:   free-form per-image statistics (thresholds, scores) that end up in the stats.
+    """
+
+    keep: torch.Tensor
+    values: torch.Tensor | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.keep = torch.as_tensor(self.keep, dtype=torch.long).flatten()
+        if self.values is not None and self.values.shape[0] != self.keep.numel():
+            raise ValueError(
+                f"Selection.values has {self.values.shape[0]} rows for {self.keep.numel()} kept tokens"
+            )
+        if self.keep.numel() > 1 and not bool((self.keep[1:] > self.keep[:-1]).all()):
+            if torch.unique(self.keep).numel() != self.keep.numel():
+                raise ValueError("Selection.keep holds duplicate indices")
+            self.keep, order = torch.sort(self.keep)
+            if self.values is not None:
+                self.values = self.values[order]
+
+
+def sorted_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest scores, ties broken by lower index, returned in ascending order."""
+    n = scores.numel()
+    # a tiny index-dependent offset would change values; use a stable sort instead
+    order = torch.sort(scores.float().flatten(), descending=True, stable=True).indices
+    return torch.sort(order[:k]).values if k < n else torch.arange(n, device=scores.device)
+
+
+class Method:
+    """Base class. Subclasses set ``name`` and ``stages`` and implement the ``select_*`` they need.
+
+    Budgets: ``keep=N`` (tokens per image) or ``ratio=r`` (fraction of the image's tokens kept);
+    adaptive methods take neither.
+    """
+
+    name: ClassVar[str] = ""
+    stages: ClassVar[tuple[Stage, ...]] = ()
+    #: decoder layers whose *input* is pruned (LLM stage); attention is read from the layer before
+    llm_layers: tuple[int, ...] = ()
+    #: extra tokens the method appends per image crop inside the vision tower (test-time registers)
+    extra_tokens: int = 0
+    #: families this method refuses, with the reason (e.g. {"qwen2_5_vl": "needs a CLS token"})
+    unsupported: ClassVar[dict[str, str]] = {}
+
+    def __init__(self, keep: int | None = None, ratio: float | None = None, seed: int = 0):
+        if keep is not None and ratio is not None:
+            raise BudgetError("Give either keep=N or ratio=r, not both.")
+        if keep is not None and (not isinstance(keep, int) or isinstance(keep, bool)):
+            raise BudgetError(f"keep must be an integer number of tokens, got {keep!r}.")
+        if keep is not None and keep <= 0:
+            raise BudgetError(f"keep must be a positive number of tokens, got {keep}.")
+        if ratio is not None and not (0.0 < float(ratio) < 1.0):
+            raise BudgetError(f"ratio must lie strictly between 0 and 1, got {ratio}.")
+        self.keep = keep
+        self.ratio = ratio
+        self.seed = seed
+
+    # -- budgets -----------------------------------------------------------------------------
+    def budget(self, n_tokens: int) -> int:
+        """Number of tokens to keep out of ``n_tokens`` candidates; raises a clear error if impossible."""
+        if self.keep is None and self.ratio is None:
+            raise BudgetError(f"Method '{self.name}' needs a budget: pass keep=N or ratio=r.")
+        if self.keep is not None:
+            if self.keep >= n_tokens:
+                raise BudgetError(
+                    f"keep={self.keep} is not below the {n_tokens} visual tokens of this image; "
+                    f"choose keep < {n_tokens} (or do not prune)."
+                )
+            return self.keep
+        return max(1, int(round(self.ratio * n_tokens)))
+
+    def generator(self, device: torch.device | str = "cpu", offset: int = 0) -> torch.Generator:
+        g = torch.Generator(device=device)
+        g.manual_seed(self.seed + offset)
+        return g
+
+    def check_family(self, family: str) -> None:
+        if family in self.unsupported:
+            raise UnsupportedMethodError(
+                f"Method '{self.name}' does not support {family}: {self.unsupported[family]}"
+            )
+
+    # -- selection hooks (override what the stages need) --------------------------------------
+    def select_vision(self, ctx: "ImageContext") -> Selection:
+        raise NotImplementedError
+
+    def select_projected(self, ctx: "ImageContext") -> Selection:
+        raise NotImplementedError
+
+    def select_llm(self, ctx: "LLMContext") -> Selection:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        budget = f"keep={self.keep}" if self.keep is not None else f"ratio={self.ratio}" if self.ratio else ""
+        return f"{self.name}({budget})"
+
+    def __repr__(self) -> str:
+        return self.describe()
+
+
+class _Lazy:
+    """A per-context cache of values computed on first access."""
+
+    def __init__(self, providers: dict[str, Callable[[], Any]]):
+        self._providers = providers
+        self._values: dict[str, Any] = {}
+
+    def get(self, key: str, what: str) -> Any:
+        if key not in self._values:
+            if key not in self._providers:
+                raise UnsupportedMethodError(f"This model family cannot provide {what}.")
+            self._values[key] = self._providers[key]()
+        return self._values[key]
+
+
+class ImageContext:
+    """Everything a vision- or projected-stage method may ask about one image.
+
+    features       (N, D) candidate tokens: vision stage = the feature layer's patch tokens (CLS
+                   removed; Qwen: mean of each 2×2 group); projected stage = the projector's output.
+    grids          list of (rows, cols) per crop; LLaVA-1.5 and Qwen have a single crop.
+    crop_slices    the candidate range of each crop inside ``features``.
+    cls_attention  (H, N) attention of the CLS query to the candidates at the feature layer
+                   (CLS towers only), fp32 probabilities of the full softmax row.
+    received_attention (N,) mean attention each candidate receives from all tokens at the
+                   feature layer (every tower).
+    text_embeddings (T, D_llm) the LLM's input embeddings of the text tokens after the image.
+    hidden(layer)  (N, D) the tower's hidden states after block ``layer`` at candidate positions.
+    extra          number of appended non-patch tokens at the end of each crop (registers).
+    """
+
+    def __init__(self, *, features: torch.Tensor, grids: list[tuple[int, int]], crop_slices: list[slice],
+                 family: str, image_index: int, extra: int = 0,
+                 providers: dict[str, Callable[[], Any]] | None = None):
+        self.features = features
+        self.grids = grids
+        self.crop_slices = crop_slices
+        self.family = family
+        self.image_index = image_index
+        self.extra = extra
+        self._lazy = _Lazy(providers or {})
+
+    @property
+    def num_tokens(self) -> int:
+        return self.features.shape[0]
+
+    @property
+    def cls_attention(self) -> torch.Tensor:
+        return self._lazy.get("cls_attention", "a CLS-token attention row (its vision tower has no CLS token)")
+
+    @property
+    def received_attention(self) -> torch.Tensor:
+        return self._lazy.get("received_attention", "received attention at the feature layer")
+
+    @property
+    def text_embeddings(self) -> torch.Tensor:
+        return self._lazy.get("text_embeddings", "text embeddings of the instruction")
+
+    def hidden(self, layer: int) -> torch.Tensor:
+        fn = self._lazy.get("hidden", "hidden states of inner vision layers")
+        return fn(layer)
+
+    def vision_attention(self, layer: int) -> torch.Tensor:
+        """(H, Q, K) full attention probabilities of vision layer ``layer`` for this image's tokens
+        (CLS first where the tower has one), fp32."""
+        fn = self._lazy.get("vision_attention", "attention maps of inner vision layers")
+        return fn(layer)
+
+
+class LLMContext:
+    """Everything an LLM-stage method may ask about one sample at one pruning layer.
+
+    hidden       (L, D) the sample's hidden states entering layer ``layer`` (no padding).
+    visual       (V,) positions in [0, L) of the candidate visual tokens, ascending.
+    text_after   positions of the text tokens after the last image (question, template, prompt).
+    last         position of the last token.
+    attention(rows) (H, R, L) fp32 attention probabilities of layer ``layer-1`` for query rows
+                 ``rows`` (positions in [0, L)), causal, full softmax rows.
+    keys()       (H_kv, L, head_dim) the keys of layer ``layer-1`` after RoPE.
+    stage_index  which of the method's ``llm_layers`` this is.
+    """
+
+    def __init__(self, *, hidden: torch.Tensor, visual: torch.Tensor, text_after: torch.Tensor,
+                 layer: int, stage_index: int, family: str, original_visual: int,
+                 providers: dict[str, Callable[[], Any]]):
+        self.hidden = hidden
+        self.visual = visual
+        self.text_after = text_after
+        self.layer = layer
+        self.stage_index = stage_index
+        self.family = family
+        self.original_visual = original_visual  # visual tokens of this sample entering the LLM
+        self._lazy = _Lazy(providers)
+
+    @property
+    def last(self) -> int:
+        return self.hidden.shape[0] - 1
+
+    def attention(self, rows: torch.Tensor) -> torch.Tensor:
+        return self._lazy.get("attention", "decoder attention rows")(rows)
+
+    def keys(self) -> torch.Tensor:
+        return self._lazy.get("keys", "decoder keys")()
+
+
+# -- registry --------------------------------------------------------------------------------
+_REGISTRY: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no name")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def available_methods() -> list[str]:
+    from . import _load_all  # noqa: F401  (imports every method module)
+
+    return sorted(_REGISTRY)
+
+
+def method_class(name: str) -> type[Method]:
+    available_methods()
+    key = name.lower().replace("-", "_")
+    if key not in _REGISTRY:
+        close = difflib.get_close_matches(key, list(_REGISTRY), n=3, cutoff=0.5)
+        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        raise UnknownMethodError(
+            f"Unknown method {name!r}.{hint} Available: {', '.join(sorted(_REGISTRY))}."
+        )
+    return _REGISTRY[key]
+
+
+def make_method(spec: "Method | str", **kwargs: Any) -> Method:
+    """A Method instance from an instance, or from a registered name plus its arguments."""
+    if isinstance(spec, Method):
+        if kwargs:
+            raise TypeError("Pass keyword arguments only together with a method name.")
+        return spec
+    if isinstance(spec, tuple):  # ("fastv", {"keep": 64}) or ("fastv", 64)
+        name, *rest = spec
+        extra = rest[0] if rest and isinstance(rest[0], dict) else {}
+        return method_class(name)(**{**extra, **kwargs})
+    if isinstance(spec, str):
+        return method_class(spec)(**kwargs)
+    raise TypeError(f"Expected a vtprune Method or a method name, got {type(spec).__name__}.")
