@@ -60,6 +60,22 @@ def sorted_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.sort(order[:k]).values if k < n else torch.arange(n, device=scores.device)
 
 
+def split_budget(total: int, sizes: list[int]) -> list[int]:
+    """Split ``total`` over groups of ``sizes`` proportionally (largest remainder, ties to the first
+    group), never more than a group holds."""
+    whole = sum(sizes)
+    shares = [total * s / whole for s in sizes]
+    out = [min(int(x), s) for x, s in zip(shares, sizes)]
+    order = sorted(range(len(sizes)), key=lambda i: (-(shares[i] - int(shares[i])), i))
+    i = 0
+    while sum(out) < total and i < 10 * len(sizes):
+        j = order[i % len(sizes)]
+        if out[j] < sizes[j]:
+            out[j] += 1
+        i += 1
+    return out
+
+
 class Method:
     """Base class. Subclasses set ``name`` and ``stages`` and implement the ``select_*`` they need.
 
@@ -73,6 +89,8 @@ class Method:
     llm_layers: tuple[int, ...] = ()
     #: extra tokens the method appends per image crop inside the vision tower (test-time registers)
     extra_tokens: int = 0
+    #: inner vision blocks whose attention the method reads through ``ctx.vision_attention``
+    attention_layers: tuple[int, ...] = ()
     #: families this method refuses, with the reason (e.g. {"qwen2_5_vl": "needs a CLS token"})
     unsupported: ClassVar[dict[str, str]] = {}
 
@@ -114,6 +132,11 @@ class Method:
                 f"Method '{self.name}' does not support {family}: {self.unsupported[family]}"
             )
 
+    def vision_tower_patch(self, adapter):
+        """A context manager that changes the vision tower while it runs (e.g. appends test-time
+        registers), or None. Called once per forward with the model adapter."""
+        return None
+
     # -- selection hooks (override what the stages need) --------------------------------------
     def select_vision(self, ctx: "ImageContext") -> Selection:
         raise NotImplementedError
@@ -145,6 +168,12 @@ class _Lazy:
                 raise UnsupportedMethodError(f"This model family cannot provide {what}.")
             self._values[key] = self._providers[key]()
         return self._values[key]
+
+    def function(self, key: str, what: str) -> Callable:
+        """A provider that takes arguments (a layer, query rows); returned uncalled."""
+        if key not in self._providers:
+            raise UnsupportedMethodError(f"This model family cannot provide {what}.")
+        return self._providers[key]
 
 
 class ImageContext:
@@ -191,14 +220,12 @@ class ImageContext:
         return self._lazy.get("text_embeddings", "text embeddings of the instruction")
 
     def hidden(self, layer: int) -> torch.Tensor:
-        fn = self._lazy.get("hidden", "hidden states of inner vision layers")
-        return fn(layer)
+        return self._lazy.function("hidden", "hidden states of inner vision layers")(layer)
 
     def vision_attention(self, layer: int) -> torch.Tensor:
         """(H, Q, K) full attention probabilities of vision layer ``layer`` for this image's tokens
         (CLS first where the tower has one), fp32."""
-        fn = self._lazy.get("vision_attention", "attention maps of inner vision layers")
-        return fn(layer)
+        return self._lazy.function("vision_attention", "attention maps of inner vision layers")(layer)
 
 
 class LLMContext:
@@ -231,10 +258,10 @@ class LLMContext:
         return self.hidden.shape[0] - 1
 
     def attention(self, rows: torch.Tensor) -> torch.Tensor:
-        return self._lazy.get("attention", "decoder attention rows")(rows)
+        return self._lazy.function("attention", "decoder attention rows")(rows)
 
     def keys(self) -> torch.Tensor:
-        return self._lazy.get("keys", "decoder keys")()
+        return self._lazy.get("keys", "decoder keys")
 
 
 # -- registry --------------------------------------------------------------------------------

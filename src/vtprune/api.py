@@ -1,0 +1,93 @@
+"""The public entry points: ``apply``, ``pruned`` and the handle they return."""
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+from .methods.base import Method, Stage, make_method
+from .models.base import adapter_for, family_of
+from .pipeline import Pruner
+from .stats import CallStats
+from .errors import UnsupportedMethodError
+
+
+class PruneHandle:
+    """Returned by :func:`apply`. ``stats`` lists one :class:`CallStats` per pruned prefill;
+    ``last`` is the newest; ``remove()`` restores the model exactly."""
+
+    def __init__(self, model, method: Method, pruner: Pruner, stats: list[CallStats]):
+        self.model = model
+        self.method = method
+        self._pruner = pruner
+        self.stats = stats
+
+    @property
+    def last(self) -> CallStats | None:
+        return self.stats[-1] if self.stats else None
+
+    @property
+    def num_layers(self) -> int:
+        return len(self._pruner.adapter.decoder_layers)
+
+    def summary(self) -> dict[str, Any]:
+        """Mean visual tokens per image entering the LLM and layer-averaged, over all calls."""
+        entering = [n for s in self.stats for n in s.tokens_entering_llm]
+        averaged = [n for s in self.stats for n in s.layer_averaged(self.num_layers)]
+        return {
+            "method": self.method.describe(),
+            "calls": len(self.stats),
+            "images": len(entering),
+            "mean_tokens_entering_llm": sum(entering) / len(entering) if entering else None,
+            "mean_tokens_layer_averaged": sum(averaged) / len(averaged) if averaged else None,
+            "method_seconds": sum(s.method_seconds for s in self.stats),
+        }
+
+    def reset_stats(self) -> None:
+        self.stats.clear()
+
+    def remove(self) -> None:
+        self._pruner.remove()
+        if getattr(self.model, "_vtprune_handle", None) is self:
+            del self.model._vtprune_handle
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+
+
+def apply(model, method: Method | str, *, layout: str = "model", **method_kwargs) -> PruneHandle:
+    """Prune ``model``'s visual tokens with ``method`` from now on.
+
+    ``method`` is a :class:`~vtprune.methods.Method` or a registered name with its arguments, e.g.
+    ``apply(model, "fastv", keep=64)``. ``layout`` (LLaVA-NeXT only): "model" keeps the model's
+    unpad + newline layout, "flat" uses base + crops without newlines. Returns a handle with
+    ``stats`` and ``remove()``; the model keeps its attention implementation.
+    """
+    method = make_method(method, **method_kwargs)
+    family = family_of(model)
+    method.check_family(family)
+    if getattr(model, "_vtprune_handle", None) is not None:
+        raise RuntimeError("This model is already pruned; call handle.remove() before applying another method.")
+    options = {"layout": layout} if family == "llava_next" else {}
+    if layout != "model" and family != "llava_next":
+        raise UnsupportedMethodError("layout= applies to LLaVA-NeXT only.")
+    adapter = adapter_for(model, **options)
+    if not method.stages:
+        raise UnsupportedMethodError(f"Method '{method.name}' declares no insertion point.")
+    stats: list[CallStats] = []
+    pruner = Pruner(model, method, adapter, stats)
+    handle = PruneHandle(model, method, pruner, stats)
+    model._vtprune_handle = handle
+    return handle
+
+
+@contextlib.contextmanager
+def pruned(model, method: Method | str, **kwargs):
+    """``with vtprune.pruned(model, "fastv", keep=64) as handle: model.generate(...)``."""
+    handle = apply(model, method, **kwargs)
+    try:
+        yield handle
+    finally:
+        handle.remove()

@@ -1,0 +1,130 @@
+"""Attention probabilities of chosen query rows, without switching the model to eager attention.
+
+Attention-score methods need one layer's scores, usually a few query rows (the CLS token, the last
+token, the text tokens). Instead of running the whole model in eager mode we route exactly one
+attention module, for one call, through a capturing attention function: it keeps the query and key
+states the module produced (after its own norm, projections, q/k-norm and RoPE — whatever the family
+does) and then delegates the actual attention output to the model's own implementation (SDPA,
+FlashAttention, ...). Rows are then computed on demand in fp32 with the module's scaling, its GQA
+layout, the causal/padding mask and a full softmax.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+CAPTURE_IMPLEMENTATION = "vtprune_capture"
+
+
+@dataclass
+class AttentionCall:
+    """The tensors of one attention call: query (B, H, Lq, d), key (B, Hkv, Lk, d) after RoPE."""
+
+    query: torch.Tensor
+    key: torch.Tensor
+    mask: torch.Tensor | None  # as handed to the attention function (bool: True = attend, or additive)
+    scaling: float
+    causal: bool
+
+    def rows(self, batch: int, rows: torch.Tensor | list[int] | None = None,
+             columns: torch.Tensor | None = None) -> torch.Tensor:
+        """(H, R, Lk) fp32 probabilities of query rows ``rows`` (all rows if None) of batch element
+        ``batch``. ``columns`` restricts the keys to a subset *before* the softmax (used to drop
+        padding columns); by default the full row as the model computes it."""
+        q = self.query[batch].float()
+        k = self.key[batch].float()
+        heads, kv_heads = q.shape[0], k.shape[0]
+        if heads != kv_heads:
+            k = k.repeat_interleave(heads // kv_heads, dim=0)
+        rows_t = torch.arange(q.shape[1], device=q.device) if rows is None else torch.as_tensor(
+            rows, device=q.device, dtype=torch.long)
+        scores = torch.einsum("hrd,hkd->hrk", q[:, rows_t], k) * self.scaling
+        allowed = self._allowed(batch, rows_t, k.shape[1], q.shape[1])
+        if columns is not None:
+            keep_cols = torch.zeros(k.shape[1], dtype=torch.bool, device=q.device)
+            keep_cols[columns] = True
+            allowed = allowed & keep_cols
+        if allowed is not None:
+            scores = scores.masked_fill(~allowed.unsqueeze(0), float("-inf"))
+        return torch.softmax(scores, dim=-1)
+
+    def _allowed(self, batch: int, rows: torch.Tensor, lk: int, lq: int) -> torch.Tensor:
+        allowed = torch.ones(len(rows), lk, dtype=torch.bool, device=rows.device)
+        if self.mask is not None:
+            m = self.mask[batch if self.mask.shape[0] > 1 else 0]
+            m = m[0] if m.dim() == 3 else m  # (heads=1, Lq, Lk)
+            m = m[rows] if m.shape[0] == lq else m.expand(len(rows), -1)
+            allowed &= m if m.dtype == torch.bool else (m > torch.finfo(m.dtype).min / 2)
+        elif self.causal and lq > 1:
+            offset = lk - lq
+            key_pos = torch.arange(lk, device=rows.device)
+            allowed &= key_pos.unsqueeze(0) <= (rows + offset).unsqueeze(1)
+        return allowed
+
+
+@dataclass
+class AttentionRecorder:
+    """Collects the calls of one attention module while :func:`record_attention` is active."""
+
+    calls: list[AttentionCall] = field(default_factory=list)
+
+    @property
+    def last(self) -> AttentionCall:
+        if not self.calls:
+            raise RuntimeError("The attention module was not called while recording.")
+        return self.calls[-1]
+
+
+def _capture_forward(module, query, key, value, attention_mask, *args, **kwargs):
+    recorder, implementation = module._vtprune_capture
+    scaling = kwargs.get("scaling")
+    if scaling is None:
+        scaling = getattr(module, "scaling", query.shape[-1] ** -0.5)
+    causal = kwargs.get("is_causal")
+    if causal is None:
+        causal = getattr(module, "is_causal", True)
+    recorder.calls.append(AttentionCall(query.detach(), key.detach(), attention_mask, float(scaling),
+                                        bool(causal)))
+    return implementation(module, query, key, value, attention_mask, *args, **kwargs)
+
+
+ALL_ATTENTION_FUNCTIONS.register(CAPTURE_IMPLEMENTATION, _capture_forward)
+
+
+def _implementation_of(config) -> callable:
+    name = config._attn_implementation or "eager"
+    if name == "eager" or name not in ALL_ATTENTION_FUNCTIONS:
+        # the eager function lives in each modeling module; we find it at call time instead
+        return None
+    return ALL_ATTENTION_FUNCTIONS[name]
+
+
+@contextlib.contextmanager
+def record_attention(attn_module: nn.Module) -> Iterator[AttentionRecorder]:
+    """Record the query/key states of ``attn_module`` (an HF attention module with a ``config``)
+    for the duration of the block. The module's own attention implementation still computes its
+    output, so the model's numbers are unchanged."""
+    if not hasattr(attn_module, "config"):
+        raise TypeError(f"{type(attn_module).__name__} has no config; cannot route its attention.")
+    recorder = AttentionRecorder()
+    original_config = attn_module.config
+    implementation = _implementation_of(original_config)
+    if implementation is None:
+        import sys
+
+        implementation = getattr(sys.modules[type(attn_module).__module__], "eager_attention_forward")
+    capture_config = copy.copy(original_config)
+    capture_config._attn_implementation_internal = CAPTURE_IMPLEMENTATION
+    attn_module.config = capture_config
+    attn_module._vtprune_capture = (recorder, implementation)
+    try:
+        yield recorder
+    finally:
+        attn_module.config = original_config
+        del attn_module._vtprune_capture

@@ -1,0 +1,27 @@
+"""``cls_topk`` — FasterVLM: "[CLS] Attention is All You Need for Training-Free Visual Token Pruning:
+Make VLM Inference Faster" (Zhang et al., arXiv 2412.01818v1).
+
+Keeps the K patches with the largest head-averaged [CLS]→patch attention at the vision feature layer
+(the layer LLaVA takes its features from, ``hidden_states[-2]``), before the projector.
+Deviation: Qwen2.5-VL / Qwen3-VL towers have no [CLS] token; there we rank merged 2×2 tokens by the
+mean attention they receive from all patches at the last vision block (as the paper's authors suggest
+for CLS-less towers in VisPruner), pooled over each 2×2 group.
+On LLaVA-NeXT the ranking runs over all crops of an image at once (each crop scored by its own CLS).
+"""
+from __future__ import annotations
+
+from .base import Method, Selection, Stage, register, sorted_topk
+
+
+@register
+class ClsTopK(Method):
+    name = "cls_topk"
+    stages = (Stage.VISION,)
+
+    def select_vision(self, ctx):
+        k = self.budget(ctx.num_tokens)
+        if ctx.family in ("qwen2_5_vl", "qwen3_vl"):
+            scores = ctx.received_attention
+        else:
+            scores = ctx.cls_attention[:, : ctx.num_tokens].mean(0)
+        return Selection(keep=sorted_topk(scores, k), info={})

@@ -1,0 +1,33 @@
+"""``fastv`` — "An Image is Worth 1/2 Tokens After Layer 2: Plug-and-Play Inference Acceleration for
+Large Vision-Language Models" (Chen et al., ECCV 2024, arXiv 2403.06764).
+
+At decoder layer K the visual tokens least attended by the **last** query token in layer K−1
+(head mean) are dropped; layers K.. see only the kept ones. Defaults: K = 2.
+Deviations: the paper keeps layers 0..K−1's KV cache at full length; we compact it to the kept
+tokens after the prefill (every layer then holds the same tokens, as in our other in-LLM methods),
+so decoding attends to fewer tokens in the first K layers too. The budget is given as keep=N visual
+tokens (or ratio) rather than the paper's drop ratio R (keep = (1 − R)·N).
+"""
+from __future__ import annotations
+
+import torch
+
+from .base import Method, Selection, Stage, register, sorted_topk
+
+
+@register
+class FastV(Method):
+    name = "fastv"
+    stages = (Stage.LLM,)
+
+    def __init__(self, keep=None, ratio=None, layer: int = 2, seed: int = 0):
+        super().__init__(keep=keep, ratio=ratio, seed=seed)
+        if layer < 1:
+            raise ValueError("fastv reads attention of layer K-1, so K (layer) must be ≥ 1.")
+        self.llm_layers = (layer,)
+
+    def select_llm(self, ctx):
+        k = self.budget(len(ctx.visual))
+        rows = torch.tensor([ctx.last])
+        attention = ctx.attention(rows).mean(0)[0]  # (L,) head mean
+        return Selection(keep=sorted_topk(attention[ctx.visual], k))

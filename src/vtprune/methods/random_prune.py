@@ -1,0 +1,21 @@
+"""``random``: a seeded uniform random subset of each image's visual tokens (vision stage).
+
+The floor every method must beat. Per LLaVA-NeXT image the subset is drawn over all crops at once.
+"""
+from __future__ import annotations
+
+import torch
+
+from .base import Method, Selection, Stage, register
+
+
+@register
+class RandomPrune(Method):
+    name = "random"
+    stages = (Stage.VISION,)
+
+    def select_vision(self, ctx):
+        k = self.budget(ctx.num_tokens)
+        g = self.generator(offset=ctx.image_index)
+        keep = torch.randperm(ctx.num_tokens, generator=g)[:k]
+        return Selection(keep=torch.sort(keep).values.to(ctx.features.device))

@@ -1,0 +1,224 @@
+"""Model adapters: what the pipeline needs to know about one model family.
+
+An adapter finds the image-token spans in ``input_ids`` (from the config's image token id, never an
+offset), runs the vision side up to each insertion point and hands methods the contexts they ask
+for, builds original position ids (1-D or M-RoPE), and names the decoder layers.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..attention import AttentionRecorder, record_attention
+from ..errors import InputError, UnsupportedModelError
+from ..methods.base import ImageContext, Method, Selection, Stage
+
+_FAMILY_BY_CLASS = {
+    "LlavaForConditionalGeneration": "llava",
+    "LlavaNextForConditionalGeneration": "llava_next",
+    "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl",
+    "Qwen3VLForConditionalGeneration": "qwen3_vl",
+}
+
+
+def supported_classes() -> list[str]:
+    return list(_FAMILY_BY_CLASS)
+
+
+def family_of(model) -> str:
+    for cls in type(model).__mro__:
+        if cls.__name__ in _FAMILY_BY_CLASS:
+            return _FAMILY_BY_CLASS[cls.__name__]
+    raise UnsupportedModelError(
+        f"vtprune has no adapter for {type(model).__name__}. Supported model classes: "
+        f"{', '.join(supported_classes())}. Load your checkpoint with one of these classes."
+    )
+
+
+@dataclass
+class EncodedImage:
+    """One image after the vision side and any vision/projected pruning.
+
+    embeds     (len(keep), D_llm) the LLM inputs of the kept units.
+    keep       sorted indices of the kept units among the image's ``n_units + n_extra`` units.
+    n_units    units of the full layout that own a position (patches, newline tokens).
+    n_extra    units appended after them (test-time registers); they take the last unit's position.
+    candidates number of prunable units (patches; not newline tokens, not registers).
+    protected  indices (into the full unit list) that in-LLM methods must keep (registers).
+    deepstack  Qwen3-VL: per DeepStack layer, (len(keep), D_llm) features of the kept units.
+    """
+
+    embeds: torch.Tensor
+    keep: torch.Tensor
+    n_units: int
+    n_extra: int = 0
+    candidates: int = 0
+    protected: torch.Tensor | None = None
+    deepstack: list[torch.Tensor] | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+    unit_cells: torch.Tensor | None = None  # (n_units+n_extra, 3): crop, row, col of each unit (-1 = none)
+
+
+class Adapter:
+    """Shared logic; subclasses fill in the family specifics."""
+
+    family: str = ""
+    cls_token: bool = True  # does the vision tower have a CLS token?
+
+    def __init__(self, model, layout: str = "model"):
+        self.model = model
+        self.config = model.config
+        self.layout = layout
+
+    # -- structure --------------------------------------------------------------------------
+    @property
+    def image_token_id(self) -> int:
+        return self.config.image_token_id
+
+    @property
+    def language_model(self):
+        return self.model.model.language_model
+
+    @property
+    def text_config(self):
+        return self.config.text_config
+
+    @property
+    def decoder_layers(self):
+        return self.language_model.layers
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.get_input_embeddings()(ids)
+
+    # -- inputs -----------------------------------------------------------------------------
+    def num_images(self, inputs: dict) -> int:
+        raise NotImplementedError
+
+    def expected_tokens(self, inputs: dict) -> list[int]:
+        """Placeholder tokens each image occupies in the processor's ``input_ids``."""
+        raise NotImplementedError
+
+    def image_spans(self, input_ids: torch.Tensor, inputs: dict) -> list[list[tuple[int, int]]]:
+        """Per sample, the (start, end) column ranges of its images, in order; checks the counts."""
+        expected = self.expected_tokens(inputs)
+        is_image = (input_ids == self.image_token_id)
+        spans: list[list[tuple[int, int]]] = []
+        k = 0
+        for b in range(input_ids.shape[0]):
+            row = is_image[b].tolist()
+            spans.append([])
+            col = 0
+            while col < len(row):
+                if not row[col]:
+                    col += 1
+                    continue
+                end = col
+                while end < len(row) and row[end]:
+                    end += 1
+                while col < end:  # a run may hold several images back to back
+                    if k >= len(expected):
+                        raise InputError(
+                            f"input_ids hold more image placeholders than the {len(expected)} image(s) given. "
+                            f"Pass one image per '<image>' in the prompt (use the model's processor to build inputs)."
+                        )
+                    if end - col < expected[k]:
+                        raise InputError(
+                            f"Image {k} needs {expected[k]} placeholder tokens but input_ids hold a run of "
+                            f"{end - col}. Build the inputs with the model's processor so placeholders match images."
+                        )
+                    spans[b].append((col, col + expected[k]))
+                    col += expected[k]
+                    k += 1
+                col = end
+        if k != len(expected):
+            raise InputError(
+                f"{len(expected)} image(s) were given but input_ids hold placeholders for {k}. "
+                f"Put one '<image>' per image in the prompt (use the model's processor)."
+            )
+        return spans
+
+    def check_inputs(self, pixel_values: torch.Tensor) -> None:
+        param = next(self.model.parameters())
+        if pixel_values.device != param.device:
+            raise InputError(
+                f"pixel_values are on {pixel_values.device} but the model is on {param.device}; "
+                f"move the inputs with .to(model.device)."
+            )
+        if not pixel_values.is_floating_point():
+            raise InputError(f"pixel_values must be floating point, got {pixel_values.dtype}.")
+
+    # -- positions --------------------------------------------------------------------------
+    position_rows: int = 1  # 1 for 1-D RoPE, 3 for M-RoPE
+
+    def full_positions(self, input_ids, attention_mask, inputs, user_positions) -> torch.Tensor:
+        """(P, B, L) original position ids of the full (unpruned) sequence."""
+        if user_positions is not None:
+            return user_positions if user_positions.dim() == 3 else user_positions.unsqueeze(0)
+        length = input_ids.shape[1]
+        return torch.arange(length, device=input_ids.device).view(1, 1, -1).expand(1, input_ids.shape[0], -1)
+
+    def decode_positions(self, session, attention_mask, q_len: int) -> torch.Tensor:
+        """Positions the unmodified model would use for ``q_len`` new tokens (no position_ids given)."""
+        start = session.original_seen
+        pos = torch.arange(start, start + q_len, device=session.compact_mask.device)
+        return pos.view(1, -1).expand(session.compact_mask.shape[0], -1)
+
+    def format_positions(self, positions: torch.Tensor) -> torch.Tensor:
+        """Turn (P, B, L) into what this family's forward takes."""
+        return positions[0] if positions.shape[0] == 1 else positions
+
+    # -- vision side -------------------------------------------------------------------------
+    def encode_images(self, inputs: dict, method: Method | None, text_embeds: list[torch.Tensor],
+                      timer) -> list[EncodedImage]:
+        raise NotImplementedError
+
+    def mm_encoder_outputs(self, images: list[EncodedImage]) -> dict:
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        return {"image": BaseModelOutputWithPooling(pooler_output=tuple(im.embeds for im in images))}
+
+    # -- helpers for subclasses ----------------------------------------------------------------
+    @staticmethod
+    def run_selection(method: Method | None, stage: Stage, ctx: ImageContext, timer) -> Selection | None:
+        if method is None or stage not in method.stages:
+            return None
+        with timer():
+            selection = (method.select_vision if stage == Stage.VISION else method.select_projected)(ctx)
+        if selection.keep.numel() == 0:
+            raise InputError(f"Method '{method.name}' kept no token of image {ctx.image_index}.")
+        if int(selection.keep.max()) >= ctx.num_tokens or int(selection.keep.min()) < 0:
+            raise InputError(f"Method '{method.name}' returned indices outside the {ctx.num_tokens} candidates.")
+        return selection
+
+    @staticmethod
+    @contextlib.contextmanager
+    def recording(modules: dict[int, Any]):
+        """Record the attention of the given vision blocks (by index) while the tower runs."""
+        with contextlib.ExitStack() as stack:
+            yield {i: stack.enter_context(record_attention(m)) for i, m in modules.items()}
+
+
+def block_index(num_layers: int, hidden_state_index: int) -> int:
+    """The encoder block whose output is ``hidden_states[hidden_state_index]`` (index 0 = embeddings)."""
+    idx = hidden_state_index if hidden_state_index >= 0 else num_layers + 1 + hidden_state_index
+    if not 1 <= idx <= num_layers:
+        raise ValueError(f"hidden_states[{hidden_state_index}] is not the output of an encoder block.")
+    return idx - 1
+
+
+_ADAPTERS: dict[str, type[Adapter]] = {}
+
+
+def register_adapter(cls: type[Adapter]) -> type[Adapter]:
+    _ADAPTERS[cls.family] = cls
+    return cls
+
+
+def adapter_for(model, **options) -> Adapter:
+    family = family_of(model)
+    from . import llava, llava_next, qwen2_5_vl, qwen3_vl  # noqa: F401  (register the adapters)
+
+    return _ADAPTERS[family](model, **options)

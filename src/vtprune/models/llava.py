@@ -1,0 +1,155 @@
+"""Adapter for ``LlavaForConditionalGeneration`` (LLaVA-1.5 and any CLIP-tower LLaVA checkpoint)."""
+from __future__ import annotations
+
+import torch
+
+from ..errors import UnsupportedModelError
+from ..methods.base import ImageContext, Method, Stage
+from .base import Adapter, EncodedImage, block_index, register_adapter
+
+
+@register_adapter
+class LlavaAdapter(Adapter):
+    family = "llava"
+
+    # -- vision tower structure ---------------------------------------------------------------
+    @property
+    def vision_tower(self):
+        return self.model.model.vision_tower
+
+    @property
+    def vision_blocks(self):
+        tower = self.vision_tower
+        return getattr(tower, "vision_model", tower).encoder.layers
+
+    @property
+    def grid_side(self) -> int:
+        vc = self.config.vision_config
+        return vc.image_size // vc.patch_size
+
+    @property
+    def feature_layer(self) -> int:
+        layer = self.config.vision_feature_layer
+        if not isinstance(layer, int):
+            raise UnsupportedModelError(
+                "vtprune supports a single vision_feature_layer; this config concatenates several "
+                f"({layer})."
+            )
+        return layer
+
+    @property
+    def drops_cls(self) -> bool:
+        return self.config.vision_feature_select_strategy == "default"
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        return self.model.model.multi_modal_projector(features)
+
+    # -- inputs ---------------------------------------------------------------------------------
+    def num_images(self, inputs: dict) -> int:
+        return inputs["pixel_values"].shape[0]
+
+    def expected_tokens(self, inputs: dict) -> list[int]:
+        n = self.grid_side ** 2 + (0 if self.drops_cls else 1)
+        return [n] * self.num_images(inputs)
+
+    # -- vision side ----------------------------------------------------------------------------
+    def run_tower(self, pixel_values: torch.Tensor, method: Method | None):
+        """Run the CLIP tower once; returns its hidden states and the attention recorders."""
+        num_layers = len(self.vision_blocks)
+        wanted = {block_index(num_layers, self.feature_layer)}
+        if method is not None and any(s in method.stages for s in (Stage.VISION, Stage.PROJECTED)):
+            wanted |= {l % num_layers for l in getattr(method, "attention_layers", ())}
+        else:
+            wanted = set()
+        patch = method.vision_tower_patch(self) if method is not None else None
+        with self.recording({i: self.vision_blocks[i].self_attn for i in wanted}) as recs:
+            if patch is not None:
+                with patch:
+                    out = self.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
+            else:
+                out = self.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
+        return out.hidden_states, recs
+
+    def crop_context(self, hidden_states, recs, rows: list[int], family_image: int, extra: int,
+                     grids, keep_cols: list[torch.Tensor] | None = None) -> ImageContext:
+        """An ImageContext over crops ``rows`` of the tower's batch (one crop for LLaVA-1.5).
+
+        ``keep_cols`` optionally restricts each crop to some patch indices (LLaVA-NeXT unpadding)."""
+        first = 1 if self.drops_cls else 0
+        n = self.grid_side ** 2
+        feature = hidden_states[self.feature_layer]
+        cols = keep_cols or [torch.arange(n, device=feature.device)] * len(rows)
+        feats = torch.cat([feature[r, first + c] for r, c in zip(rows, cols)])
+        slices, start = [], 0
+        for c in cols:
+            slices.append(slice(start, start + len(c)))
+            start += len(c)
+        num_layers = len(self.vision_blocks)
+        fb = block_index(num_layers, self.feature_layer)
+        reg_cols = torch.arange(1 + n, 1 + n + extra, device=feature.device)
+
+        def cls_attention():
+            parts = [recs[fb].calls[0].rows(r, [0])[:, 0, 1 + c] for r, c in zip(rows, cols)]
+            parts += [recs[fb].calls[0].rows(r, [0])[:, 0, reg_cols] for r in rows] if extra else []
+            return torch.cat(parts, dim=-1)
+
+        def received_attention():
+            parts = []
+            for r, c in zip(rows, cols):
+                probs = recs[fb].calls[0].rows(r).mean(0)  # (Q, K) head mean
+                parts.append(probs.mean(0)[1 + c])
+            return torch.cat(parts)
+
+        providers = {
+            "received_attention": received_attention,
+            "hidden": lambda layer: torch.cat([hidden_states[layer + 1][r, first + c] for r, c in zip(rows, cols)]),
+            "vision_attention": lambda layer: torch.stack([recs[layer % num_layers].calls[0].rows(r) for r in rows]),
+        }
+        if self.drops_cls:
+            providers["cls_attention"] = cls_attention
+        ctx = ImageContext(features=feats, grids=grids, crop_slices=slices, family=self.family,
+                           image_index=family_image, extra=extra, providers=providers)
+        ctx.register_features = (feature[rows][:, 1 + n:1 + n + extra].reshape(-1, feature.shape[-1])
+                                 if extra else feature.new_zeros(0, feature.shape[-1]))
+        return ctx
+
+    def select_and_project(self, ctx: ImageContext, method, timer, text_embeds) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """Vision-stage selection, projection, projected-stage selection. Returns kept candidate
+        indices, their LLM embeddings (registers appended) and the selection info."""
+        info: dict = {}
+        keep = torch.arange(ctx.num_tokens, device=ctx.features.device)
+        feats = ctx.features
+        sel = self.run_selection(method, Stage.VISION, ctx, timer)
+        if sel is not None:
+            keep, info = sel.keep, dict(sel.info)
+            feats = sel.values if sel.values is not None else ctx.features[keep]
+        embeds = self.project(feats)
+        if method is not None and Stage.PROJECTED in method.stages:
+            pctx = ImageContext(features=embeds, grids=ctx.grids, crop_slices=ctx.crop_slices, family=self.family,
+                                image_index=ctx.image_index, extra=ctx.extra,
+                                providers={"text_embeddings": lambda: text_embeds, **ctx._lazy._providers})
+            if sel is not None:
+                raise UnsupportedModelError("A method may prune at the vision or the projected stage, not both.")
+            psel = self.run_selection(method, Stage.PROJECTED, pctx, timer)
+            keep, info = psel.keep, dict(psel.info)
+            embeds = psel.values if psel.values is not None else embeds[keep]
+        if ctx.extra:
+            embeds = torch.cat([embeds, self.project(ctx.register_features)])
+        return keep, embeds, info
+
+    def encode_images(self, inputs, method, text_embeds, timer):
+        pixel_values = inputs["pixel_values"]
+        self.check_inputs(pixel_values)
+        hidden_states, recs = self.run_tower(pixel_values, method)
+        extra = method.extra_tokens if method is not None else 0
+        side, images = self.grid_side, []
+        for i in range(pixel_values.shape[0]):
+            ctx = self.crop_context(hidden_states, recs, [i], i, extra, [(side, side)])
+            keep, embeds, info = self.select_and_project(ctx, method, timer, text_embeds[i])
+            n = ctx.num_tokens + (0 if self.drops_cls else 0)
+            keep_units = torch.cat([keep, torch.arange(n, n + extra, device=keep.device)])
+            cells = torch.stack([torch.zeros(n, dtype=torch.long), torch.arange(n) // side, torch.arange(n) % side], 1)
+            cells = torch.cat([cells, torch.full((extra, 3), -1)])
+            images.append(EncodedImage(embeds=embeds, keep=keep_units, n_units=n, n_extra=extra, candidates=n,
+                                       protected=torch.arange(n, n + extra), info=info, unit_cells=cells))
+        return images

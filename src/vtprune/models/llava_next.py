@@ -1,0 +1,94 @@
+"""Adapter for ``LlavaNextForConditionalGeneration`` (AnyRes crops).
+
+Two layouts of an image's tokens in the LLM:
+- ``layout="model"`` (default): the model's own — base image, then the crops unpadded to the image's
+  aspect ratio with one newline token per row. Newline tokens are never pruned.
+- ``layout="flat"``: base image then each crop's full grid in row-major crop order, no unpadding and
+  no newline tokens (the convention behind the papers' 2880-token budgets).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..errors import InputError
+from .base import EncodedImage, register_adapter
+from .llava import LlavaAdapter
+
+
+@register_adapter
+class LlavaNextAdapter(LlavaAdapter):
+    family = "llava_next"
+
+    def __init__(self, model, layout: str = "model"):
+        if layout not in ("model", "flat"):
+            raise InputError(f"layout must be 'model' or 'flat', got {layout!r}.")
+        super().__init__(model, layout)
+
+    def crops_per_image(self, inputs: dict) -> list[int]:
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        if inputs.get("image_sizes") is None:
+            raise InputError("LLaVA-NeXT needs image_sizes; pass the processor's output unchanged.")
+        return [image_size_to_num_patches(tuple(s), self.config.image_grid_pinpoints, self.config.vision_config.image_size)
+                for s in inputs["image_sizes"].tolist()]
+
+    def num_images(self, inputs: dict) -> int:
+        return inputs["pixel_values"].shape[0]
+
+    def unit_table(self, image_size, crops: int) -> torch.Tensor:
+        """For each unit of the model layout: the crop-major patch id it shows, or -1 (newline).
+        Computed by running the model's own packing on patch ids."""
+        n = self.grid_side ** 2
+        ids = torch.arange(crops * n, dtype=torch.float32).view(crops, n, 1)
+        packed, _ = self.model.model.pack_image_features(
+            [ids], torch.as_tensor([image_size]), self.config.vision_feature_select_strategy,
+            image_newline=torch.tensor([-1.0]))
+        return packed[0][:, 0].round().long() if isinstance(packed, (list, tuple)) else packed[:, 0].round().long()
+
+    def expected_tokens(self, inputs: dict) -> list[int]:
+        return [len(self.unit_table(tuple(s), c))
+                for s, c in zip(inputs["image_sizes"].tolist(), self.crops_per_image(inputs))]
+
+    def encode_images(self, inputs, method, text_embeds, timer):
+        pixel_values = inputs["pixel_values"]
+        self.check_inputs(pixel_values)
+        crops = self.crops_per_image(inputs)
+        flat_pixels = torch.cat([pixel_values[i, :c] for i, c in enumerate(crops)]) if pixel_values.dim() == 5 else pixel_values
+        hidden_states, recs = self.run_tower(flat_pixels, method)
+        extra = method.extra_tokens if method is not None else 0
+        side, n = self.grid_side, self.grid_side ** 2
+        images, first = [], 0
+        for i, c in enumerate(crops):
+            rows = list(range(first, first + c))
+            first += c
+            table = self.unit_table(tuple(inputs["image_sizes"][i].tolist()), c)
+            if self.layout == "flat":
+                table = torch.arange(c * n)
+            patch_ids = table[table >= 0]
+            # candidates in crop-major order: the patches that appear in the layout
+            present = torch.sort(patch_ids).values
+            cols = [present[(present >= k * n) & (present < (k + 1) * n)] - k * n for k in range(c)]
+            ctx = self.crop_context(hidden_states, recs, rows, i, extra, [(side, side)] * c, keep_cols=cols)
+            keep, embeds, info = self.select_and_project(ctx, method, timer, text_embeds[i])
+            kept_patches = present[keep]
+            # unit order: the layout's; kept units are newlines plus kept patches
+            unit_is_kept = (table < 0) | torch.isin(table, kept_patches)
+            keep_units = torch.nonzero(unit_is_kept).flatten()
+            # embeddings in unit order: newlines from the model's parameter, patches from `embeds`
+            rank = torch.full((c * n,), -1, dtype=torch.long)
+            rank[kept_patches] = torch.arange(len(kept_patches))
+            kept_table = table[keep_units]
+            newline = self.model.model.image_newline.to(embeds.dtype)
+            patch_embeds = embeds[: len(kept_patches)]
+            ordered = torch.where((kept_table < 0).unsqueeze(1), newline.expand(len(kept_table), -1),
+                                  patch_embeds[rank[kept_table.clamp(min=0)].clamp(min=0)])
+            n_units = len(table)
+            keep_units = torch.cat([keep_units, torch.arange(n_units, n_units + c * extra)])
+            ordered = torch.cat([ordered, embeds[len(kept_patches):]])
+            cells = torch.stack([table.clamp(min=0) // n, (table.clamp(min=0) % n) // side, table.clamp(min=0) % side], 1)
+            cells[table < 0] = -1
+            cells = torch.cat([cells, torch.full((c * extra, 3), -1)])
+            images.append(EncodedImage(embeds=ordered, keep=keep_units, n_units=n_units, n_extra=c * extra,
+                                       candidates=len(present), protected=torch.arange(n_units, n_units + c * extra),
+                                       info=info, unit_cells=cells))
+        return images

@@ -1,0 +1,462 @@
+"""The pipeline: runs a method at its insertion points around an unmodified HF model.
+
+The model's ``forward`` is wrapped. On a prefill that carries images, the wrapper
+1. runs the vision side through the adapter (vision / projected pruning happen there);
+2. lays each sample out as text + kept image units at their *original* positions, left-padded;
+3. calls the model's own forward with the compact ``input_ids``, mask, explicit position ids and the
+   precomputed image features (``mm_encoder_outputs``), with decoder-layer hooks for in-LLM pruning;
+4. after an in-LLM prune, compacts the KV cache of the earlier layers to the kept tokens.
+Later calls that continue that cache (``generate``'s decoding steps) are translated: the caller's
+attention mask, which still counts the original tokens, is mapped onto the compact cache, and
+positions continue from the original sequence length.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import time
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+
+from .attention import record_attention
+from .errors import InputError
+from .methods.base import LLMContext, Method, Stage
+from .models.base import Adapter, EncodedImage
+from .stats import CallStats, ImageStats
+
+_IMAGE_KWARGS = ("pixel_values", "image_sizes", "image_grid_thw", "mm_token_type_ids")
+
+
+@dataclass
+class Session:
+    """Bookkeeping for one KV cache produced by a pruned prefill."""
+
+    compact_mask: torch.Tensor  # (B, Lc) mask of the compact prompt in the cache
+    original_prompt_len: int  # columns of the caller's prompt attention mask
+    original_seen: int  # original tokens seen so far (for default positions)
+
+
+@dataclass
+class Layout:
+    """Current token layout of the batch inside the decoder during a pruned prefill.
+
+    index[b, j] = column of the compact prefill sequence at slot j (-1 = padding)."""
+
+    index: torch.Tensor
+    candidates: list[torch.Tensor]  # per sample, compact columns that are prunable visual tokens
+    protected: list[torch.Tensor]  # per sample, visual columns that must stay (registers)
+    fixed: list[torch.Tensor]  # per sample, visual columns that are never candidates (newline tokens)
+    text_after: list[torch.Tensor]  # per sample, compact columns of the text after the last image
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return (self.index >= 0).long()
+
+
+def _left_pad(rows: list[torch.Tensor], fill) -> torch.Tensor:
+    length = max(len(r) for r in rows)
+    out = torch.full((len(rows), length) + tuple(rows[0].shape[1:]), fill, dtype=rows[0].dtype,
+                     device=rows[0].device)
+    for b, r in enumerate(rows):
+        if len(r):
+            out[b, length - len(r):] = r
+    return out
+
+
+class Pruner:
+    """Holds the method, the adapter, the hooks and the statistics of one ``apply()``."""
+
+    def __init__(self, model, method: Method, adapter: Adapter, stats_log: list):
+        self.model = model
+        self.method = method
+        self.adapter = adapter
+        self.stats_log = stats_log
+        self.sessions: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+        self._layout: Layout | None = None
+        self._layer_kwargs: dict | None = None
+        self._stage_layouts: list[tuple[int, Layout]] = []
+        self._call_stats: CallStats | None = None
+        self._hooks = []
+        self._original_forward = model.forward
+        original = self._original_forward
+
+        @functools.wraps(original)
+        def forward(*args, **kwargs):
+            return self._forward(*args, **kwargs)
+
+        # generate() pre-encodes images when forward accepts `mm_encoder_outputs`; hiding that
+        # parameter makes it hand us pixel_values at the prefill, where we run the vision side.
+        signature = inspect.signature(original)
+        forward.__signature__ = signature.replace(
+            parameters=[p for p in signature.parameters.values() if p.name != "mm_encoder_outputs"])
+        model.forward = forward
+        if Stage.LLM in method.stages:
+            self._install_llm_hooks()
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        if self.model.__dict__.get("forward") is not None:
+            del self.model.forward
+        self._restore_deepstack()
+
+    # -- the wrapped forward ----------------------------------------------------------------------
+    def _forward(self, *args, **kwargs):
+        if args:  # positional input_ids
+            kwargs["input_ids"] = args[0]
+            if len(args) > 1:
+                raise TypeError("Call the pruned model with keyword arguments after input_ids.")
+        cache = kwargs.get("past_key_values")
+        if kwargs.get("mm_encoder_outputs"):
+            raise InputError("A pruned model runs its vision tower itself: pass pixel_values, not mm_encoder_outputs.")
+        if kwargs.get("pixel_values") is not None and kwargs.get("input_ids") is not None:
+            if cache is None or cache.get_seq_length() == 0:
+                return self._prefill(kwargs)
+        if cache is not None and cache in self.sessions:
+            return self._continue(kwargs, self.sessions[cache])
+        return self._original_forward(**kwargs)
+
+    def _continue(self, kwargs, session: Session):
+        mask = kwargs.get("attention_mask")
+        q_len = (kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]).shape[1]
+        if kwargs.get("position_ids") is None:
+            kwargs["position_ids"] = self.adapter.format_positions(
+                self._as_rows(self.adapter.decode_positions(session, mask, q_len)))
+        if mask is not None:
+            new_cols = mask[:, session.original_prompt_len:].to(session.compact_mask)
+        else:
+            new_cols = torch.ones(session.compact_mask.shape[0], session.original_seen - session.original_prompt_len
+                                  + q_len, dtype=session.compact_mask.dtype, device=session.compact_mask.device)
+        kwargs["attention_mask"] = torch.cat([session.compact_mask, new_cols], dim=1)
+        session.original_seen += q_len
+        return self._original_forward(**kwargs)
+
+    def _as_rows(self, positions: torch.Tensor) -> torch.Tensor:
+        return positions.unsqueeze(0) if positions.dim() == 2 else positions
+
+    # -- prefill --------------------------------------------------------------------------------
+    def _prefill(self, kwargs):
+        t_start = time.perf_counter()
+        self._call_stats = stats = CallStats(method=self.method.describe())
+        input_ids = kwargs.pop("input_ids")
+        attention_mask = kwargs.pop("attention_mask", None)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        user_positions = kwargs.pop("position_ids", None)
+        image_inputs = {k: kwargs.pop(k) for k in _IMAGE_KWARGS if k in kwargs}
+        spans = self.adapter.image_spans(input_ids, image_inputs)
+        text_embeds = self._text_after_each_image(input_ids, attention_mask, spans)
+        images = self.adapter.encode_images(image_inputs, self.method, text_embeds, stats.timer)
+        full_ids, full_mask, span_units, rewritten = self._rewrite_spans(input_ids, attention_mask, spans, images)
+        positions = self.adapter.full_positions(
+            full_ids, full_mask, {**image_inputs, "mm_token_type_ids": None} if rewritten else image_inputs,
+            None if rewritten else self._as_rows_or_none(user_positions))
+        compact = self._compact(full_ids, full_mask, positions, span_units, images)
+        ids, mask, pos, layout = compact
+        for im in images:
+            stats.images.append(ImageStats(candidates=im.candidates, after_pre_llm=len(im.keep) - im.n_extra,
+                                           registers=im.n_extra, info=dict(im.info)))
+        kwargs.update(input_ids=ids, attention_mask=mask, position_ids=self.adapter.format_positions(pos),
+                      mm_encoder_outputs=self.adapter.mm_encoder_outputs(images))
+        if Stage.LLM in self.method.stages:
+            out = self._run_with_llm_pruning(kwargs, layout)
+        else:
+            out = self._original_forward(**kwargs)
+        final_layout = self._layout if self._layout is not None else layout
+        stats.entering_columns = self._visual_columns(layout)
+        stats.kept_columns = self._visual_columns(final_layout)
+        cache = getattr(out, "past_key_values", None)
+        final_mask = self._layout.mask if self._layout is not None else mask
+        self._layout = None
+        if cache is not None:
+            self.sessions[cache] = Session(compact_mask=final_mask, original_prompt_len=attention_mask.shape[1],
+                                           original_seen=input_ids.shape[1])
+        stats.total_seconds = time.perf_counter() - t_start
+        self.stats_log.append(stats)
+        return out
+
+    def _visual_columns(self, layout: Layout) -> list[list[int]]:
+        """Per sample, the columns of the (full-layout) input sequence whose visual tokens remain."""
+        out = []
+        for b, (pad, cols) in enumerate(self._source_columns):
+            compact = torch.cat([layout.candidates[b], layout.protected[b], layout.fixed[b]]).sort().values - pad
+            out.append(cols[compact].tolist())
+        return out
+
+    def _as_rows_or_none(self, positions):
+        return None if positions is None else self._as_rows(positions)
+
+    def _text_after_each_image(self, input_ids, attention_mask, spans) -> list[torch.Tensor]:
+        """Per image, the LLM embeddings of the text after it (up to the next image)."""
+        out = []
+        embed = self.adapter.embed_tokens
+        for b, sample_spans in enumerate(spans):
+            for k, (start, end) in enumerate(sample_spans):
+                stop = sample_spans[k + 1][0] if k + 1 < len(sample_spans) else input_ids.shape[1]
+                cols = torch.arange(end, stop, device=input_ids.device)
+                cols = cols[attention_mask[b, cols].bool()]
+                out.append(embed(input_ids[b, cols]).detach())
+        return out
+
+    def _rewrite_spans(self, input_ids, attention_mask, spans, images: list[EncodedImage]):
+        """Full-length sequences in which each image occupies its ``n_units`` (layouts may differ from
+        the processor's placeholder count, e.g. LLaVA-NeXT 'flat'). Returns ids, mask, per-sample
+        (start, n_units) of each image in the new sequence, and whether anything changed."""
+        rows_ids, rows_mask, span_units, changed, k = [], [], [], False, 0
+        for b, sample_spans in enumerate(spans):
+            ids, msk, units, cursor = [], [], [], 0
+            for start, end in sample_spans:
+                im = images[k]
+                k += 1
+                ids.append(input_ids[b, cursor:start])
+                msk.append(attention_mask[b, cursor:start])
+                units.append((sum(len(x) for x in ids), im.n_units))
+                ids.append(torch.full((im.n_units,), self.adapter.image_token_id, dtype=input_ids.dtype,
+                                      device=input_ids.device))
+                msk.append(torch.ones(im.n_units, dtype=attention_mask.dtype, device=attention_mask.device))
+                changed |= im.n_units != end - start
+                cursor = end
+            ids.append(input_ids[b, cursor:])
+            msk.append(attention_mask[b, cursor:])
+            rows_ids.append(torch.cat(ids))
+            rows_mask.append(torch.cat(msk))
+            span_units.append(units)
+        if not changed:
+            return input_ids, attention_mask, span_units, False
+        # re-pad on the left so that the sequences line up again
+        trimmed = [(r[_first_real(m):], m[_first_real(m):]) for r, m in zip(rows_ids, rows_mask)]
+        shift = [len(r) - len(t[0]) for r, t in zip(rows_ids, trimmed)]
+        span_units = [[(s - sh, n) for s, n in u] for u, sh in zip(span_units, shift)]
+        ids = _left_pad([t[0] for t in trimmed], 0)
+        mask = _left_pad([t[1] for t in trimmed], 0)
+        pad = [ids.shape[1] - len(t[0]) for t in trimmed]
+        span_units = [[(s + p, n) for s, n in u] for u, p in zip(span_units, pad)]
+        return ids, mask, span_units, True
+
+    def _compact(self, ids, mask, positions, span_units, images):
+        """Drop pruned image units and insert registers; left-pad the result."""
+        rows_ids, rows_mask, rows_pos, cands, prot, text_after, k = [], [], [], [], [], [], 0
+        source_cols, fixed = [], []
+        P = positions.shape[0]
+        for b, units in enumerate(span_units):
+            cols, register_after, cand_local, prot_local = [], {}, [], []
+            cursor = 0
+            seq = []  # list of (column in full sequence, is_candidate, is_protected, is_fixed)
+            for start, n_units in units:
+                im = images[k]
+                k += 1
+                seq += [(c, False, False, False) for c in range(cursor, start)]
+                kept = im.keep.tolist()
+                protected = set(im.protected.tolist()) if im.protected is not None else set()
+                newline = set()
+                if im.unit_cells is not None:
+                    newline = {u for u in kept if u < n_units and int(im.unit_cells[u, 0]) < 0}
+                for u in kept:
+                    column = start + min(u, n_units - 1)  # extras sit at the last unit's position
+                    seq.append((column, u not in protected and u not in newline, u in protected, u in newline))
+                cursor = start + n_units
+            seq += [(c, False, False, False) for c in range(cursor, ids.shape[1])]
+            seq = [s for s in seq if mask[b, s[0]]]
+            col_t = torch.tensor([s[0] for s in seq], dtype=torch.long, device=ids.device)
+            source_cols.append(col_t.tolist())
+            is_img = torch.tensor([s[0] >= 0 and bool(ids[b, s[0]] == self.adapter.image_token_id) for s in seq])
+            rows_ids.append(ids[b, col_t])
+            rows_mask.append(torch.ones(len(seq), dtype=mask.dtype, device=mask.device))
+            rows_pos.append(positions[:, b if positions.shape[1] > 1 else 0, col_t].T)
+            cands.append(torch.tensor([j for j, s in enumerate(seq) if s[1]], dtype=torch.long))
+            prot.append(torch.tensor([j for j, s in enumerate(seq) if s[2]], dtype=torch.long))
+            fixed.append(torch.tensor([j for j, s in enumerate(seq) if s[3]], dtype=torch.long))
+            last_img = int(torch.nonzero(is_img).max()) if is_img.any() else -1
+            text_after.append(torch.arange(last_img + 1, len(seq)))
+        out_ids = _left_pad(rows_ids, 0)
+        out_mask = _left_pad(rows_mask, 0)
+        out_pos = _left_pad(rows_pos, 0).permute(2, 0, 1)
+        length = out_ids.shape[1]
+        pads = [length - len(r) for r in rows_ids]
+        self._source_columns = [(p, torch.tensor([s for s in cols_b])) for p, cols_b in zip(pads, source_cols)]
+        layout = Layout(
+            index=_left_pad([torch.arange(len(r)) + p for r, p in zip(rows_ids, pads)], -1),
+            candidates=[c + p for c, p in zip(cands, pads)],
+            protected=[c + p for c, p in zip(prot, pads)],
+            fixed=[c + p for c, p in zip(fixed, pads)],
+            text_after=[c + p for c, p in zip(text_after, pads)],
+        )
+        return out_ids, out_mask, out_pos, layout
+
+    # -- in-LLM pruning -----------------------------------------------------------------------------
+    def _install_llm_hooks(self):
+        layers = self.adapter.decoder_layers
+        first = min(self.method.llm_layers)
+        for K in self.method.llm_layers:
+            if not 1 <= K < len(layers):
+                from .errors import UnsupportedMethodError
+
+                raise UnsupportedMethodError(
+                    f"Method '{self.method.name}' prunes at decoder layer {K}, but the model has {len(layers)} "
+                    f"layers; choose a layer in 1..{len(layers) - 1}.")
+        for i, layer in enumerate(layers):
+            if i >= first:
+                self._hooks.append(layer.register_forward_pre_hook(
+                    functools.partial(self._layer_pre_hook, i), with_kwargs=True))
+        self._patch_deepstack()
+
+    def _run_with_llm_pruning(self, kwargs, layout: Layout):
+        self._layout = layout
+        self._layer_kwargs = None
+        self._stage_layouts = []
+        layers = self.adapter.decoder_layers
+        with contextlib.ExitStack() as stack:
+            self._recorders = {K: stack.enter_context(record_attention(layers[K - 1].self_attn))
+                               for K in self.method.llm_layers}
+            out = self._original_forward(**kwargs)
+        self._recorders = {}
+        cache = getattr(out, "past_key_values", None)
+        if cache is not None and self._stage_layouts:
+            self._compact_cache(cache)
+        return out
+
+    def _layer_pre_hook(self, layer_idx, module, args, kwargs):
+        if self._layout is None:
+            return None
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if layer_idx in self.method.llm_layers:
+            hidden = self._prune_at(layer_idx, hidden, kwargs)
+        if self._layer_kwargs is not None:
+            kwargs.update(self._layer_kwargs)
+        if args:
+            args = (hidden,) + tuple(args[1:])
+        else:
+            kwargs["hidden_states"] = hidden
+        return args, kwargs
+
+    def _prune_at(self, K, hidden, kwargs):
+        layout = self._layout
+        record = self._recorders[K].last
+        stage = self.method.llm_layers.index(K)
+        previous = self._layer_kwargs or {}
+        self._stage_layouts.append((K, layout))
+        keep_slots, new_hidden_rows = [], []
+        for b in range(hidden.shape[0]):
+            slot_of = {int(c): j for j, c in enumerate(layout.index[b].tolist()) if c >= 0}
+            valid = torch.nonzero(layout.index[b] >= 0).flatten()
+            local = {int(v): j for j, v in enumerate(valid.tolist())}
+            cand_slots = torch.tensor([slot_of[int(c)] for c in layout.candidates[b]], dtype=torch.long)
+            text_slots = torch.tensor([slot_of[int(c)] for c in layout.text_after[b] if int(c) in slot_of],
+                                      dtype=torch.long)
+            to_local = lambda slots: torch.tensor([local[int(s)] for s in slots], dtype=torch.long)
+            ctx = LLMContext(
+                hidden=hidden[b, valid], visual=to_local(cand_slots), text_after=to_local(text_slots),
+                layer=K, stage_index=stage, family=self.adapter.family,
+                original_visual=len(layout.candidates[b]),
+                providers={"attention": lambda rows, b=b, valid=valid: record.rows(b, valid[rows])[:, :, valid],
+                           "keys": lambda b=b, valid=valid: record.key[b][:, valid]})
+            with self._call_stats.timer():
+                selection = self.method.select_llm(ctx)
+            kept_cands = cand_slots[selection.keep]
+            drop = set(cand_slots.tolist()) - set(kept_cands.tolist())
+            slots = torch.tensor([int(s) for s in valid if int(s) not in drop], dtype=torch.long)
+            row = hidden[b, slots]
+            if selection.values is not None:
+                pos_in_row = torch.searchsorted(slots, kept_cands)
+                row = row.clone()
+                row[pos_in_row] = selection.values.to(row.dtype)
+            keep_slots.append(slots)
+            new_hidden_rows.append(row)
+            self._call_stats.add_llm_stage(b, K, len(kept_cands))
+        new_hidden = _left_pad(new_hidden_rows, 0.0)
+        length = new_hidden.shape[1]
+        gather = _left_pad([s for s in keep_slots], -1)  # slots into the current layout
+        new_index = torch.where(gather >= 0, layout.index.gather(1, gather.clamp(min=0)), -1)
+        kept_cols = [set(new_index[b][new_index[b] >= 0].tolist()) for b in range(len(keep_slots))]
+        self._layout = Layout(
+            index=new_index,
+            candidates=[torch.tensor([c for c in layout.candidates[b].tolist() if c in kept_cols[b]], dtype=torch.long)
+                        for b in range(len(keep_slots))],
+            protected=layout.protected, fixed=layout.fixed, text_after=layout.text_after)
+        self._layer_kwargs = self._layer_inputs(kwargs, gather, new_hidden)
+        return new_hidden
+
+    def _layer_inputs(self, kwargs, gather, new_hidden):
+        """Position embeddings, position ids and the causal mask for the new layout."""
+        from transformers.masking_utils import create_causal_mask
+
+        idx = gather.clamp(min=0)
+        cos, sin = kwargs["position_embeddings"]
+
+        def take(t):
+            # sequence is the second-to-last dim for (B, L, d) and (3, B, L, d)
+            view = idx.view(*([1] * (t.dim() - 3)), *idx.shape, 1).expand(*t.shape[:-2], idx.shape[1], t.shape[-1])
+            return t.gather(t.dim() - 2, view)
+
+        out = {"position_embeddings": (take(cos), take(sin))}
+        pos = kwargs.get("position_ids")
+        if pos is not None:
+            out["position_ids"] = pos.expand(idx.shape[0], -1).gather(1, idx) if pos.dim() == 2 else pos
+        mask2d = (gather >= 0).long()
+        attention_mask = create_causal_mask(config=self.adapter.text_config, inputs_embeds=new_hidden,
+                                            attention_mask=mask2d, past_key_values=None, position_ids=None)
+        if isinstance(kwargs.get("attention_mask"), dict):
+            attention_mask = {k: attention_mask for k in kwargs["attention_mask"]}
+        out["attention_mask"] = attention_mask
+        return out
+
+    def _compact_cache(self, cache):
+        """Gather every layer's cached keys/values onto the final layout."""
+        final = self._layout
+        bounds = [K for K, _ in self._stage_layouts]
+        for layer_idx, cache_layer in enumerate(cache.layers):
+            stage = sum(1 for K in bounds if K <= layer_idx)
+            if stage == len(bounds):
+                continue  # computed under the final layout already
+            layout = self._stage_layouts[stage][1]
+            gather = _map_layout(layout.index, final.index)
+            for name in ("keys", "values"):
+                t = getattr(cache_layer, name)
+                view = gather.view(gather.shape[0], 1, gather.shape[1], 1).expand(t.shape[0], t.shape[1], -1, t.shape[3])
+                setattr(cache_layer, name, t.gather(2, view))
+
+    # -- Qwen3-VL DeepStack ------------------------------------------------------------------------
+    def _patch_deepstack(self):
+        lm = self.adapter.language_model
+        if not hasattr(lm, "_deepstack_process"):
+            return
+        original = lm._deepstack_process
+
+        def deepstack(hidden_states, visual_pos_masks, visual_embeds):
+            layout = self._layout
+            if layout is not None and visual_pos_masks.shape[1] != hidden_states.shape[1]:
+                rank = visual_pos_masks.flatten().long().cumsum(0).view_as(visual_pos_masks) - 1
+                idx = layout.index.clamp(min=0)
+                new_mask = visual_pos_masks.gather(1, idx) & (layout.index >= 0)
+                picked = rank.gather(1, idx)[new_mask]
+                return original(hidden_states, new_mask, visual_embeds[picked])
+            return original(hidden_states, visual_pos_masks, visual_embeds)
+
+        lm._deepstack_process = deepstack
+        self._deepstack_owner = lm
+
+    def _restore_deepstack(self):
+        owner = getattr(self, "_deepstack_owner", None)
+        if owner is not None and "_deepstack_process" in owner.__dict__:
+            del owner._deepstack_process
+
+
+def _first_real(mask: torch.Tensor) -> int:
+    nz = torch.nonzero(mask).flatten()
+    return int(nz[0]) if len(nz) else len(mask)
+
+
+def _map_layout(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per row, the slot in ``source`` of each entry of ``target`` (both hold compact columns, -1 =
+    padding, ascending among valid entries). Padding maps to slot 0 (masked anyway)."""
+    out = torch.zeros_like(target)
+    for b in range(target.shape[0]):
+        src = source[b]
+        pos = {int(c): j for j, c in enumerate(src.tolist()) if c >= 0}
+        out[b] = torch.tensor([pos.get(int(c), 0) if c >= 0 else 0 for c in target[b].tolist()])
+    return out

@@ -1,0 +1,80 @@
+"""Per-call statistics: what was kept, at which stage, and what the method itself cost."""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+
+@dataclass
+class ImageStats:
+    candidates: int  # prunable visual tokens of the image (patches; no newline tokens, no registers)
+    after_pre_llm: int  # visual tokens (excluding registers) that entered the LLM
+    registers: int = 0  # register tokens that entered the LLM with the image
+    info: dict = field(default_factory=dict)
+
+
+@dataclass
+class CallStats:
+    """One pruned prefill.
+
+    images:       per image, in the order they appear in the batch.
+    llm_stages:   per sample, {layer: visual tokens kept from that layer on} (in-LLM methods).
+    method_seconds: wall time spent inside the method's selection code (GPU synchronised).
+    total_seconds:  wall time of the whole prefill call, model included.
+    """
+
+    method: str
+    images: list[ImageStats] = field(default_factory=list)
+    llm_stages: dict[int, dict[int, int]] = field(default_factory=dict)
+    method_seconds: float = 0.0
+    total_seconds: float = 0.0
+    #: per sample, the input columns whose visual tokens remained after every stage (registers,
+    #: which have no input column of their own, show as the column of the image's last unit)
+    kept_columns: list[list[int]] = field(default_factory=list)
+    #: the same for the visual tokens that entered the LLM (before in-LLM pruning)
+    entering_columns: list[list[int]] = field(default_factory=list)
+
+    @contextlib.contextmanager
+    def timer(self):
+        _sync()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            _sync()
+            self.method_seconds += time.perf_counter() - start
+
+    def add_llm_stage(self, sample: int, layer: int, kept: int) -> None:
+        self.llm_stages.setdefault(sample, {})[layer] = kept
+
+    @property
+    def tokens_entering_llm(self) -> list[int]:
+        """Visual tokens per image that entered the LLM (registers excluded)."""
+        return [im.after_pre_llm for im in self.images]
+
+    def layer_averaged(self, num_layers: int, sample_images: list[list[int]] | None = None) -> list[float]:
+        """Per sample: visual tokens averaged over the decoder's layers (equals the entering count
+        for pre-LLM methods). ``sample_images`` maps samples to their images (default: one each)."""
+        groups = sample_images or [[i] for i in range(len(self.images))]
+        out = []
+        for b, imgs in enumerate(groups):
+            entering = sum(self.images[i].after_pre_llm for i in imgs)
+            stages = sorted(self.llm_stages.get(b, {}).items())
+            total, current, start = 0.0, entering, 0
+            for layer, kept in stages:
+                total += current * (layer - start)
+                current, start = kept, layer
+            total += current * (num_layers - start)
+            out.append(total / num_layers)
+        return out
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
