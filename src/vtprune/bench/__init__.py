@@ -1,0 +1,1 @@
+"""Benchmarks and calculators: FLOPs and KV-cache arithmetic (:mod:`vtprune.bench.flops`)."""
