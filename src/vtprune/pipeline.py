@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .attention import record_attention
-from .errors import InputError
+from .errors import InputError, UnsupportedMethodError
 from .methods.base import LLMContext, Method, Stage
 from .models.base import Adapter, EncodedImage
 from .stats import CallStats, ImageStats
@@ -80,6 +80,8 @@ class Pruner:
         self._stage_layouts: list[tuple[int, Layout]] = []
         self._call_stats: CallStats | None = None
         self._hooks = []
+        if Stage.LLM in method.stages:
+            self._check_llm_layers()
         self._original_forward = model.forward
         original = self._original_forward
 
@@ -292,18 +294,21 @@ class Pruner:
     def _install_llm_hooks(self):
         layers = self.adapter.decoder_layers
         first = min(self.method.llm_layers)
-        for K in self.method.llm_layers:
-            if not 1 <= K < len(layers):
-                from .errors import UnsupportedMethodError
-
-                raise UnsupportedMethodError(
-                    f"Method '{self.method.name}' prunes at decoder layer {K}, but the model has {len(layers)} "
-                    f"layers; choose a layer in 1..{len(layers) - 1}.")
         for i, layer in enumerate(layers):
             if i >= first:
                 self._hooks.append(layer.register_forward_pre_hook(
                     functools.partial(self._layer_pre_hook, i), with_kwargs=True))
         self._patch_deepstack()
+
+    def _check_llm_layers(self):
+        layers = len(self.adapter.decoder_layers)
+        if not self.method.llm_layers:
+            raise UnsupportedMethodError(f"Method '{self.method.name}' prunes in the LLM but names no layer.")
+        for K in self.method.llm_layers:
+            if not 1 <= K < layers:
+                raise UnsupportedMethodError(
+                    f"Method '{self.method.name}' prunes at decoder layer {K}, but the model has {layers} "
+                    f"layers; choose a layer in 1..{layers - 1}.")
 
     def _run_with_llm_pruning(self, kwargs, layout: Layout):
         self._layout = layout
