@@ -172,6 +172,7 @@ class Pruner:
         final_layout = self._layout if self._layout is not None else layout
         stats.entering_columns = self._visual_columns(layout)
         stats.kept_columns = self._visual_columns(final_layout)
+        self._record_cells(stats, span_units, images)
         cache = getattr(out, "past_key_values", None)
         final_mask = self._layout.mask if self._layout is not None else mask
         self._layout = None
@@ -181,6 +182,21 @@ class Pruner:
         stats.total_seconds = time.perf_counter() - t_start
         self.stats_log.append(stats)
         return out
+
+    @staticmethod
+    def _record_cells(stats: CallStats, span_units, images: list[EncodedImage]) -> None:
+        """Per image, the (crop, row, col) cells of its patches that entered the LLM and that remained."""
+        k = 0
+        for b, units in enumerate(span_units):
+            for start, n_units in units:
+                im, im_stats = images[k], stats.images[k]
+                k += 1
+                if im.unit_cells is None:
+                    continue
+                for attr, cols in (("entering_cells", stats.entering_columns[b]), ("kept_cells", stats.kept_columns[b])):
+                    rel = [c - start for c in cols if start <= c < start + n_units]
+                    cells = im.unit_cells[torch.tensor(rel, dtype=torch.long)] if rel else im.unit_cells[:0]
+                    setattr(im_stats, attr, [tuple(c) for c in cells.tolist() if c[0] >= 0])
 
     def _visual_columns(self, layout: Layout) -> list[list[int]]:
         """Per sample, the columns of the (full-layout) input sequence whose visual tokens remain."""

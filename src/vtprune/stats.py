@@ -14,6 +14,9 @@ class ImageStats:
     after_pre_llm: int  # visual tokens (excluding registers) that entered the LLM
     registers: int = 0  # register tokens that entered the LLM with the image
     info: dict = field(default_factory=dict)
+    #: (crop, row, col) of the patches that entered the LLM / that remained after in-LLM pruning
+    entering_cells: list[tuple[int, int, int]] = field(default_factory=list)
+    kept_cells: list[tuple[int, int, int]] = field(default_factory=list)
 
 
 @dataclass

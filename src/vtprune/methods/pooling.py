@@ -13,6 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..errors import UnsupportedMethodError
 from .base import Method, Selection, Stage, register, split_budget
 
 
@@ -37,7 +38,8 @@ class Pooling(Method):
         keeps, values, grids = [], [], []
         for (rows, cols), sl, budget in zip(ctx.grids, ctx.crop_slices, split_budget(total, sizes)):
             if sl.stop - sl.start != rows * cols:
-                raise ValueError("pooling needs each crop's full grid (use layout='flat' on LLaVA-NeXT)")
+                raise UnsupportedMethodError(
+                    "pooling needs each crop's full patch grid; on LLaVA-NeXT apply it with layout='flat'.")
             if budget == 0:
                 continue
             r, c = pooled_grid(rows, cols, budget)
