@@ -57,6 +57,11 @@ class PruneHandle:
         self.remove()
 
 
+def _decoder_depth(model) -> int:
+    text = getattr(model.config, "text_config", model.config)
+    return int(text.num_hidden_layers)
+
+
 def apply(model, method: Method | str, *, layout: str = "model", **method_kwargs) -> PruneHandle:
     """Prune ``model``'s visual tokens with ``method`` from now on.
 
@@ -67,7 +72,7 @@ def apply(model, method: Method | str, *, layout: str = "model", **method_kwargs
     """
     method = make_method(method, **method_kwargs)
     family = family_of(model)
-    method.check_family(family)
+    method.prepare(family, _decoder_depth(model))
     if getattr(model, "_vtprune_handle", None) is not None:
         raise RuntimeError("This model is already pruned; call handle.remove() before applying another method.")
     options = {"layout": layout} if family == "llava_next" else {}

@@ -369,11 +369,13 @@ class Pruner:
             cand_slots = torch.tensor([slot_of[int(c)] for c in layout.candidates[b]], dtype=torch.long)
             text_slots = torch.tensor([slot_of[int(c)] for c in layout.text_after[b] if int(c) in slot_of],
                                       dtype=torch.long)
+            register_slots = torch.tensor([slot_of[int(c)] for c in layout.protected[b] if int(c) in slot_of],
+                                          dtype=torch.long)
             to_local = lambda slots: torch.tensor([local[int(s)] for s in slots], dtype=torch.long)
             ctx = LLMContext(
                 hidden=hidden[b, valid], visual=to_local(cand_slots), text_after=to_local(text_slots),
                 layer=K, stage_index=stage, family=self.adapter.family,
-                original_visual=len(layout.candidates[b]),
+                original_visual=len(layout.candidates[b]), registers=to_local(register_slots),
                 providers={"attention": lambda rows, b=b, valid=valid: record.rows(b, valid[rows])[:, :, valid],
                            "keys": lambda b=b, valid=valid: record.key[b][:, valid]})
             with self._call_stats.timer():
@@ -388,7 +390,7 @@ class Pruner:
                 row[pos_in_row] = selection.values.to(row.dtype)
             keep_slots.append(slots)
             new_hidden_rows.append(row)
-            self._call_stats.add_llm_stage(b, K, len(kept_cands))
+            self._call_stats.add_llm_stage(b, K, len(kept_cands), selection.info)
         new_hidden = _left_pad(new_hidden_rows, 0.0)
         length = new_hidden.shape[1]
         gather = _left_pad([s for s in keep_slots], -1)  # slots into the current layout

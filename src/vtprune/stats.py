@@ -32,6 +32,7 @@ class CallStats:
     method: str
     images: list[ImageStats] = field(default_factory=list)
     llm_stages: dict[int, dict[int, int]] = field(default_factory=dict)
+    llm_info: dict[int, dict[int, dict]] = field(default_factory=dict)  # method info per sample and layer
     method_seconds: float = 0.0
     total_seconds: float = 0.0
     #: per sample, the input columns whose visual tokens remained after every stage (registers,
@@ -50,8 +51,10 @@ class CallStats:
             _sync()
             self.method_seconds += time.perf_counter() - start
 
-    def add_llm_stage(self, sample: int, layer: int, kept: int) -> None:
+    def add_llm_stage(self, sample: int, layer: int, kept: int, info: dict | None = None) -> None:
         self.llm_stages.setdefault(sample, {})[layer] = kept
+        if info:
+            self.llm_info.setdefault(sample, {})[layer] = info
 
     @property
     def tokens_entering_llm(self) -> list[int]:

@@ -132,6 +132,11 @@ class Method:
                 f"Method '{self.name}' does not support {family}: {self.unsupported[family]}"
             )
 
+    def prepare(self, family: str, num_layers: int) -> None:
+        """Called once by ``apply`` with the model family and its decoder depth: set family-dependent
+        defaults and validate. The default checks the family against ``unsupported``."""
+        self.check_family(family)
+
     def vision_tower_patch(self, adapter):
         """A context manager that changes the vision tower while it runs (e.g. appends test-time
         registers), or None. Called once per forward with the model adapter."""
@@ -234,6 +239,7 @@ class LLMContext:
     hidden       (L, D) the sample's hidden states entering layer ``layer`` (no padding).
     visual       (V,) positions in [0, L) of the candidate visual tokens, ascending.
     text_after   positions of the text tokens after the last image (question, template, prompt).
+    registers    positions of register tokens (kept by the pipeline; references for OccamToken).
     last         position of the last token.
     attention(rows) (H, R, L) fp32 attention probabilities of layer ``layer-1`` for query rows
                  ``rows`` (positions in [0, L)), causal, full softmax rows.
@@ -243,8 +249,9 @@ class LLMContext:
 
     def __init__(self, *, hidden: torch.Tensor, visual: torch.Tensor, text_after: torch.Tensor,
                  layer: int, stage_index: int, family: str, original_visual: int,
-                 providers: dict[str, Callable[[], Any]]):
+                 providers: dict[str, Callable[[], Any]], registers: torch.Tensor | None = None):
         self.hidden = hidden
+        self.registers = registers if registers is not None else torch.zeros(0, dtype=torch.long)
         self.visual = visual
         self.text_after = text_after
         self.layer = layer
