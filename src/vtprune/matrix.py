@@ -15,6 +15,8 @@ def support_matrix() -> list[dict]:
         cls = _REGISTRY[name]
         stages = "+".join(s.value for s in cls.stages) if cls.stages else "configurable"
         cells = {f: ("no: " + cls.unsupported[f]) if f in cls.unsupported else "yes" for f in FAMILIES}
+        if cls.needs_full_grid and cells["llava_next"] == "yes":
+            cells["llava_next"] = "yes, with layout='flat'"
         rows.append({"method": name, "stage": stages, **cells})
     return rows
 

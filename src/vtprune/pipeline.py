@@ -161,8 +161,9 @@ class Pruner:
         compact = self._compact(full_ids, full_mask, positions, span_units, images)
         ids, mask, pos, layout = compact
         for im in images:
-            stats.images.append(ImageStats(candidates=im.candidates, after_pre_llm=len(im.keep) - im.n_extra,
-                                           registers=im.n_extra, info=dict(im.info)))
+            newlines = _newline_count(im)
+            stats.images.append(ImageStats(candidates=im.candidates, after_pre_llm=len(im.keep) - im.n_extra - newlines,
+                                           registers=im.n_extra, newlines=newlines, info=dict(im.info)))
         kwargs.update(input_ids=ids, attention_mask=mask, position_ids=self.adapter.format_positions(pos),
                       mm_encoder_outputs=self.adapter.mm_encoder_outputs(images))
         if Stage.LLM in self.method.stages:
@@ -380,7 +381,7 @@ class Pruner:
                            "keys": lambda b=b, valid=valid: record.key[b][:, valid]})
             with self._call_stats.timer():
                 selection = self.method.select_llm(ctx)
-            kept_cands = cand_slots[selection.keep]
+            kept_cands = cand_slots[selection.keep.to(cand_slots.device)]
             drop = set(cand_slots.tolist()) - set(kept_cands.tolist())
             slots = torch.tensor([int(s) for s in valid if int(s) not in drop], dtype=torch.long)
             row = hidden[b, slots]
@@ -467,6 +468,14 @@ class Pruner:
         owner = getattr(self, "_deepstack_owner", None)
         if owner is not None and "_deepstack_process" in owner.__dict__:
             del owner._deepstack_process
+
+
+def _newline_count(im: EncodedImage) -> int:
+    """Kept units that are LLaVA-NeXT newline tokens (no patch of their own)."""
+    if im.unit_cells is None:
+        return 0
+    units = im.keep[im.keep < im.n_units]
+    return int((im.unit_cells[units, 0] < 0).sum())
 
 
 def _first_real(mask: torch.Tensor) -> int:

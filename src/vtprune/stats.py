@@ -11,8 +11,9 @@ import torch
 @dataclass
 class ImageStats:
     candidates: int  # prunable visual tokens of the image (patches; no newline tokens, no registers)
-    after_pre_llm: int  # visual tokens (excluding registers) that entered the LLM
+    after_pre_llm: int  # patch tokens that entered the LLM (no registers, no newline tokens)
     registers: int = 0  # register tokens that entered the LLM with the image
+    newlines: int = 0  # LLaVA-NeXT newline tokens that entered the LLM with the image
     info: dict = field(default_factory=dict)
     #: (crop, row, col) of the patches that entered the LLM / that remained after in-LLM pruning
     entering_cells: list[tuple[int, int, int]] = field(default_factory=list)

@@ -91,6 +91,8 @@ class Method:
     extra_tokens: int = 0
     #: inner vision blocks whose attention the method reads through ``ctx.vision_attention``
     attention_layers: tuple[int, ...] = ()
+    #: True when the method needs each crop's full patch grid (LLaVA-NeXT: layout="flat" only)
+    needs_full_grid: ClassVar[bool] = False
     #: families this method refuses, with the reason (e.g. {"qwen2_5_vl": "needs a CLS token"})
     unsupported: ClassVar[dict[str, str]] = {}
 
@@ -228,8 +230,9 @@ class ImageContext:
         return self._lazy.function("hidden", "hidden states of inner vision layers")(layer)
 
     def vision_attention(self, layer: int) -> torch.Tensor:
-        """(H, Q, K) full attention probabilities of vision layer ``layer`` for this image's tokens
-        (CLS first where the tower has one), fp32."""
+        """(C, H, Q, K) full attention probabilities of vision block ``layer`` for each of this
+        image's C crops (CLS first where the tower has one), fp32. The method must list the block in
+        ``attention_layers`` so that it is recorded while the tower runs."""
         return self._lazy.function("vision_attention", "attention maps of inner vision layers")(layer)
 
 

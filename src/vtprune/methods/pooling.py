@@ -5,6 +5,8 @@ window takes the place (and the position) of the window's centre patch.
 Deviation: a budget that is not a product r×c of a grid close to the crop's aspect ratio is rounded
 down to the nearest such product, so the kept count can be slightly below ``keep``
 (``info['pooled_grid']`` says which grid was used).
+On Qwen2.5-VL / Qwen3-VL the pooling runs on the merger's outputs (the projected stage) [decision]:
+the 2×2 merger takes four patch features, so averaged vision features cannot pass through it.
 """
 from __future__ import annotations
 
@@ -31,6 +33,11 @@ def pooled_grid(rows: int, cols: int, budget: int) -> tuple[int, int]:
 class Pooling(Method):
     name = "pooling"
     stages = (Stage.VISION,)
+    needs_full_grid = True
+
+    def prepare(self, family: str, num_layers: int) -> None:
+        super().prepare(family, num_layers)
+        self.stages = (Stage.PROJECTED,) if family in ("qwen2_5_vl", "qwen3_vl") else (Stage.VISION,)
 
     def select_vision(self, ctx):
         total = self.budget(ctx.num_tokens)
@@ -51,3 +58,5 @@ class Pooling(Method):
             keeps.append(sl.start + (centre_r[:, None] * cols + centre_c[None, :]).flatten())
         return Selection(keep=torch.cat(keeps).to(ctx.features.device), values=torch.cat(values),
                          info={"pooled_grid": grids})
+
+    select_projected = select_vision

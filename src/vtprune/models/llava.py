@@ -8,6 +8,11 @@ from ..methods.base import ImageContext, Method, Stage
 from .base import Adapter, EncodedImage, block_index, register_adapter
 
 
+def _state_index(block: int) -> int:
+    """Index into ``hidden_states`` of the output of encoder block ``block`` (negative = from the end)."""
+    return block + 1 if block >= 0 else block
+
+
 @register_adapter
 class LlavaAdapter(Adapter):
     family = "llava"
@@ -102,7 +107,7 @@ class LlavaAdapter(Adapter):
 
         providers = {
             "received_attention": received_attention,
-            "hidden": lambda layer: torch.cat([hidden_states[layer + 1][r, first + c] for r, c in zip(rows, cols)]),
+            "hidden": lambda layer: torch.cat([hidden_states[_state_index(layer)][r, first + c] for r, c in zip(rows, cols)]),
             "vision_attention": lambda layer: torch.stack([recs[layer % num_layers].calls[0].rows(r) for r in rows]),
         }
         if self.drops_cls:

@@ -123,7 +123,7 @@ class Qwen25VLAdapter(Adapter):
         rows, cols = int(grid_row[1]) // self.merge, int(grid_row[2]) // self.merge
         providers = {
             "received_attention": lambda: self._received(recs, i, n, tower_idx_local),
-            "hidden": lambda layer: self._unit_features(block_outputs[layer], tower_idx),
+            "hidden": lambda layer: self._unit_features(block_outputs[layer % len(self.visual.blocks)], tower_idx),
         }
         ctx = ImageContext(features=self._unit_features(out.last_hidden_state, tower_idx) if block_outputs else merged,
                            grids=[(rows, cols)], crop_slices=[slice(0, n)], family=self.family, image_index=i,

@@ -1,0 +1,135 @@
+"""``hiprune`` — "HiPrune: Training-Free Visual Token Pruning via Hierarchical Attention in
+Vision-Language Models" (Liu et al., arXiv 2508.00553).
+
+Vision stage, per crop. Of each crop's budget ``b``:
+
+* *anchors*: the ``round(b · α / 5)`` patches with the largest global attention (mean over heads and
+  over all query tokens) at the middle "object" layer (default: layer 9 of CLIP ViT-L, 1-based as in
+  the paper, i.e. ``ctx.vision_attention(8)``);
+* *buffers*: the 4-neighbours (up, down, left, right) of every anchor on the crop's patch grid;
+* *registers*: the patches with the largest global attention at the feature layer
+  (``ctx.received_attention``) among the rest, filling the budget exactly.
+
+Defaults as the paper's code: α = 0.1 (anchors + buffers ≈ α of the budget), object layer 9 for CLIP
+(the paper uses 16 for Qwen2.5-VL's tower).
+
+Differences from the paper / official code:
+
+* Buffers are true grid neighbours; the official code adds index ±1 and ±side, which wraps around at
+  the left/right border of the grid.
+* If anchors and buffers alone exceed a (tiny) budget, they are taken anchor by anchor (each anchor
+  followed by its neighbours) until the budget is met.
+* LLaVA-NeXT: the image budget is split over crops in proportion to their token counts
+  (``split_budget``); the official code gives each crop the same budget. Each crop must hold its full
+  grid (use ``layout='flat'``): with the model's unpadded layout the candidates' grid cells are not
+  known to the method.
+* Qwen2.5-VL / Qwen3-VL: the adapter provides no inner-layer vision attention, so the anchors cannot
+  be found; the method raises ``UnsupportedMethodError`` (registers alone would not be HiPrune).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..errors import UnsupportedMethodError
+from .base import Method, Selection, Stage, register, sorted_topk, split_budget
+
+
+def grid_neighbours(cells: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """(n, 4) row-major indices of the up/down/left/right neighbours of ``cells``; -1 off the grid."""
+    r, c = cells // cols, cells % cols
+    up = torch.where(r > 0, cells - cols, -1)
+    down = torch.where(r < rows - 1, cells + cols, -1)
+    left = torch.where(c > 0, cells - 1, -1)
+    right = torch.where(c < cols - 1, cells + 1, -1)
+    return torch.stack([up, down, left, right], dim=1)
+
+
+_QWEN_REASON = "the anchors need a middle vision layer's attention, which the Qwen adapter does not record"
+
+
+@register
+class HiPrune(Method):
+    name = "hiprune"
+    stages = (Stage.VISION,)
+    needs_full_grid = True
+    #: drop these entries once the Qwen adapter provides ``vision_attention``
+    unsupported = {"qwen2_5_vl": _QWEN_REASON, "qwen3_vl": _QWEN_REASON}
+
+    def __init__(self, keep=None, ratio=None, alpha: float = 0.1, object_layer: int = 9, seed: int = 0):
+        super().__init__(keep=keep, ratio=ratio, seed=seed)
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha must lie in [0, 1], got {alpha}.")
+        if object_layer < 1:
+            raise ValueError(f"object_layer is 1-based (the paper's layer 9 is object_layer=9), got {object_layer}.")
+        self.alpha = alpha
+        self.object_layer = object_layer
+        self.attention_layers = (object_layer - 1,)
+
+    def _object_attention(self, ctx) -> torch.Tensor:
+        try:
+            att = ctx.vision_attention(self.object_layer - 1)
+        except UnsupportedMethodError as err:
+            raise UnsupportedMethodError(
+                f"Method 'hiprune' needs the attention of vision layer {self.object_layer} to find its anchor "
+                f"tokens, which the {ctx.family} adapter does not provide ({err})") from None
+        return att.unsqueeze(0) if att.dim() == 3 else att  # (crops, H, Q, K)
+
+    def select_vision(self, ctx):
+        self.check_family(ctx.family)
+        n = ctx.num_tokens
+        total = self.budget(n)
+        sizes = [sl.stop - sl.start for sl in ctx.crop_slices]
+        for (rows, cols), size in zip(ctx.grids, sizes):
+            if size != rows * cols:
+                raise UnsupportedMethodError(
+                    "Method 'hiprune' needs each crop's full patch grid to find neighbours; this crop holds "
+                    f"{size} of its {rows}×{cols} patches (on LLaVA-NeXT use layout='flat').")
+        obj = self._object_attention(ctx)
+        if obj.shape[0] != len(ctx.crop_slices):
+            raise ValueError(f"vision_attention returned {obj.shape[0]} crops for {len(ctx.crop_slices)} crop slices.")
+        deep = ctx.received_attention.float()
+        device = ctx.features.device
+        keeps, counts = [], []
+        for k, ((rows, cols), sl, budget) in enumerate(zip(ctx.grids, ctx.crop_slices, split_budget(total, sizes))):
+            size = sl.stop - sl.start
+            if budget == 0:
+                continue
+            if budget >= size:
+                keeps.append(torch.arange(sl.start, sl.stop, device=device))
+                counts.append((0, 0, size))
+                continue
+            glob = obj[k].float().mean(0).mean(0)  # (K,) mean over heads and queries
+            offset = glob.shape[0] - size - ctx.extra  # 1 where the tower has a [CLS] token first
+            if offset not in (0, 1):
+                raise ValueError(f"vision_attention has {glob.shape[0]} keys for a crop of {size} patches.")
+            glob = glob[offset:offset + size].to(device)
+            n_anchor = int(round(budget * self.alpha / 5))
+            chosen = torch.zeros(size, dtype=torch.bool, device=device)
+            n_anchors = n_buffers = 0
+            if n_anchor > 0:
+                order = torch.sort(glob, descending=True, stable=True).indices[:n_anchor]
+                nbrs = grid_neighbours(order, rows, cols)
+                seq = torch.cat([order[:, None], nbrs], dim=1).flatten()  # anchor, its 4 neighbours, ...
+                is_anchor = torch.zeros_like(seq, dtype=torch.bool).view(-1, 5)
+                is_anchor[:, 0] = True
+                is_anchor = is_anchor.flatten()
+                valid = seq >= 0
+                seq, is_anchor = seq[valid], is_anchor[valid]
+                # first occurrence of each cell, in anchor order
+                seen, first = set(), []
+                for t, cell in enumerate(seq.tolist()):
+                    if cell not in seen:
+                        seen.add(cell)
+                        first.append(t)
+                first = torch.tensor(first, dtype=torch.long, device=device)[:budget]
+                seq, is_anchor = seq[first], is_anchor[first]
+                chosen[seq] = True
+                n_anchors, n_buffers = int(is_anchor.sum()), int((~is_anchor).sum())
+            n_reg = budget - int(chosen.sum())
+            if n_reg > 0:
+                score = deep[sl].masked_fill(chosen, -float("inf"))
+                chosen[sorted_topk(score, n_reg)] = True
+            keeps.append(torch.nonzero(chosen).flatten() + sl.start)
+            counts.append((n_anchors, n_buffers, n_reg))
+        keep = torch.sort(torch.cat(keeps)).values
+        return Selection(keep=keep, info={"anchors_buffers_registers": counts})

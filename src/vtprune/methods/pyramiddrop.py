@@ -1,0 +1,89 @@
+"""``pyramiddrop`` — "PyramidDrop: Accelerating Your Large Vision-Language Models via Pyramid Visual
+Redundancy Reduction" (Xing et al., CVPR 2025, arXiv 2410.17247).
+
+LLM stage, several layers. The decoder is split into stages ending at layers 8, 16 and 24 (LLaVA's
+32-layer LLM); at the end of each stage the visual tokens are ranked by the attention the last
+instruction token pays to them (head mean) and only the top fraction λ of them continues (default
+λ = 0.5 per stage, so 1 → ½ → ¼ → ⅛ of the visual tokens).
+
+Budgets:
+
+* no budget (default): the paper's per-stage ratio ``lam`` (0.5);
+* ``keep=N`` / ``ratio=r``: ``N`` (or ``r·V``) visual tokens remain after the **last** stage; the
+  per-stage ratio is the geometric one ``λ = (N / V)^(1/stages)``, and stage ``s`` keeps
+  ``round(V · λ^(s+1))`` of the ``V`` visual tokens that entered the LLM (the last exactly ``N``).
+  The layer-averaged equivalent count is what the papers' "192 / 128 / 64 tokens" tables use; to match
+  such a setting pass ``lam=PyramidDrop.lam_for_average(avg, visual=V, num_layers=32)`` instead.
+
+Differences from the paper / official code:
+
+* The ranking uses the attention of layer K−1 (the last layer of the stage) for the last position,
+  computed for that row only (no eager attention), which is what the official code computes too.
+* ``keep``/``ratio`` budgets (above) are our addition; ``lam`` is the paper's parameter.
+* Layers are given by ``layers`` (default (8, 16, 24)); smaller decoders need their own.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..errors import BudgetError
+from .base import Method, Selection, Stage, register, sorted_topk
+
+
+@register
+class PyramidDrop(Method):
+    name = "pyramiddrop"
+    stages = (Stage.LLM,)
+
+    def __init__(self, keep=None, ratio=None, lam: float | None = None, layers: tuple[int, ...] = (8, 16, 24),
+                 seed: int = 0):
+        super().__init__(keep=keep, ratio=ratio, seed=seed)
+        if lam is not None and (keep is not None or ratio is not None):
+            raise BudgetError("Give either the per-stage ratio lam or a final budget (keep=N / ratio=r), not both.")
+        if lam is None and keep is None and ratio is None:
+            lam = 0.5
+        if lam is not None and not 0.0 < lam < 1.0:
+            raise BudgetError(f"lam must lie strictly between 0 and 1, got {lam}.")
+        layers = tuple(int(l) for l in layers)
+        if not layers or any(l < 1 for l in layers) or list(layers) != sorted(set(layers)):
+            raise ValueError(f"layers must be increasing decoder layers ≥ 1, got {layers}.")
+        self.lam = lam
+        self.llm_layers = layers
+
+    def stage_counts(self, visual: int) -> list[int]:
+        """Visual tokens kept after each stage, for ``visual`` tokens entering the LLM."""
+        s = len(self.llm_layers)
+        if self.lam is not None:
+            return [max(1, int(round(visual * self.lam ** (i + 1)))) for i in range(s)]
+        final = self.budget(visual)
+        lam = (final / visual) ** (1.0 / s)
+        counts = [max(final, int(round(visual * lam ** (i + 1)))) for i in range(s - 1)] + [final]
+        return counts
+
+    @staticmethod
+    def lam_for_average(average: float, visual: int = 576, num_layers: int = 32,
+                        layers: tuple[int, ...] = (8, 16, 24)) -> float:
+        """The per-stage ratio λ whose layer-averaged visual token count equals ``average``."""
+        bounds = [0, *layers, num_layers]
+        spans = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+
+        def avg(lam):
+            return sum(span * visual * lam ** i for i, span in enumerate(spans)) / num_layers
+
+        if not avg(0.0) < average < visual:
+            raise BudgetError(f"No per-stage ratio gives a layer average of {average} visual tokens.")
+        lo, hi = 0.0, 1.0
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if avg(mid) < average else (lo, mid)
+        return (lo + hi) / 2
+
+    def select_llm(self, ctx):
+        n = len(ctx.visual)
+        target = min(self.stage_counts(ctx.original_visual)[ctx.stage_index], n)
+        info = {"stage": ctx.stage_index, "kept": target}
+        if target >= n:
+            return Selection(keep=torch.arange(n, device=ctx.visual.device), info=info)
+        rows = torch.tensor([ctx.last], device=ctx.visual.device)
+        attention = ctx.attention(rows).float().mean(0)[0]  # (L,) head mean of the last token's row
+        return Selection(keep=sorted_topk(attention[ctx.visual.to(attention.device)], target).to(ctx.visual.device), info=info)

@@ -1,0 +1,55 @@
+"""Every registered method, end to end on each family's tiny model: generate() runs and the stats
+match the budget (or the method refuses the family clearly)."""
+import pytest
+import torch
+
+import vtprune
+from vtprune.errors import UnsupportedMethodError
+from vtprune.methods import Stage, method_class
+from vtprune.tiny import FAMILIES, Sample, make_inputs, tiny_model
+
+FIXED_BUDGET = ["random", "pooling", "cls_topk", "visionzip", "vispruner", "hiprune", "divprune", "cdpruner",
+                "fastv", "dart", "pyramiddrop", "sparsevlm"]
+_MODELS = {}
+
+
+def model_of(family):
+    if family not in _MODELS:
+        _MODELS[family] = tiny_model(family)
+    return _MODELS[family]
+
+
+def inputs_for(model, family):
+    size = (112, 112) if family.startswith("qwen") else (56, 56)
+    return make_inputs(model, [Sample([1, 7, 8], [9, 10, 11, 12], 0, size), Sample([1, 7], [9, 13, 14], 2, size)])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("name", FIXED_BUDGET)
+def test_method_runs_and_meets_its_budget(family, name):
+    cls = method_class(name)
+    model = model_of(family)
+    layout = "flat" if cls.needs_full_grid and family == "llava_next" else "model"
+    kwargs = {"keep": 6}
+    if name == "pyramiddrop":
+        kwargs["layers"] = (1, 2, 3)
+    if name == "sparsevlm":
+        kwargs["layers"] = (1, 2, 3)
+    if family in cls.unsupported:
+        with pytest.raises(UnsupportedMethodError):
+            vtprune.apply(model, name, **kwargs)
+        return
+    inputs = inputs_for(model, family)
+    with vtprune.pruned(model, name, layout=layout, **kwargs) as handle:
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 4
+    stats = handle.stats[0]
+    if Stage.LLM in cls.stages:
+        final = [max(stages.items())[1] for _, stages in sorted(stats.llm_stages.items())]
+        assert final == [6, 6]
+        layers = model.config.text_config.num_hidden_layers
+        averaged = stats.layer_averaged(layers)
+        assert all(6 < a < n for a, n in zip(averaged, stats.tokens_entering_llm))
+    else:
+        assert stats.tokens_entering_llm == [6, 6]
