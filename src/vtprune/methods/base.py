@@ -223,6 +223,11 @@ class ImageContext:
         return self._lazy.get("received_attention", "received attention at the feature layer")
 
     @property
+    def register_received_attention(self) -> torch.Tensor:
+        """(R,) mean attention each register (one per crop) receives, like ``received_attention``."""
+        return self._lazy.get("register_received_attention", "register attention (no register in this tower)")
+
+    @property
     def text_embeddings(self) -> torch.Tensor:
         return self._lazy.get("text_embeddings", "text embeddings of the instruction")
 

@@ -1,6 +1,8 @@
 """Adapter for ``LlavaForConditionalGeneration`` (LLaVA-1.5 and any CLIP-tower LLaVA checkpoint)."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ..errors import UnsupportedModelError
@@ -21,6 +23,10 @@ class LlavaAdapter(Adapter):
     @property
     def vision_tower(self):
         return self.model.model.vision_tower
+
+    @property
+    def vision_module(self):
+        return self.vision_tower
 
     @property
     def vision_blocks(self):
@@ -67,12 +73,9 @@ class LlavaAdapter(Adapter):
         else:
             wanted = set()
         patch = method.vision_tower_patch(self) if method is not None else None
-        with self.recording({i: self.vision_blocks[i].self_attn for i in wanted}) as recs:
-            if patch is not None:
-                with patch:
-                    out = self.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
-            else:
-                out = self.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
+        with self.recording({i: self.vision_blocks[i].self_attn for i in wanted}) as recs, \
+                (patch if patch is not None else contextlib.nullcontext()):
+            out = self.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
         return out.hidden_states, recs
 
     def crop_context(self, hidden_states, recs, rows: list[int], family_image: int, extra: int,
@@ -105,8 +108,12 @@ class LlavaAdapter(Adapter):
                 parts.append(probs.mean(0)[1 + c])
             return torch.cat(parts)
 
+        def register_received_attention():
+            return torch.cat([recs[fb].calls[0].rows(r).mean(0).mean(0)[reg_cols] for r in rows])
+
         providers = {
             "received_attention": received_attention,
+            "register_received_attention": register_received_attention,
             "hidden": lambda layer: torch.cat([hidden_states[_state_index(layer)][r, first + c] for r, c in zip(rows, cols)]),
             "vision_attention": lambda layer: torch.stack([recs[layer % num_layers].calls[0].rows(r) for r in rows]),
         }

@@ -7,6 +7,8 @@ the full sequence; kept tokens keep theirs and decoding continues with the model
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ..errors import InputError
@@ -23,6 +25,10 @@ class Qwen25VLAdapter(Adapter):
     @property
     def visual(self):
         return self.model.model.visual
+
+    @property
+    def vision_module(self):
+        return self.visual
 
     @property
     def merge(self) -> int:
@@ -83,8 +89,9 @@ class Qwen25VLAdapter(Adapter):
         watch = {len(blocks) - 1: blocks[-1].attn} if wants else {}
         outputs: dict[int, torch.Tensor] = {}
         handles = [blk.register_forward_hook(lambda m, a, o, i=i: outputs.__setitem__(i, o)) for i, blk in enumerate(blocks)] if wants else []
+        patch = method.vision_tower_patch(self) if method is not None else None
         try:
-            with self.recording(watch) as recs:
+            with self.recording(watch) as recs, (patch if patch is not None else contextlib.nullcontext()):
                 out = self.visual(pixel_values.type(self.visual.dtype), grid_thw=grid, return_dict=True)
         finally:
             for h in handles:
@@ -96,44 +103,49 @@ class Qwen25VLAdapter(Adapter):
         self.check_inputs(pixel_values)
         grid = self.grids(inputs)
         out, recs, block_outputs = self.run_tower(pixel_values, grid, method)
+        extra = method.extra_tokens if method is not None else 0  # registers: merged units per image
         counts = self.expected_tokens(inputs)
-        merged = torch.split(out.pooler_output, counts)
-        order = self.unit_order(grid)  # raster unit j sits at tower position order[j]
+        self._split = [n + extra for n in counts]
+        merged = torch.split(out.pooler_output, self._split)
+        order = self.unit_order(grid)  # raster unit j sits at tower position order[j] (no registers)
         images, first = [], 0
         for i, n in enumerate(counts):
-            images.append(self._encode_one(i, n, order[first:first + n], first, merged[i], out, recs,
-                                           block_outputs, grid[i], method, timer, text_embeds[i]))
+            shift = i * extra  # the registers of earlier images precede this image in the tower
+            tower_idx = order[first:first + n] + shift
+            register_idx = torch.arange(first + shift + n, first + shift + n + extra)
+            images.append(self._encode_one(i, n, extra, tower_idx, register_idx, first + shift, merged[i], out,
+                                           recs, block_outputs, grid[i], method, timer, text_embeds[i]))
             first += n
         return images
 
     def _unit_features(self, patch_states: torch.Tensor, tower_idx: torch.Tensor) -> torch.Tensor:
-        """Mean of each unit's patch features; ``tower_idx`` gives each raster unit's tower-order index."""
-        m2 = self.merge ** 2
-        groups = patch_states.view(-1, m2, patch_states.shape[-1])
+        """Mean of each unit's patch features; ``tower_idx`` gives each unit's tower-order index."""
+        groups = patch_states.view(-1, self.merge ** 2, patch_states.shape[-1])
         return groups[tower_idx].mean(1)
 
-    def _received(self, recs, image: int, n: int, tower_idx_local: torch.Tensor) -> torch.Tensor:
+    def _received(self, recs, image: int, local_idx: torch.Tensor) -> torch.Tensor:
+        """Mean attention each unit (``local_idx``: tower order within the image) receives from all
+        of the image's tokens at the last block, pooled over its 2×2 patches."""
         call = recs[len(self.visual.blocks) - 1].calls[image]
-        probs = call.rows(0).mean(0).mean(0)  # (Np,) in tower order of this image
-        return probs.view(-1, self.merge ** 2).mean(1)[tower_idx_local]
+        probs = call.rows(0).mean(0).mean(0)  # (patches,) in the tower's order for this image
+        return probs.view(-1, self.merge ** 2).mean(1)[local_idx]
 
-    def _encode_one(self, i, n, tower_idx, first, merged, out, recs, block_outputs, grid_row, method, timer,
-                    text_embeds):
-        tower_idx_local = tower_idx - first  # images are contiguous in the tower's order
+    def _encode_one(self, i, n, extra, tower_idx, register_idx, start, merged, out, recs, block_outputs, grid_row,
+                    method, timer, text_embeds):
         rows, cols = int(grid_row[1]) // self.merge, int(grid_row[2]) // self.merge
         providers = {
-            "received_attention": lambda: self._received(recs, i, n, tower_idx_local),
+            "received_attention": lambda: self._received(recs, i, tower_idx - start),
+            "register_received_attention": lambda: self._received(recs, i, register_idx - start),
             "hidden": lambda layer: self._unit_features(block_outputs[layer % len(self.visual.blocks)], tower_idx),
         }
-        ctx = ImageContext(features=self._unit_features(out.last_hidden_state, tower_idx) if block_outputs else merged,
+        ctx = ImageContext(features=self._unit_features(out.last_hidden_state, tower_idx) if block_outputs else merged[:n],
                            grids=[(rows, cols)], crop_slices=[slice(0, n)], family=self.family, image_index=i,
-                           providers=providers)
-        keep = torch.arange(n)
-        embeds, info = merged, {}
+                           extra=extra, providers=providers)
+        keep, embeds, info = torch.arange(n), merged[:n], {}
         sel = self.run_selection(method, Stage.VISION, ctx, timer)
         if sel is None:
-            pctx = ImageContext(features=merged, grids=ctx.grids, crop_slices=ctx.crop_slices, family=self.family,
-                                image_index=i, providers={"text_embeddings": lambda: text_embeds, **providers})
+            pctx = ImageContext(features=merged[:n], grids=ctx.grids, crop_slices=ctx.crop_slices, family=self.family,
+                                image_index=i, extra=extra, providers={"text_embeddings": lambda: text_embeds, **providers})
             sel = self.run_selection(method, Stage.PROJECTED, pctx, timer)
             if sel is not None and sel.values is not None:
                 embeds = sel.values
@@ -144,9 +156,13 @@ class Qwen25VLAdapter(Adapter):
             keep, info = sel.keep, dict(sel.info)
             if sel.values is None:
                 embeds = merged[keep]
+        registers = torch.arange(n, n + extra)
+        keep_units = torch.cat([keep.cpu(), registers])
         cells = torch.stack([torch.zeros(n, dtype=torch.long), torch.arange(n) // cols, torch.arange(n) % cols], 1)
-        return EncodedImage(embeds=embeds, keep=keep, n_units=n, candidates=n, info=info, unit_cells=cells,
-                            deepstack=self._deepstack(out, i, keep))
+        cells = torch.cat([cells, torch.full((extra, 3), -1)])
+        return EncodedImage(embeds=torch.cat([embeds, merged[n:]]), keep=keep_units, n_units=n, n_extra=extra,
+                            candidates=n, protected=registers, info=info, unit_cells=cells,
+                            deepstack=self._deepstack(out, i, keep_units))
 
     def _deepstack(self, out, image: int, keep: torch.Tensor):
         return None

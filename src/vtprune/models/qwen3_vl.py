@@ -17,12 +17,7 @@ class Qwen3VLAdapter(Qwen25VLAdapter):
         return torch.arange(int((grid.prod(-1) // self.merge ** 2).sum()))
 
     def _deepstack(self, out, image: int, keep: torch.Tensor):
-        counts = self._counts
-        return [torch.split(feat, counts)[image][keep] for feat in out.deepstack_features]
-
-    def encode_images(self, inputs, method, text_embeds, timer):
-        self._counts = self.expected_tokens(inputs)
-        return super().encode_images(inputs, method, text_embeds, timer)
+        return [torch.split(feat, self._split)[image][keep] for feat in out.deepstack_features]
 
     def mm_encoder_outputs(self, images):
         from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures

@@ -1,0 +1,155 @@
+"""OccamToken — "OccamToken: Efficient VLM Inference with Training-Free and Budget-Adaptive Token
+Pruning" (arXiv 2605.29657). No official code exists; this follows the paper's equations and
+Algorithm 1 as condensed in the project's spec.
+
+A token is kept when its attention beats a *test-time register* (Jiang et al., arXiv 2506.08010)
+scored in the same softmax, so the budget follows the image (stage I) and the question (stage II):
+
+* register: one zero token appended to each crop's patch sequence in the vision tower; calibrated
+  outlier neurons move their activation onto it (``vtprune.registers``). It reaches the LLM like a
+  patch and is never pruned.
+* stage I (vision output): keep v iff s1(v) ≥ λ1·s1(r); CLS towers: s1 = CLS→token attention at the
+  feature layer; Qwen towers: "mutual" score, the mean attention a token receives from all tokens
+  (register included), pooled to merged 2×2 tokens.
+* stage II (decoder layer l): s2(v) = max over the text tokens after the image of the head-mean
+  attention to v; s2(r) = mean over them of the attention to the register(s); keep v iff
+  s2(v) ≥ λ2·s2(r); tokens are dropped from layer l+1 on and the KV cache of layers 0..l is compacted.
+
+Defaults: λ1 = 0.015 (LLaVA-1.5), 0.045 (LLaVA-NeXT) [paper]; λ2 = 1.0 [paper's range 0.6-1.3];
+l = 11 (LLaVA) / 10 (Qwen) [paper]. Calibrate λ2 to a target mean budget with
+``vtprune.calibrate.calibrate_lambda2`` / ``vtprune calibrate budget``.
+
+[decision]s, all configurable:
+- stage I reads the feature layer (LLaVA's ``vision_feature_layer``, −2) after the register was added;
+- Qwen: λ1 default 0.5 (the paper gives none; calibrate it); scores pooled 2×2 by the mean; the
+  register is four zero patch rows (one merge group), scored as their mean; on Qwen2.5-VL's windowed
+  blocks the register is its own window (see ``vtprune.registers``);
+- LLaVA-NeXT: stage I per crop against the crop's own register; one register per crop reaches the
+  LLM, stage II uses their mean as s2(r);
+- stage II: head-mean of full softmax rows (BOS sink included), text rows = all tokens after the last
+  image; tokens dropped from the input of layer l+1;
+- the KV cache of layers 0..l is compacted to the kept tokens (the paper's KV figures imply it);
+- the register takes the position of its image's last patch.
+Where the register neurons come from: ``neurons=`` (a RegisterNeurons, JSON path or pairs), else a
+``vtprune_registers.json`` next to the model's weights, else the user cache written by
+``vtprune calibrate registers``; with none, the register is appended without redirected neurons (a
+warning says so) — the method keeps working, with a weaker reference.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+
+from ..errors import UnsupportedMethodError
+from ._occam_scores import stage1_cls_scores, stage2_keep, stage2_scores, stage1_keep
+from .base import Method, Selection, Stage, register
+
+DEFAULT_LAMBDA1 = {"llava": 0.015, "llava_next": 0.045, "qwen2_5_vl": 0.5, "qwen3_vl": 0.5}
+DEFAULT_LAYER = {"llava": 11, "llava_next": 11, "qwen2_5_vl": 10, "qwen3_vl": 10}
+REGISTER_FILE = "vtprune_registers.json"
+
+
+@register
+class OccamToken(Method):
+    name = "occamtoken"
+    stages = (Stage.VISION, Stage.LLM)
+    extra_tokens = 1
+
+    def __init__(self, lambda1: float | None = None, lambda2: float = 1.0, layer: int | None = None,
+                 stage1: bool = True, stage2: bool = True, neurons=None, register_mode: str = "per_channel"):
+        super().__init__()
+        if not (stage1 or stage2):
+            raise UnsupportedMethodError("OccamToken needs stage1, stage2 or both enabled.")
+        for name, value in (("lambda1", lambda1), ("lambda2", lambda2)):
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must be ≥ 0, got {value}.")
+        self.lambda1, self.lambda2, self.layer = lambda1, float(lambda2), layer
+        self.stage1, self.stage2 = stage1, stage2
+        self.neurons, self.register_mode = neurons, register_mode
+        self._resolved: dict[int, object] = {}
+        self.stages = tuple(s for s, on in ((Stage.VISION, stage1), (Stage.LLM, stage2)) if on)
+
+    def prepare(self, family: str, num_layers: int) -> None:
+        super().prepare(family, num_layers)
+        self.family = family
+        if self.lambda1 is None:
+            self.lambda1 = DEFAULT_LAMBDA1[family]
+        if self.layer is None:
+            self.layer = min(DEFAULT_LAYER[family], num_layers - 2)
+        if self.stage2 and not 0 <= self.layer < num_layers - 1:
+            raise UnsupportedMethodError(
+                f"OccamToken stage II reads decoder layer {self.layer}, but the model has {num_layers} layers; "
+                f"pass layer= in 0..{num_layers - 2}.")
+        self.llm_layers = (self.layer + 1,) if self.stage2 else ()
+
+    def describe(self) -> str:
+        parts = [f"λ1={self.lambda1}" if self.stage1 else "no stage I",
+                 f"λ2={self.lambda2}, l={self.layer}" if self.stage2 else "no stage II"]
+        return f"occamtoken({', '.join(parts)})"
+
+    # -- the register ----------------------------------------------------------------------------
+    def vision_tower_patch(self, adapter):
+        from ..registers import test_time_register
+
+        tower = adapter.vision_module
+        return test_time_register(tower, self.register_neurons(tower, adapter.model), mode=self.register_mode)
+
+    def register_neurons(self, tower, model=None):
+        """The register neurons for ``tower`` (see the module docstring for where they come from)."""
+        key = id(tower)
+        if key not in self._resolved:
+            self._resolved[key] = self._find_neurons(tower, model)
+        return self._resolved[key]
+
+    def _find_neurons(self, tower, model):
+        from ..registers import RegisterNeurons, cache_path, load_or_calibrate
+
+        if self.neurons is not None:
+            return load_or_calibrate(tower, neurons=self.neurons)
+        source = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
+        shipped = Path(source) / REGISTER_FILE if source else None
+        if shipped is not None and shipped.is_file():
+            return load_or_calibrate(tower, neurons=shipped)
+        cached = cache_path(tower)
+        if cached.is_file():
+            return RegisterNeurons.from_json(cached)
+        warnings.warn("OccamToken: no register neurons are calibrated for this vision tower; the register is "
+                      "appended without redirected neurons. Run `vtprune calibrate registers --model PATH --images DIR` "
+                      "for the full method.", stacklevel=3)
+        return RegisterNeurons([], None, -1, "", [], "not calibrated", {}, {})
+
+    # -- stage I -----------------------------------------------------------------------------------
+    def select_vision(self, ctx):
+        if ctx.family in ("qwen2_5_vl", "qwen3_vl"):
+            scores, reference = ctx.received_attention, ctx.register_received_attention.mean()
+            keep = stage1_keep(scores, reference, self.lambda1)
+            thresholds = [float(self.lambda1 * reference)]
+            ratios = (scores / reference.clamp_min(1e-12)).tolist()
+        else:
+            cls = ctx.cls_attention  # (H, candidates + one register column per crop)
+            n = ctx.num_tokens
+            keep, thresholds, ratios = [], [], []
+            for c, sl in enumerate(ctx.crop_slices):
+                columns = torch.cat([cls[:, sl], cls[:, n + c:n + c + 1]], dim=1)
+                scores, reference = stage1_cls_scores(columns, num_registers=1)
+                keep.append(sl.start + stage1_keep(scores, reference, self.lambda1).to(cls.device))
+                thresholds.append(float(self.lambda1 * reference))
+                ratios += (scores / reference.clamp_min(1e-12)).tolist()
+            keep = torch.cat(keep)
+        if keep.numel() == 0:  # every patch below the register: keep the best one rather than none
+            keep = ctx.received_attention.argmax().view(1)
+        return Selection(keep=keep, info={"stage1_kept": int(keep.numel()), "stage1_thresholds": thresholds,
+                                          "stage1_ratios": ratios})
+
+    # -- stage II ----------------------------------------------------------------------------------
+    def select_llm(self, ctx):
+        if ctx.registers.numel() == 0:
+            raise UnsupportedMethodError("OccamToken stage II needs the register tokens in the LLM input.")
+        rows = ctx.text_after
+        scores, reference = stage2_scores(ctx.attention(rows), ctx.visual.to(rows.device), ctx.registers)
+        keep = stage2_keep(scores, reference, self.lambda2)
+        ratios = (scores / reference.clamp_min(1e-12)).tolist()
+        return Selection(keep=keep, info={"stage2_kept": int(keep.numel()), "stage2_threshold": float(self.lambda2 * reference),
+                                          "stage2_ratios": ratios})

@@ -1,0 +1,131 @@
+"""OccamToken end to end on tiny models: exactness limits, batching, budget calibration."""
+import warnings
+
+import pytest
+import torch
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+import vtprune
+from vtprune.calibrate import calibrate_budget
+from vtprune import registers
+from vtprune.registers import RegisterNeurons
+from vtprune.tiny import FAMILIES, Sample, make_inputs, tiny_model
+
+NO_NEURONS = RegisterNeurons([], None, -1, "", [], "test: none", {}, {})
+_MODELS = {}
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def model_of(family):
+    if family not in _MODELS:
+        _MODELS[family] = tiny_model(family)
+    return _MODELS[family]
+
+
+def samples(family, seeds=(0, 1)):
+    size = (112, 112) if family.startswith("qwen") else (56, 56)
+    texts = [([1, 7, 8], [9, 10, 11]), ([1, 7], [9, 12, 13, 14, 15])]
+    return [Sample(texts[i % 2][0], texts[i % 2][1], s, size) for i, s in enumerate(seeds)]
+
+
+def occam(**kw):
+    return vtprune.make_method("occamtoken", neurons=NO_NEURONS, layer=1, **kw)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+def test_lambda_zero_reproduces_the_model_with_a_register(family):
+    """λ1 = 0 keeps every patch: the result equals the unmodified model fed the register-augmented
+    features, with one extra placeholder per image at the image's last position (built by hand)."""
+    model = model_of(family)
+    inputs = make_inputs(model, samples(family, (0,)))
+    ids = inputs["input_ids"][0]
+    image_cols = torch.nonzero(ids == model.config.image_token_id).flatten()
+    last = int(image_cols[-1])
+    with torch.no_grad():
+        if family == "llava":
+            with registers.test_time_register(model.model.vision_tower, NO_NEURONS):
+                feats = model.model.get_image_features(inputs["pixel_values"]).pooler_output
+            positions = torch.arange(len(ids))
+            positions = torch.cat([positions[:last + 1], positions[last:last + 1], positions[last + 1:]]).unsqueeze(0)
+        else:
+            with registers.test_time_register(model.model.visual, NO_NEURONS):
+                feats = [model.model.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"]).pooler_output]
+            full, _ = model.model.get_rope_index(inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
+                                                 image_grid_thw=inputs["image_grid_thw"])
+            positions = torch.cat([full[..., :last + 1], full[..., last:last + 1], full[..., last + 1:]], dim=-1)
+        new_ids = torch.cat([ids[:last + 1], ids[last:last + 1], ids[last + 1:]]).unsqueeze(0)
+        reference = model(input_ids=new_ids, attention_mask=torch.ones_like(new_ids), position_ids=positions,
+                          mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=tuple(feats))}).logits
+        with vtprune.pruned(model, occam(lambda1=0.0, stage2=False)) as handle:
+            pruned = model(**inputs).logits
+    assert handle.last.images[0].after_pre_llm == len(image_cols)
+    assert handle.last.images[0].registers == 1
+    assert (pruned[0, -1] - reference[0, -1]).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lambda2_zero_equals_stage1_only(family):
+    model = model_of(family)
+    inputs = make_inputs(model, samples(family))
+    outs = []
+    for method in (occam(lambda1=1.0, lambda2=0.0), occam(lambda1=1.0, stage2=False)):
+        with vtprune.pruned(model, method), torch.no_grad():
+            outs.append((model(**inputs).logits[:, -1],
+                         model.generate(**inputs, max_new_tokens=6, do_sample=False, pad_token_id=0)))
+    assert (outs[0][0] - outs[1][0]).abs().max() <= 1e-5
+    assert torch.equal(outs[0][1], outs[1][1])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batch_equals_each_alone_with_adaptive_counts(family):
+    model = model_of(family)
+    batch_samples = samples(family, (0, 3))
+    with vtprune.pruned(model, occam(lambda1=1.0, lambda2=1.0)) as handle, torch.no_grad():
+        batch = make_inputs(model, batch_samples)
+        together = model.generate(**batch, max_new_tokens=6, do_sample=False, pad_token_id=0,
+                                  suppress_tokens=[0, 1, 2, 3, 4, 5, 6], output_logits=True,
+                                  return_dict_in_generate=True)
+        stats = handle.last
+        for i, s in enumerate(batch_samples):
+            alone = model.generate(**make_inputs(model, [s]), max_new_tokens=6, do_sample=False, pad_token_id=0,
+                                   suppress_tokens=[0, 1, 2, 3, 4, 5, 6],
+                                   output_logits=True, return_dict_in_generate=True)
+            assert torch.equal(together.sequences[i, -6:], alone.sequences[0, -6:])
+            for step_b, step_a in zip(together.logits, alone.logits):
+                assert (step_b[i] - step_a[0]).abs().max() <= 1e-4
+    # stats: stage I and stage II counts are reported per image, the register is counted apart
+    assert all(im.registers >= 1 for im in stats.images)
+    assert all(im.info["stage1_kept"] == im.after_pre_llm for im in stats.images)
+    assert set(stats.llm_stages) == {0, 1}
+
+
+def test_stage1_count_adapts_to_the_image_and_falls_with_lambda():
+    model = model_of("llava")
+    counts = {}
+    for lam in (0.5, 1.0, 2.0):
+        with vtprune.pruned(model, occam(lambda1=lam, stage2=False)) as handle, torch.no_grad():
+            model(**make_inputs(model, samples("llava", (0, 7))))
+        counts[lam] = [im.after_pre_llm for im in handle.last.images]
+    assert counts[0.5][0] >= counts[1.0][0] >= counts[2.0][0]
+    assert counts[0.5][1] >= counts[1.0][1] >= counts[2.0][1]
+    assert counts[0.5] != counts[2.0]
+
+
+def test_budget_calibration_hits_the_target():
+    model = model_of("llava")
+    batches = [make_inputs(model, samples("llava", (s, s + 50))) for s in range(6)]
+    fit = calibrate_budget(model, batches, target=9.0, lambda1=0.0, layer=1, neurons=NO_NEURONS)
+    kept = []
+    with vtprune.pruned(model, occam(lambda1=0.0, lambda2=fit.lam)) as handle, torch.no_grad():
+        for b in batches:
+            model(**b)
+            kept += [stages[2] + im.registers for stages, im in zip(handle.last.llm_stages.values(), handle.last.images)]
+    measured = sum(kept) / len(kept)
+    assert measured == pytest.approx(fit.mean_kept)
+    assert abs(measured - 9.0) <= 1.0
