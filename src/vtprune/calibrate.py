@@ -77,3 +77,67 @@ def calibrate_budget(model, batches: Iterable[dict], target: float, stage: int =
     """Fit λ2 (stage=2, λ1 fixed by ``occam_kwargs``) or λ1 (stage=1, stage II off) so that the mean
     kept count per sample, registers included, is ``target``."""
     return fit_lambda(score_ratios(model, batches, stage, **occam_kwargs), target, stage)
+
+
+# -- command line ----------------------------------------------------------------------------------
+def add_cli(subparsers) -> None:
+    """``vtprune calibrate registers`` and ``vtprune calibrate budget``."""
+    from .registers import add_calibrate_registers_arguments, calibrate_registers_cli
+
+    group = subparsers.add_parser("calibrate", help="calibrate OccamToken: register neurons, λ for a budget")
+    sub = group.add_subparsers(dest="what", required=True)
+    registers = sub.add_parser("registers", help="find the test-time register neurons of a vision tower")
+    add_calibrate_registers_arguments(registers)
+    registers.set_defaults(func=calibrate_registers_cli)
+
+    budget = sub.add_parser("budget", help="fit λ2 (or λ1) so the mean kept count hits a target")
+    budget.add_argument("--model", required=True, help="local path of a supported HF VLM")
+    budget.add_argument("--images", help="folder of calibration images (with --prompt)")
+    budget.add_argument("--prompt", default="Describe the image.", help="question asked about each image")
+    budget.add_argument("--scenes", type=int, default=0, help="use N scenes of the demo benchmark instead of --images")
+    budget.add_argument("--num", type=int, default=64, help="calibration samples (default 64)")
+    budget.add_argument("--target", type=float, required=True, help="target mean kept tokens per image, registers included")
+    budget.add_argument("--stage", type=int, choices=(1, 2), default=2, help="2: fit λ2 (default); 1: fit λ1")
+    budget.add_argument("--lambda1", type=float, default=None, help="λ1 kept fixed while fitting λ2")
+    budget.add_argument("--layer", type=int, default=None, help="stage-II layer (default per family)")
+    budget.set_defaults(func=_budget_cli)
+
+
+def _budget_cli(args) -> int:
+    from tqdm import tqdm
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(args.model).eval()
+    processor = AutoProcessor.from_pretrained(args.model)
+    batches = [_processed(processor, image, question) for image, question in
+               tqdm(_calibration_items(args), total=args.num, desc="calibration samples")]
+    kwargs = {k: v for k, v in (("lambda1", args.lambda1), ("layer", args.layer)) if v is not None}
+    fit = calibrate_budget(model, batches, args.target, stage=args.stage, **kwargs)
+    print(fit)
+    return 0
+
+
+def _calibration_items(args):
+    if args.scenes:
+        from .demo.scenes import make_split
+
+        for item in make_split("val", min(args.scenes, args.num)):
+            yield item.image, item.question
+        return
+    if not args.images:
+        raise SystemExit("vtprune calibrate budget: pass --images DIR (with --prompt) or --scenes N")
+    from pathlib import Path
+
+    from PIL import Image
+
+    files = sorted(p for p in Path(args.images).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+    if not files:
+        raise SystemExit(f"vtprune calibrate budget: no images in {args.images}")
+    for path in files[: args.num]:
+        yield Image.open(path).convert("RGB"), args.prompt
+
+
+def _processed(processor, image, question) -> dict:
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    return dict(processor(images=image, text=prompt, return_tensors="pt"))

@@ -47,8 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate_cli(sub)
 
     from .bench.flops import add_cli as add_flops_cli
+    from .bench.latency import add_cli as add_bench_cli
+    from .calibrate import add_cli as add_calibrate_cli
 
     add_flops_cli(sub)
+    add_bench_cli(sub)
+    add_calibrate_cli(sub)
     return parser
 
 
