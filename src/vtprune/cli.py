@@ -53,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_flops_cli(sub)
     add_bench_cli(sub)
     add_calibrate_cli(sub)
+
+    from .ocvtp.cli import add_cli as add_ocvtp_cli
+
+    add_ocvtp_cli(sub)
     return parser
 
 
