@@ -259,51 +259,41 @@ class Pruner:
 
     def _compact(self, ids, mask, positions, span_units, images):
         """Drop pruned image units and insert registers; left-pad the result."""
-        rows_ids, rows_mask, rows_pos, cands, prot, text_after, k = [], [], [], [], [], [], 0
-        source_cols, fixed = [], []
-        P = positions.shape[0]
+        rows_ids, rows_pos, source_cols, k = [], [], [], 0
+        kinds = {"candidate": [], "register": [], "newline": [], "text_after": []}
         for b, units in enumerate(span_units):
-            cols, register_after, cand_local, prot_local = [], {}, [], []
+            seq = []  # (column in the full sequence, kind) with kind in TEXT / one of `kinds`
             cursor = 0
-            seq = []  # list of (column in full sequence, is_candidate, is_protected, is_fixed)
             for start, n_units in units:
                 im = images[k]
                 k += 1
-                seq += [(c, False, False, False) for c in range(cursor, start)]
-                kept = im.keep.tolist()
+                seq += [(c, "text") for c in range(cursor, start)]
                 protected = set(im.protected.tolist()) if im.protected is not None else set()
-                newline = set()
-                if im.unit_cells is not None:
-                    newline = {u for u in kept if u < n_units and int(im.unit_cells[u, 0]) < 0}
-                for u in kept:
+                for u in im.keep.tolist():
                     column = start + min(u, n_units - 1)  # extras sit at the last unit's position
-                    seq.append((column, u not in protected and u not in newline, u in protected, u in newline))
+                    is_newline = u < n_units and im.unit_cells is not None and int(im.unit_cells[u, 0]) < 0
+                    seq.append((column, "register" if u in protected else "newline" if is_newline else "candidate"))
                 cursor = start + n_units
-            seq += [(c, False, False, False) for c in range(cursor, ids.shape[1])]
+            seq += [(c, "text") for c in range(cursor, ids.shape[1])]
             seq = [s for s in seq if mask[b, s[0]]]
             col_t = torch.tensor([s[0] for s in seq], dtype=torch.long, device=ids.device)
-            source_cols.append(col_t.tolist())
-            is_img = torch.tensor([s[0] >= 0 and bool(ids[b, s[0]] == self.adapter.image_token_id) for s in seq])
+            source_cols.append(col_t)
             rows_ids.append(ids[b, col_t])
-            rows_mask.append(torch.ones(len(seq), dtype=mask.dtype, device=mask.device))
             rows_pos.append(positions[:, b if positions.shape[1] > 1 else 0, col_t].T)
-            cands.append(torch.tensor([j for j, s in enumerate(seq) if s[1]], dtype=torch.long))
-            prot.append(torch.tensor([j for j, s in enumerate(seq) if s[2]], dtype=torch.long))
-            fixed.append(torch.tensor([j for j, s in enumerate(seq) if s[3]], dtype=torch.long))
-            last_img = int(torch.nonzero(is_img).max()) if is_img.any() else -1
-            text_after.append(torch.arange(last_img + 1, len(seq)))
+            for kind in ("candidate", "register", "newline"):
+                kinds[kind].append(torch.tensor([j for j, s in enumerate(seq) if s[1] == kind], dtype=torch.long))
+            last_visual = max((j for j, s in enumerate(seq) if s[1] != "text"), default=-1)
+            kinds["text_after"].append(torch.arange(last_visual + 1, len(seq)))
         out_ids = _left_pad(rows_ids, 0)
-        out_mask = _left_pad(rows_mask, 0)
+        out_mask = _left_pad([torch.ones(len(r), dtype=mask.dtype, device=mask.device) for r in rows_ids], 0)
         out_pos = _left_pad(rows_pos, 0).permute(2, 0, 1)
-        length = out_ids.shape[1]
-        pads = [length - len(r) for r in rows_ids]
-        self._source_columns = [(p, torch.tensor([s for s in cols_b])) for p, cols_b in zip(pads, source_cols)]
+        pads = [out_ids.shape[1] - len(r) for r in rows_ids]
+        self._source_columns = [(p, cols.cpu()) for p, cols in zip(pads, source_cols)]
+        shifted = {kind: [c + p for c, p in zip(lists, pads)] for kind, lists in kinds.items()}
         layout = Layout(
             index=_left_pad([torch.arange(len(r)) + p for r, p in zip(rows_ids, pads)], -1),
-            candidates=[c + p for c, p in zip(cands, pads)],
-            protected=[c + p for c, p in zip(prot, pads)],
-            fixed=[c + p for c, p in zip(fixed, pads)],
-            text_after=[c + p for c, p in zip(text_after, pads)],
+            candidates=shifted["candidate"], protected=shifted["register"], fixed=shifted["newline"],
+            text_after=shifted["text_after"],
         )
         return out_ids, out_mask, out_pos, layout
 
