@@ -1,0 +1,199 @@
+"""Train the shipped demo VLM on generated scenes (seeded, reproducible; CPU or GPU).
+
+    python -m vtprune.demo.train --out DIR --minutes 40 [--device cuda]
+
+The model is a ``LlavaForConditionalGeneration`` in llava-hf's layout: a CLIP-style tower at 336 px,
+patch 14 (576 patch tokens + CLS), LLaVA's 2-layer MLP projector, a small Llama decoder, a word-level
+tokenizer. Each training sequence holds one scene and several question/answer turns; the loss is
+taken on the answers only. Progress, validation accuracy and the hardware go to ``DIR/train_log.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from . import scenes
+from .tokenizer import build_processor, prompt
+
+VISION = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4)
+TEXT = dict(hidden_size=160, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4)
+
+
+def build_model(processor, seed: int = 0):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    tok = processor.tokenizer
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(image_size=scenes.IMAGE_SIZE, patch_size=scenes.PATCH, **VISION),
+        text_config=LlamaConfig(vocab_size=len(tok), max_position_embeddings=1024, pad_token_id=tok.pad_token_id,
+                                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **TEXT),
+        image_token_id=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
+        vision_feature_select_strategy="default", projector_hidden_act="gelu", tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    return LlavaForConditionalGeneration(config)
+
+
+class PatchHeads(torch.nn.Module):
+    """Training-only auxiliary heads: per patch, the colour, shape and object-centre labels of the scene
+    (``scenes.patch_labels``), read from the features the projector hands the LLM. They make the tower
+    learn grounded patch features much faster on a CPU budget; they are not saved with the model."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.color = torch.nn.Linear(width, 1 + len(scenes.COLOR_NAMES))
+        self.shape = torch.nn.Linear(width, 1 + len(scenes.SHAPES))
+        self.center = torch.nn.Linear(width, 2)
+
+    def loss(self, features: torch.Tensor, labels: dict[str, torch.Tensor]) -> torch.Tensor:
+        ce = torch.nn.functional.cross_entropy
+        return sum(ce(getattr(self, k)(features).flatten(0, 1), labels[k].flatten()) for k in ("color", "shape", "center"))
+
+
+def training_sequence(processor, seed: int, turns: int):
+    """(pixel_values, input_ids, labels, patch labels) of one scene with ``turns`` question/answer pairs."""
+    scene = scenes.make_scene(scenes.SPLIT_BASES["train"] + seed)
+    qa = scenes.scene_questions(scene, np.random.default_rng([seed, 7]), turns)
+    image = scenes.render(scene)
+    tok = processor.tokenizer
+    pieces, labels = [], []
+    for k, (_, question, answer) in enumerate(qa):
+        text = prompt(question) if k == 0 else f"USER: {question} ASSISTANT:"
+        ids = processor(images=image, text=text, return_tensors="pt")["input_ids"][0] if k == 0 else \
+            tok(text, return_tensors="pt")["input_ids"][0]
+        ans = tok(f"{answer}</s>", return_tensors="pt")["input_ids"][0]
+        pieces += [ids, ans]
+        labels += [torch.full_like(ids, -100), ans]
+    pixels = processor.image_processor(image, return_tensors="pt")["pixel_values"][0]
+    patch = {k: torch.from_numpy(v) for k, v in scenes.patch_labels(scene).items()}
+    return pixels, torch.cat(pieces), torch.cat(labels), patch
+
+
+def collate(items, pad_id: int):
+    length = max(len(i[1]) for i in items)
+    ids = torch.full((len(items), length), pad_id)
+    labels = torch.full((len(items), length), -100)
+    mask = torch.zeros(len(items), length, dtype=torch.long)
+    for b, (_, x, y, _) in enumerate(items):
+        ids[b, : len(x)], labels[b, : len(y)], mask[b, : len(x)] = x, y, 1
+    patch = {k: torch.stack([i[3][k] for i in items]) for k in items[0][3]}
+    return torch.stack([i[0] for i in items]), ids, labels, mask, patch
+
+
+@torch.no_grad()
+def answer_accuracy(model, processor, examples, batch_size: int = 16) -> dict:
+    """Greedy one-word answers on ``examples``; accuracy overall and per question type (percent)."""
+    from .bench import evaluate
+
+    return evaluate(model, processor, examples, batch_size=batch_size)
+
+
+def train(out: str, minutes: float = 40.0, batch_size: int = 16, turns: int = 4, lr: float = 1e-3,
+          device: str = "cpu", seed: int = 0, eval_every: int = 100, val_questions: int = 300, max_steps: int = 0,
+          aux_weight: float = 0.5):
+    torch.manual_seed(seed)
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    processor = build_processor()
+    model = build_model(processor, seed).to(device)
+    model.train()
+    heads = PatchHeads(model.config.text_config.hidden_size).to(device)
+    features = {}
+    model.model.multi_modal_projector.register_forward_hook(lambda m, a, o: features.__setitem__("patches", o))
+    params = list(model.parameters()) + list(heads.parameters())
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    val = scenes.make_split("val", val_questions)
+    est_steps = max_steps or 10_000
+    warmup = 100
+    log = {"hardware": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {device}",
+           "torch": torch.__version__, "batch_size": batch_size, "turns": turns, "lr": lr, "seed": seed,
+           "vision": VISION, "text": TEXT, "aux_weight": aux_weight, "steps": [], "evals": []}
+    start, step, best = time.time(), 0, -1.0
+    bar = tqdm(desc="training", unit="step")
+    while True:
+        elapsed = (time.time() - start) / 60
+        if (max_steps and step >= max_steps) or (not max_steps and elapsed >= minutes):
+            break
+        if not max_steps and step == 50:  # size the cosine schedule to the time budget
+            est_steps = int(50 * minutes / max(elapsed, 1e-6))
+        progress = min(1.0, step / max(est_steps, 1))
+        for group in optimizer.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+        items = [training_sequence(processor, step * batch_size + i, turns) for i in range(batch_size)]
+        pixels, ids, labels, mask, patch = collate(items, processor.tokenizer.pad_token_id)
+        logits = model(input_ids=ids.to(device), pixel_values=pixels.to(device), attention_mask=mask.to(device)).logits
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(device))
+        aux = heads.loss(features["patches"], {k: v.to(device) for k, v in patch.items()})
+        optimizer.zero_grad(set_to_none=True)
+        (loss + aux_weight * aux).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        step += 1
+        log["steps"].append({"step": step, "loss": float(loss), "aux": float(aux), "minutes": (time.time() - start) / 60})
+        bar.update(1)
+        bar.set_postfix(loss=f"{float(loss):.3f}", aux=f"{float(aux):.3f}")
+        if step % eval_every == 0:
+            model.eval()
+            acc = answer_accuracy(model, processor, val)
+            model.train()
+            log["evals"].append({"step": step, **acc})
+            tqdm.write(f"step {step}: val {acc}")
+            if acc["overall"] >= best:
+                best = acc["overall"]
+                save(model, processor, out_dir)
+            (out_dir / "train_log.json").write_text(json.dumps(log, indent=1))
+    model.eval()
+    acc = answer_accuracy(model, processor, val)
+    log["evals"].append({"step": step, **acc})
+    if acc["overall"] >= best:
+        save(model, processor, out_dir)
+    log["total_minutes"] = (time.time() - start) / 60
+    (out_dir / "train_log.json").write_text(json.dumps(log, indent=1))
+    return log
+
+
+def save(model, processor, out_dir: Path) -> None:
+    """save_pretrained, with the vision weights renamed to llava-hf's ``vision_tower.vision_model.*``."""
+    from safetensors.torch import load_file, save_file
+
+    model.save_pretrained(out_dir, safe_serialization=True)
+    processor.save_pretrained(out_dir)
+    path = out_dir / "model.safetensors"
+    tensors = load_file(path)
+    renamed = {}
+    for key, value in tensors.items():
+        for prefix in ("model.vision_tower.", "vision_tower."):
+            if key.startswith(prefix) and not key.startswith(prefix + "vision_model."):
+                key = prefix + "vision_model." + key[len(prefix):]
+                break
+        renamed[key] = value.contiguous()
+    save_file(renamed, path, metadata={"format": "pt"})
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--minutes", type=float, default=40.0)
+    parser.add_argument("--max-steps", type=int, default=0, help="stop after N steps instead of --minutes")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--turns", type=int, default=4, help="question/answer turns per scene")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval-every", type=int, default=100)
+    args = parser.parse_args(argv)
+    log = train(args.out, args.minutes, args.batch_size, args.turns, args.lr, args.device, args.seed, args.eval_every,
+                max_steps=args.max_steps)
+    print(json.dumps(log["evals"][-1]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
