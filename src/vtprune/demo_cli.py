@@ -2,13 +2,23 @@
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
 import torch
 
-DEFAULT_DEMO_METHOD = "cls_topk"
-DEFAULT_DEMO_ARGS = {"keep": 64}
+DEFAULT_DEMO_METHOD = "occamtoken"
+OCCAM_SETTINGS = "vtprune_occamtoken.json"  # λ1/λ2 calibrated for a model, next to its weights
+
+
+def default_method_args(method: str, model_dir=None) -> dict:
+    """Arguments used when the user gives none: OccamToken's calibrated settings shipped next to the
+    model's weights (if any), otherwise keep=64 for fixed-budget methods."""
+    if method == "occamtoken":
+        path = Path(model_dir) / OCCAM_SETTINGS if model_dir else None
+        return json.loads(path.read_text()) if path is not None and path.is_file() else {}
+    return {"keep": 64}
 
 
 def add_demo_cli(sub) -> None:
@@ -59,30 +69,40 @@ def compare(model, processor, inputs, method_name, method_args, max_new_tokens=8
 def run_demo(args) -> int:
     from .cli import _parse_method_args
 
-    method_args = _parse_method_args(args.arg) or (DEFAULT_DEMO_ARGS if args.method == DEFAULT_DEMO_METHOD else {})
+    from .demo import MODEL_DIR
+
+    method_args = _parse_method_args(args.arg) or default_method_args(args.method, MODEL_DIR)
     try:
         from .demo import load_demo_model
         model, processor = load_demo_model()
     except Exception as error:  # the shipped checkpoint is optional while it is being trained
         return _tiny_demo(args, method_args, error)
     from .demo.scenes import make_split
+    from .demo.tokenizer import prompt
     from .viz import save_overlay
 
     out_dir = Path(args.out)
-    print(f"vtprune demo: shipped scenes model, method {args.method} {method_args}")
+    print(f"vtprune demo: the shipped scenes model (LLaVA architecture, 576 visual tokens), method {args.method} "
+          f"{method_args}")
     rows = []
     for i, item in enumerate(make_split("test", args.scenes)):
-        prompt = processor.apply_chat_template(
-            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": item.question}]}],
-            add_generation_prompt=True) if getattr(processor, "chat_template", None) else f"USER: <image>\n{item.question} ASSISTANT:"
-        inputs = processor(images=item.image, text=prompt, return_tensors="pt")
-        full, pruned, stats, t_full, t_pruned = compare(model, processor, inputs, args.method, method_args, 3)
+        image = item.image()
+        inputs = processor(images=image, text=prompt(item.question), return_tensors="pt")
+        full, pruned, stats, t_full, t_pruned = compare(model, processor, inputs, args.method, method_args, 2)
         side = model.config.vision_config.image_size // model.config.vision_config.patch_size
-        path = save_overlay(out_dir / f"scene_{i}.png", item.image, stats.images[0].kept_cells, [(side, side)])
-        rows.append((item.question, item.answer, full, pruned, stats.images[0].candidates,
-                     stats.images[0].after_pre_llm, t_full, t_pruned, path))
+        path = save_overlay(out_dir / f"scene_{i}.png", image, stats.images[0].kept_cells, [(side, side)])
+        kept = _final_tokens(stats)
+        rows.append((item.question, item.answer, full.split()[0] if full else "", pruned.split()[0] if pruned else "",
+                     stats.images[0].candidates, kept, t_full, t_pruned, path))
     _print_rows(rows)
     return 0
+
+
+def _final_tokens(stats) -> int:
+    """Visual tokens of the first image left after every stage (registers included)."""
+    image = stats.images[0]
+    stages = stats.llm_stages.get(0)
+    return (max(stages.items())[1] if stages else image.after_pre_llm) + image.registers
 
 
 def _print_rows(rows) -> None:
@@ -104,6 +124,8 @@ def _tiny_demo(args, method_args, error) -> int:
     model = tiny_model("llava")
     if "keep" in method_args and method_args["keep"] >= 16:  # the tiny tower has 16 patches
         method_args = {**{k: v for k, v in method_args.items() if k != "keep"}, "ratio": 0.25}
+    if args.method == "occamtoken":  # the tiny decoder has 4 layers
+        method_args = {"layer": 1, "lambda1": 1.0, **method_args}
     inputs = make_inputs(model, [Sample([1, 7, 8], [9, 10, 11], 0)])
     full, pruned, stats, t_full, t_pruned = compare(model, None, inputs, args.method, method_args)
     print(f"tokens entering the LLM: {stats.images[0].after_pre_llm} of {stats.images[0].candidates}; "
@@ -118,7 +140,7 @@ def run_generate(args) -> int:
     from .cli import _parse_method_args
     from .viz import save_overlay
 
-    method_args = _parse_method_args(args.arg) or (DEFAULT_DEMO_ARGS if args.method == DEFAULT_DEMO_METHOD else {})
+    method_args = _parse_method_args(args.arg) or default_method_args(args.method, args.model)
     model = AutoModelForImageTextToText.from_pretrained(args.model).eval()
     processor = AutoProcessor.from_pretrained(args.model)
     image = Image.open(args.image).convert("RGB")

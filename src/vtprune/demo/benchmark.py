@@ -1,0 +1,108 @@
+"""The scenes benchmark: accuracy of the demo model per method × budget, with the tokens kept.
+
+    vtprune eval --benchmark scenes --methods random,cls_topk,occamtoken --budgets 576,192,128,64,32,16
+
+A budget equal to the model's 576 visual tokens is the unpruned row. Fixed-budget methods get
+``keep=budget``; OccamToken's λ2 is calibrated on validation scenes so that its mean kept count
+(register included) matches the budget, as the paper compares at matched average budgets.
+Prints a table, writes JSON and an accuracy-vs-tokens PNG.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+FULL_TOKENS = 576
+
+
+def add_benchmark_arguments(p) -> None:
+    p.add_argument("--methods", default="random,pooling,cls_topk,fastv,occamtoken",
+                   help="comma-separated methods (default random,pooling,cls_topk,fastv,occamtoken)")
+    p.add_argument("--budgets", default="576,192,128,64,32,16", help="visual-token budgets; 576 = unpruned")
+    p.add_argument("--questions", type=int, default=2000, help="test-split questions (default 2000)")
+    p.add_argument("--calibration", type=int, default=64, help="validation scenes for OccamToken's λ2")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--out", default="vtprune-scenes", help="folder for scenes.json and scenes.png")
+
+
+def _method_kwargs(name: str, budget: int, model, processor, calibration) -> dict:
+    if name != "occamtoken":
+        return {"keep": budget}
+    from ..calibrate import calibrate_budget
+    from .tokenizer import prompt
+
+    batches = [dict(processor(images=[e.image() for e in calibration[i:i + 16]],
+                              text=[prompt(e.question) for e in calibration[i:i + 16]], return_tensors="pt",
+                              padding=True)) for i in range(0, len(calibration), 16)]
+    fit = calibrate_budget(model, batches, target=float(budget), lambda1=0.0)
+    return {"lambda1": 0.0, "lambda2": fit.lam}
+
+
+def run_benchmark(model, processor, methods: list[str], budgets: list[int], questions: int = 2000,
+                  calibration: int = 64, batch_size: int = 16, progress: bool = True) -> dict:
+    """Accuracy per method and budget (mean visual tokens entering the LLM and layer-averaged)."""
+    import vtprune
+
+    from . import scenes
+    from .bench import evaluate
+
+    test = scenes.make_split("test", questions)
+    calib = scenes.make_split("val", calibration)
+    layers = model.config.text_config.num_hidden_layers
+    start = time.time()
+    full = evaluate(model, processor, test, batch_size, progress=progress)
+    rows = [{"method": "none", "budget": FULL_TOKENS, "tokens": FULL_TOKENS, "layer_avg_tokens": FULL_TOKENS,
+             **full, "relative": 100.0}]
+    for name in methods:
+        for budget in budgets:
+            if budget >= FULL_TOKENS:
+                continue
+            kwargs = _method_kwargs(name, budget, model, processor, calib)
+            with vtprune.pruned(model, name, **kwargs) as handle:
+                acc = evaluate(model, processor, test, batch_size, progress=progress)
+                summary = handle.summary()
+            tokens = summary["mean_tokens_entering_llm"]
+            if name == "occamtoken":  # count what stays after stage II, register included
+                kept = [max(st.items())[1] + im.registers for s in handle.stats
+                        for st, im in zip(s.llm_stages.values(), s.images)]
+                tokens = sum(kept) / len(kept)
+            rows.append({"method": name, "budget": budget, "tokens": tokens,
+                         "layer_avg_tokens": summary["mean_tokens_layer_averaged"], "args": kwargs, **acc,
+                         "relative": 100.0 * acc["overall"] / max(full["overall"], 1e-9)})
+    return {"rows": rows, "questions": questions, "layers": layers, "seconds": time.time() - start,
+            "torch": torch.__version__}
+
+
+def format_table(result: dict) -> str:
+    from . import scenes
+
+    head = ["method", "budget", "tokens", "layer-avg", "accuracy", "relative"] + list(scenes.QTYPES)
+    lines = [head]
+    for r in result["rows"]:
+        lines.append([r["method"], str(r["budget"]), f"{r['tokens']:.1f}", f"{r['layer_avg_tokens']:.1f}",
+                      f"{r['overall']:.1f}", f"{r['relative']:.1f}"] + [f"{r.get(q, float('nan')):.1f}" for q in scenes.QTYPES])
+    widths = [max(len(l[i]) for l in lines) for i in range(len(head))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(l, widths)) for l in lines)
+
+
+def run_cli(args) -> int:
+    from ..viz import accuracy_plot
+    from . import load_demo_model
+
+    model, processor = load_demo_model()
+    methods = [m for m in args.methods.split(",") if m]
+    budgets = [int(b) for b in args.budgets.split(",")]
+    result = run_benchmark(model, processor, methods, budgets, args.questions, args.calibration, args.batch_size)
+    print(format_table(result))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "scenes.json").write_text(json.dumps(result, indent=1))
+    curves: dict = {}
+    for r in result["rows"][1:]:
+        curves.setdefault(r["method"], []).append((r["tokens"], r["overall"]))
+    accuracy_plot(out / "scenes.png", curves, "scenes benchmark (demo model)", result["rows"][0]["overall"])
+    print(f"wrote {out / 'scenes.json'} and {out / 'scenes.png'}")
+    return 0
