@@ -66,7 +66,6 @@ class Adapter:
     """Shared logic; subclasses fill in the family specifics."""
 
     family: str = ""
-    cls_token: bool = True  # does the vision tower have a CLS token?
 
     def __init__(self, model, layout: str = "model"):
         self.model = model
@@ -151,8 +150,6 @@ class Adapter:
             raise InputError(f"pixel_values must be floating point, got {pixel_values.dtype}.")
 
     # -- positions --------------------------------------------------------------------------
-    position_rows: int = 1  # 1 for 1-D RoPE, 3 for M-RoPE
-
     def full_positions(self, input_ids, attention_mask, inputs, user_positions) -> torch.Tensor:
         """(P, B, L) original position ids of the full (unpruned) sequence."""
         if user_positions is not None:

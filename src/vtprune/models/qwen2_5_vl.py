@@ -19,8 +19,6 @@ from .base import Adapter, EncodedImage, register_adapter
 @register_adapter
 class Qwen25VLAdapter(Adapter):
     family = "qwen2_5_vl"
-    cls_token = False
-    position_rows = 3
 
     @property
     def visual(self):
