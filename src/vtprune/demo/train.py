@@ -23,6 +23,10 @@ from tqdm import tqdm
 from . import scenes
 from .tokenizer import build_processor, prompt
 
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # the CLIPImageProcessor defaults
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+NUM_PATCHES = (scenes.IMAGE_SIZE // scenes.PATCH) ** 2  # 576
+
 VISION = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4)
 TEXT = dict(hidden_size=160, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4)
 
@@ -57,23 +61,53 @@ class PatchHeads(torch.nn.Module):
         return sum(ce(getattr(self, k)(features).flatten(0, 1), labels[k].flatten()) for k in ("color", "shape", "center"))
 
 
-def training_sequence(processor, seed: int, turns: int):
-    """(pixel_values, input_ids, labels, patch labels) of one scene with ``turns`` question/answer pairs."""
+_MEAN = np.array(OPENAI_CLIP_MEAN, dtype=np.float32)
+_STD = np.array(OPENAI_CLIP_STD, dtype=np.float32)
+
+
+def pixel_values(images) -> torch.Tensor:
+    """What the processor's CLIPImageProcessor returns for 336x336 RGB images (rescale + normalise),
+    without its per-call overhead."""
+    arr = np.stack([np.asarray(im, dtype=np.float32) / 255.0 for im in images])
+    return torch.from_numpy(((arr - _MEAN) / _STD).transpose(0, 3, 1, 2).copy())
+
+
+class TurnEncoder:
+    """Token ids of multi-turn conversations, identical to what the processor produces for the first
+    turn (``USER: <image>\\n{q} ASSISTANT:`` with <image> expanded to 576), cached per string."""
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        self.cache: dict[str, list[int]] = {}
+        self.image = tokenizer.convert_tokens_to_ids("<image>")
+        self.pad = tokenizer.pad_token_id
+
+    def ids(self, text: str) -> list[int]:
+        if text not in self.cache:
+            self.cache[text] = self.tok(text)["input_ids"]
+        return self.cache[text]
+
+    def conversation(self, qa) -> tuple[list[int], list[int]]:
+        ids, labels = [], []
+        for k, (question, answer) in enumerate(qa):
+            if k == 0:
+                head, tail = prompt(question).split("<image>")
+                turn = self.ids(head) + [self.image] * NUM_PATCHES + self.ids(tail)
+            else:
+                turn = self.ids(f"USER: {question} ASSISTANT:")
+            ans = self.ids(f"{answer}</s>")
+            ids += turn + ans
+            labels += [-100] * len(turn) + ans
+        return ids, labels
+
+
+def training_sequence(encoder: TurnEncoder, seed: int, turns: int):
+    """(image, input_ids, labels, patch labels) of one train scene with ``turns`` question/answer pairs."""
     scene = scenes.make_scene(scenes.SPLIT_BASES["train"] + seed)
     qa = scenes.scene_questions(scene, np.random.default_rng([seed, 7]), turns)
-    image = scenes.render(scene)
-    tok = processor.tokenizer
-    pieces, labels = [], []
-    for k, (_, question, answer) in enumerate(qa):
-        text = prompt(question) if k == 0 else f"USER: {question} ASSISTANT:"
-        ids = processor(images=image, text=text, return_tensors="pt")["input_ids"][0] if k == 0 else \
-            tok(text, return_tensors="pt")["input_ids"][0]
-        ans = tok(f"{answer}</s>", return_tensors="pt")["input_ids"][0]
-        pieces += [ids, ans]
-        labels += [torch.full_like(ids, -100), ans]
-    pixels = processor.image_processor(image, return_tensors="pt")["pixel_values"][0]
+    ids, labels = encoder.conversation([(q, a) for _, q, a in qa])
     patch = {k: torch.from_numpy(v) for k, v in scenes.patch_labels(scene).items()}
-    return pixels, torch.cat(pieces), torch.cat(labels), patch
+    return scenes.render(scene), torch.tensor(ids), torch.tensor(labels), patch
 
 
 def collate(items, pad_id: int):
@@ -84,7 +118,26 @@ def collate(items, pad_id: int):
     for b, (_, x, y, _) in enumerate(items):
         ids[b, : len(x)], labels[b, : len(y)], mask[b, : len(x)] = x, y, 1
     patch = {k: torch.stack([i[3][k] for i in items]) for k in items[0][3]}
-    return torch.stack([i[0] for i in items]), ids, labels, mask, patch
+    return pixel_values([i[0] for i in items]), ids, labels, mask, patch
+
+
+def training_forward(model, pixels, ids, mask, labels):
+    """(answer-token loss, projected patch features): the model's own forward, except that the last
+    CLIP layer is skipped -- with ``vision_feature_layer=-2`` its output is never read, so the result
+    is identical and a quarter of the tower's compute is saved."""
+    tower = model.model.vision_tower
+    hidden = tower.pre_layrnorm(tower.embeddings(pixels))
+    for layer in tower.encoder.layers[:-1]:
+        hidden = layer(hidden, None)
+    patches = model.model.multi_modal_projector(hidden[:, 1:])
+    embeds = model.get_input_embeddings()(ids)
+    where = (ids == model.config.image_token_id).unsqueeze(-1)
+    embeds = embeds.masked_scatter(where, patches.to(embeds.dtype).reshape(-1, embeds.shape[-1]))
+    hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+    target = labels[:, 1:]
+    keep = target != -100
+    logits = model.lm_head(hidden[:, :-1][keep])
+    return torch.nn.functional.cross_entropy(logits.float(), target[keep]), patches
 
 
 @torch.no_grad()
@@ -97,26 +150,39 @@ def answer_accuracy(model, processor, examples, batch_size: int = 16) -> dict:
 
 def train(out: str, minutes: float = 40.0, batch_size: int = 16, turns: int = 4, lr: float = 1e-3,
           device: str = "cpu", seed: int = 0, eval_every: int = 100, val_questions: int = 300, max_steps: int = 0,
-          aux_weight: float = 0.5):
+          aux_weight: float = 0.5, init: str | None = None, warmup: int = 100, first_seed: int = 0):
+    """Train (or, with ``init``, continue training) and save the best-on-validation checkpoint to ``out``.
+
+    The cosine schedule spans ``max_steps`` when given, else it is sized after 50 steps to ``minutes``.
+    Scenes are train-split seeds ``first_seed + step * batch_size + i``.
+    """
     torch.manual_seed(seed)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     processor = build_processor()
-    model = build_model(processor, seed).to(device)
+    if init:
+        from transformers import LlavaForConditionalGeneration
+
+        model = LlavaForConditionalGeneration.from_pretrained(init).to(device)
+    else:
+        if init:  # continue from a saved checkpoint (weights only; the schedule starts afresh)
+        from transformers import LlavaForConditionalGeneration
+
+        model = LlavaForConditionalGeneration.from_pretrained(init).to(device)
+    else:
+        model = build_model(processor, seed).to(device)
     model.train()
     heads = PatchHeads(model.config.text_config.hidden_size).to(device)
-    features = {}
-    model.model.multi_modal_projector.register_forward_hook(lambda m, a, o: features.__setitem__("patches", o))
+    encoder = TurnEncoder(processor.tokenizer)
     params = list(model.parameters()) + list(heads.parameters())
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     val = scenes.make_split("val", val_questions)
     est_steps = max_steps or 10_000
-    warmup = 100
-    log = {"hardware": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {device}",
-           "torch": torch.__version__, "batch_size": batch_size, "turns": turns, "lr": lr, "seed": seed,
-           "vision": VISION, "text": TEXT, "aux_weight": aux_weight, "steps": [], "evals": []}
+    log = {"init": init, "hardware": hardware(device), "torch": torch.__version__, "batch_size": batch_size, "turns": turns,
+           "lr": lr, "seed": seed, "init": init, "first_seed": first_seed, "max_steps": max_steps,
+           "minutes": minutes, "vision": VISION, "text": TEXT, "aux_weight": aux_weight, "steps": [], "evals": []}
     start, step, best = time.time(), 0, -1.0
-    bar = tqdm(desc="training", unit="step")
+    bar = tqdm(desc="training", unit="step", total=max_steps or None, mininterval=10.0)
     while True:
         elapsed = (time.time() - start) / 60
         if (max_steps and step >= max_steps) or (not max_steps and elapsed >= minutes):
@@ -125,38 +191,55 @@ def train(out: str, minutes: float = 40.0, batch_size: int = 16, turns: int = 4,
             est_steps = int(50 * minutes / max(elapsed, 1e-6))
         progress = min(1.0, step / max(est_steps, 1))
         for group in optimizer.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-        items = [training_sequence(processor, step * batch_size + i, turns) for i in range(batch_size)]
-        pixels, ids, labels, mask, patch = collate(items, processor.tokenizer.pad_token_id)
-        logits = model(input_ids=ids.to(device), pixel_values=pixels.to(device), attention_mask=mask.to(device)).logits
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(device))
-        aux = heads.loss(features["patches"], {k: v.to(device) for k, v in patch.items()})
+            group["lr"] = lr * min(1.0, (step + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+        items = [training_sequence(encoder, first_seed + step * batch_size + i, turns) for i in range(batch_size)]
+        pixels, ids, labels, mask, patch = (x.to(device) if torch.is_tensor(x) else x
+                                            for x in collate(items, encoder.pad))
+        loss, patches = training_forward(model, pixels, ids, mask, labels)
+        aux = heads.loss(patches, {k: v.to(device) for k, v in patch.items()})
         optimizer.zero_grad(set_to_none=True)
         (loss + aux_weight * aux).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         step += 1
-        log["steps"].append({"step": step, "loss": float(loss), "aux": float(aux), "minutes": (time.time() - start) / 60})
+        log["steps"].append({"step": step, "loss": round(float(loss), 4), "aux": round(float(aux), 4),
+                             "lr": optimizer.param_groups[0]["lr"], "minutes": round((time.time() - start) / 60, 3)})
         bar.update(1)
         bar.set_postfix(loss=f"{float(loss):.3f}", aux=f"{float(aux):.3f}")
         if step % eval_every == 0:
             model.eval()
             acc = answer_accuracy(model, processor, val)
             model.train()
-            log["evals"].append({"step": step, **acc})
-            tqdm.write(f"step {step}: val {acc}")
+            log["evals"].append({"step": step, "minutes": round((time.time() - start) / 60, 2), **acc})
+            tqdm.write(f"step {step}: val {json.dumps({k: round(v, 1) for k, v in acc.items()})}")
             if acc["overall"] >= best:
                 best = acc["overall"]
                 save(model, processor, out_dir)
             (out_dir / "train_log.json").write_text(json.dumps(log, indent=1))
     model.eval()
     acc = answer_accuracy(model, processor, val)
-    log["evals"].append({"step": step, **acc})
+    log["evals"].append({"step": step, "minutes": round((time.time() - start) / 60, 2), **acc})
     if acc["overall"] >= best:
         save(model, processor, out_dir)
+    log["total_steps"] = step
     log["total_minutes"] = (time.time() - start) / 60
     (out_dir / "train_log.json").write_text(json.dumps(log, indent=1))
     return log
+
+
+def hardware(device: str) -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
+    except OSError:
+        pass
+    import os
+
+    text = f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, {device}"
+    if str(device).startswith("cuda"):
+        text += f" ({torch.cuda.get_device_name(0)})"
+    return text
 
 
 def save(model, processor, out_dir: Path) -> None:
@@ -181,16 +264,24 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--minutes", type=float, default=40.0)
-    parser.add_argument("--max-steps", type=int, default=0, help="stop after N steps instead of --minutes")
+    parser.add_argument("--max-steps", "--steps", type=int, default=0, help="stop after N steps instead of --minutes")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--turns", type=int, default=4, help="question/answer turns per scene")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-every", type=int, default=100)
+    parser.add_argument("--init", default=None, help="start from this checkpoint instead of random weights")
+    parser.add_argument("--val-questions", type=int, default=300)
+    parser.add_argument("--aux-weight", type=float, default=0.5)
+    parser.add_argument("--warmup", type=int, default=100)
+    parser.add_argument("--init", default=None, help="continue from this checkpoint folder")
+    parser.add_argument("--first-seed", type=int, default=0, help="first train-scene seed (use a fresh range "
+                        "when continuing from --init)")
     args = parser.parse_args(argv)
     log = train(args.out, args.minutes, args.batch_size, args.turns, args.lr, args.device, args.seed, args.eval_every,
-                max_steps=args.max_steps)
+                val_questions=args.val_questions, max_steps=args.max_steps, aux_weight=args.aux_weight,
+                init=args.init, warmup=args.warmup, first_seed=args.first_seed)
     print(json.dumps(log["evals"][-1]))
     return 0
 
