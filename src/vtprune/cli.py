@@ -55,8 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_calibrate_cli(sub)
 
     from .ocvtp.cli import add_cli as add_ocvtp_cli
+    from .eval.cli import add_cli as add_eval_cli
 
     add_ocvtp_cli(sub)
+    add_eval_cli(sub)
     return parser
 
 
