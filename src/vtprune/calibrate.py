@@ -122,7 +122,7 @@ def _calibration_items(args):
         from .demo.scenes import make_split
 
         for item in make_split("val", min(args.scenes, args.num)):
-            yield item.image, item.question
+            yield item.image(), item.question
         return
     if not args.images:
         raise SystemExit("vtprune calibrate budget: pass --images DIR (with --prompt) or --scenes N")

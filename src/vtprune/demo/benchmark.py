@@ -53,7 +53,7 @@ def run_benchmark(model, processor, methods: list[str], budgets: list[int], ques
     calib = scenes.make_split("val", calibration)
     layers = model.config.text_config.num_hidden_layers
     start = time.time()
-    full = evaluate(model, processor, test, batch_size, progress=progress)
+    full = evaluate(model, processor, test, batch_size=batch_size, progress=progress)
     rows = [{"method": "none", "budget": FULL_TOKENS, "tokens": FULL_TOKENS, "layer_avg_tokens": FULL_TOKENS,
              **full, "relative": 100.0}]
     for name in methods:
@@ -62,7 +62,7 @@ def run_benchmark(model, processor, methods: list[str], budgets: list[int], ques
                 continue
             kwargs = _method_kwargs(name, budget, model, processor, calib)
             with vtprune.pruned(model, name, **kwargs) as handle:
-                acc = evaluate(model, processor, test, batch_size, progress=progress)
+                acc = evaluate(model, processor, test, batch_size=batch_size, progress=progress)
                 summary = handle.summary()
             tokens = summary["mean_tokens_entering_llm"]
             if name == "occamtoken":  # count what stays after stage II, register included

@@ -160,12 +160,7 @@ def train(out: str, minutes: float = 40.0, batch_size: int = 16, turns: int = 4,
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     processor = build_processor()
-    if init:
-        from transformers import LlavaForConditionalGeneration
-
-        model = LlavaForConditionalGeneration.from_pretrained(init).to(device)
-    else:
-        if init:  # continue from a saved checkpoint (weights only; the schedule starts afresh)
+    if init:  # continue from a saved checkpoint (weights only; the schedule starts afresh)
         from transformers import LlavaForConditionalGeneration
 
         model = LlavaForConditionalGeneration.from_pretrained(init).to(device)
@@ -275,7 +270,6 @@ def main(argv=None) -> int:
     parser.add_argument("--val-questions", type=int, default=300)
     parser.add_argument("--aux-weight", type=float, default=0.5)
     parser.add_argument("--warmup", type=int, default=100)
-    parser.add_argument("--init", default=None, help="continue from this checkpoint folder")
     parser.add_argument("--first-seed", type=int, default=0, help="first train-scene seed (use a fresh range "
                         "when continuing from --init)")
     args = parser.parse_args(argv)
