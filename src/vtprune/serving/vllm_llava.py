@@ -1,0 +1,147 @@
+"""vLLM's LLaVA-1.5 (``LlavaForConditionalGeneration``, CLIP tower) with vtprune pruning.
+
+Select it with ``hf_overrides={"architectures": ["VTPruneLlavaForConditionalGeneration"],
+"vtprune_method": "cls_topk", "vtprune_keep": 64}``. Candidates are the feature layer's patch tokens
+(CLS dropped, ``vision_feature_select_strategy="default"``), as in ``vtprune.models.llava``.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from transformers import BatchFeature, CLIPVisionConfig
+
+from vllm.model_executor.models.interfaces import SupportsMRoPE, SupportsMultiModalPruning
+from vllm.model_executor.models.llava import (LlavaDummyInputsBuilder, LlavaForConditionalGeneration,
+                                              LlavaImageEmbeddingInputs, LlavaMultiModalProcessor,
+                                              LlavaProcessingInfo)
+from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
+from vllm.multimodal.parse import MultiModalDataItems
+from vllm.multimodal.processing import PromptReplacement, PromptUpdate
+
+from .vllm_plugin import (SPEC_FIELD, ClipTowerRun, ImageSlot, PruneSpec, PrunedPositionsMixin, attach_positions,
+                          Host, check_count, clip_context, feature_pool_index, image_record, method_for, records,
+                          select_and_project, strip_request_keys, watched_blocks)
+
+FAMILY = "llava"
+
+
+def check_clip_llava(config) -> None:
+    if not isinstance(config.vision_config, CLIPVisionConfig):
+        raise ValueError(f"vtprune's vLLM LLaVA supports CLIP vision towers, not {type(config.vision_config).__name__}.")
+    if config.vision_feature_select_strategy != "default":
+        raise ValueError("vtprune's vLLM LLaVA needs vision_feature_select_strategy='default' (CLS dropped).")
+    if not isinstance(config.vision_feature_layer, int):
+        raise ValueError("vtprune supports a single vision_feature_layer; this config concatenates several "
+                         f"({config.vision_feature_layer}).")
+
+
+class VTPruneLlavaProcessingInfo(LlavaProcessingInfo):
+    def get_hf_processor(self, **kwargs: object):
+        return super().get_hf_processor(**strip_request_keys(kwargs))
+
+    def vtprune_spec(self, kwargs: Mapping[str, object] | None = None) -> PruneSpec:
+        return PruneSpec.from_config(self.get_hf_config()).with_request(kwargs or {})
+
+    def grid(self) -> tuple[int, int]:
+        vc = self.get_hf_config().vision_config
+        side = vc.image_size // vc.patch_size
+        return side, side
+
+    def vtprune_host(self) -> Host:
+        return Host.of(FAMILY, self.get_hf_config())
+
+    def get_mm_max_tokens_per_item(self, seq_len: int, mm_counts: Mapping[str, int]) -> Mapping[str, int]:
+        rows, cols = self.grid()
+        return {"image": rows * cols}  # unpruned: requests may turn pruning off or ask for more tokens
+
+
+class VTPruneLlavaMultiModalProcessor(LlavaMultiModalProcessor):
+    def _apply_hf_processor_main(self, mm_items, hf_kwargs) -> BatchFeature:
+        processed_data = super()._apply_hf_processor_main(mm_items, strip_request_keys(hf_kwargs))
+        spec = self.info.vtprune_spec(hf_kwargs)
+        grid = self.info.grid()
+        rows = []
+        if processed_data.get("pixel_values") is not None:
+            host = self.info.vtprune_host()
+            rows += [image_record(spec, host, [grid]) for _ in range(len(processed_data["pixel_values"]))]
+        if processed_data.get("image_embeds") is not None:  # embeddings are passed through unpruned
+            rows += [PruneSpec(None).record(len(e), len(e)) for e in processed_data["image_embeds"]]
+        if rows:
+            processed_data[SPEC_FIELD] = torch.tensor(rows, dtype=torch.long)
+        return processed_data
+
+    def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs) -> Mapping[str, MultiModalFieldConfig]:
+        return dict(**super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs),
+                    **{SPEC_FIELD: MultiModalFieldConfig.batched("image", keep_on_cpu=True)})
+
+    def _get_prompt_updates(self, mm_items: MultiModalDataItems, hf_processor_mm_kwargs: Mapping[str, object],
+                            out_mm_kwargs: MultiModalKwargsItems) -> Sequence[PromptUpdate]:
+        image_token_id = self.info.get_hf_config().image_token_index
+
+        def replacement(item_idx: int):
+            record = out_mm_kwargs["image"][item_idx][SPEC_FIELD].data
+            return [image_token_id] * int(record[3])
+
+        return [PromptReplacement(modality="image", target=[image_token_id], replacement=replacement)]
+
+
+@MULTIMODAL_REGISTRY.register_processor(VTPruneLlavaMultiModalProcessor, info=VTPruneLlavaProcessingInfo,
+                                        dummy_inputs=LlavaDummyInputsBuilder)
+class VTPruneLlavaForConditionalGeneration(PrunedPositionsMixin, LlavaForConditionalGeneration, SupportsMRoPE,
+                                           SupportsMultiModalPruning):
+    vtprune_one_d = True
+    vtprune_family = FAMILY
+
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        config = self.config
+        check_clip_llava(config)
+        self.vtprune_server = PruneSpec.from_config(config)
+        self.vtprune_host = Host.of(FAMILY, config)
+        self.vtprune_image_token_id = config.image_token_index
+        vc = config.vision_config
+        self.vtprune_layers = vc.num_hidden_layers
+        self.vtprune_feature_index = feature_pool_index(config.vision_feature_layer, self.vtprune_layers)
+        self.vtprune_side = vc.image_size // vc.patch_size
+
+    # -- positions ------------------------------------------------------------------------------
+    def vtprune_image_slot(self, mm_feature) -> ImageSlot:
+        n = self.vtprune_side ** 2
+        rel = torch.arange(n).expand(3, n)
+        return ImageSlot(mm_feature.mm_position.offset, mm_feature.mm_position.length, rel, n)
+
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
+        if positions.dim() == 2:  # M-RoPE bookkeeping rows; the language model is 1-D
+            positions = positions[0]
+        return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
+
+    # -- vision side ----------------------------------------------------------------------------
+    def embed_multimodal(self, **kwargs: object):
+        spec_field = kwargs.pop(SPEC_FIELD, None)
+        image_input = self._parse_and_validate_image_input(**kwargs)
+        if image_input is None:
+            return []
+        if isinstance(image_input, LlavaImageEmbeddingInputs):
+            data = image_input["data"]
+            return [attach_positions(e, torch.arange(e.shape[0], device=e.device)[:, None].expand(-1, 3))
+                    for e in data]
+        pixel_values = image_input["pixel_values"]
+        n = self.vtprune_side ** 2
+        rows = records(spec_field, len(pixel_values))
+        chosen = [method_for(r, self.vtprune_server, self.vtprune_host) for r in rows]
+        feature_block = self.vtprune_feature_index - 1
+        watch = set().union(*[watched_blocks(m, feature_block, self.vtprune_layers) for m, _, _ in chosen])
+        run = ClipTowerRun(self.vision_tower, pixel_values, watch)
+        cols = torch.arange(n, device=pixel_values.device)
+        out = []
+        for i, (method, kept, _) in enumerate(chosen):
+            ctx = clip_context(run, crops=[i], cols=[cols], feature_index=self.vtprune_feature_index,
+                               feature_block=feature_block, num_full_layers=self.vtprune_layers, family=FAMILY,
+                               grids=[(self.vtprune_side, self.vtprune_side)])
+            keep, embeds = select_and_project(method, ctx, self.multi_modal_projector)
+            if method is not None:
+                check_count(method, keep.numel(), kept)
+            out.append(attach_positions(embeds, keep[:, None].expand(-1, 3)))
+        return out
