@@ -87,27 +87,50 @@ class TurnEncoder:
             self.cache[text] = self.tok(text)["input_ids"]
         return self.cache[text]
 
-    def conversation(self, qa) -> tuple[list[int], list[int]]:
-        ids, labels = [], []
+    def conversation(self, qa, image_keep=None) -> tuple[list[int], list[int], list[int]]:
+        """ids, labels and position ids; with ``image_keep`` (sorted patch indices) only those image
+        placeholders are emitted, at the positions they have in the full sequence (training curriculum)."""
+        ids, labels, pos = [], [], []
         for k, (question, answer) in enumerate(qa):
             if k == 0:
                 head, tail = prompt(question).split("<image>")
-                turn = self.ids(head) + [self.image] * NUM_PATCHES + self.ids(tail)
+                h, t = self.ids(head), self.ids(tail)
+                kept = list(range(NUM_PATCHES)) if image_keep is None else [int(i) for i in image_keep]
+                turn = h + [self.image] * len(kept) + t
+                tpos = list(range(len(h))) + [len(h) + i for i in kept] + \
+                    list(range(len(h) + NUM_PATCHES, len(h) + NUM_PATCHES + len(t)))
             else:
                 turn = self.ids(f"USER: {question} ASSISTANT:")
+                tpos = list(range(pos[-1] + 1, pos[-1] + 1 + len(turn)))
             ans = self.ids(f"{answer}</s>")
             ids += turn + ans
             labels += [-100] * len(turn) + ans
-        return ids, labels
+            pos += tpos + list(range(tpos[-1] + 1, tpos[-1] + 1 + len(ans)))
+        return ids, labels, pos
 
 
-def training_sequence(encoder: TurnEncoder, seed: int, turns: int):
-    """(image, input_ids, labels, patch labels) of one train scene with ``turns`` question/answer pairs."""
+def training_sequence(encoder: TurnEncoder, seed: int, turns: int, max_background: int | None = None):
+    """(image, input_ids, labels, patch labels, position ids, kept patches) of one train scene with
+    ``turns`` question/answer pairs.
+
+    ``max_background`` (curriculum): the LLM sees every patch an object touches plus a random
+    16..max_background of the background patches, at their original positions; None = all 576.
+    """
     scene = scenes.make_scene(scenes.SPLIT_BASES["train"] + seed)
-    qa = scenes.scene_questions(scene, np.random.default_rng([seed, 7]), turns)
-    ids, labels = encoder.conversation([(q, a) for _, q, a in qa])
+    rng = np.random.default_rng([seed, 7])
+    qa = scenes.scene_questions(scene, rng, turns)
+    labels_np = scenes.patch_labels(scene, min_frac=0.02)
+    keep = None
+    if max_background is not None and max_background < NUM_PATCHES:
+        on = (labels_np["color"] > 0) | (labels_np["center"] > 0)
+        background = np.flatnonzero(~on)
+        k = int(rng.integers(min(16, max_background), max_background + 1))
+        keep = np.sort(np.concatenate([np.flatnonzero(on), rng.choice(background, min(k, len(background)),
+                                                                     replace=False)]))
+    ids, labels, pos = encoder.conversation([(q, a) for _, q, a in qa], keep)
     patch = {k: torch.from_numpy(v) for k, v in scenes.patch_labels(scene).items()}
-    return scenes.render(scene), torch.tensor(ids), torch.tensor(labels), patch
+    keep_t = torch.arange(NUM_PATCHES) if keep is None else torch.from_numpy(keep)
+    return scenes.render(scene), torch.tensor(ids), torch.tensor(labels), patch, torch.tensor(pos), keep_t
 
 
 def collate(items, pad_id: int):
@@ -115,16 +138,19 @@ def collate(items, pad_id: int):
     ids = torch.full((len(items), length), pad_id)
     labels = torch.full((len(items), length), -100)
     mask = torch.zeros(len(items), length, dtype=torch.long)
-    for b, (_, x, y, _) in enumerate(items):
-        ids[b, : len(x)], labels[b, : len(y)], mask[b, : len(x)] = x, y, 1
+    pos = torch.zeros(len(items), length, dtype=torch.long)
+    for b, (_, x, y, _, p, _) in enumerate(items):
+        ids[b, : len(x)], labels[b, : len(y)], mask[b, : len(x)], pos[b, : len(p)] = x, y, 1, p
     patch = {k: torch.stack([i[3][k] for i in items]) for k in items[0][3]}
-    return pixel_values([i[0] for i in items]), ids, labels, mask, patch
+    keep = [i[5] for i in items]
+    return pixel_values([i[0] for i in items]), ids, labels, mask, patch, pos, keep
 
 
-def training_forward(model, pixels, ids, mask, labels):
+def training_forward(model, pixels, ids, mask, labels, position_ids=None, keep=None):
     """(answer-token loss, projected patch features): the model's own forward, except that the last
     CLIP layer is skipped -- with ``vision_feature_layer=-2`` its output is never read, so the result
-    is identical and a quarter of the tower's compute is saved."""
+    is identical and a quarter of the tower's compute is saved. ``keep`` (per sample, patch indices)
+    matches sequences built with fewer image placeholders (see :func:`training_sequence`)."""
     tower = model.model.vision_tower
     hidden = tower.pre_layrnorm(tower.embeddings(pixels))
     for layer in tower.encoder.layers[:-1]:
@@ -132,8 +158,10 @@ def training_forward(model, pixels, ids, mask, labels):
     patches = model.model.multi_modal_projector(hidden[:, 1:])
     embeds = model.get_input_embeddings()(ids)
     where = (ids == model.config.image_token_id).unsqueeze(-1)
-    embeds = embeds.masked_scatter(where, patches.to(embeds.dtype).reshape(-1, embeds.shape[-1]))
-    hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+    image = patches if keep is None else torch.cat([patches[b, k.to(patches.device)] for b, k in enumerate(keep)])
+    embeds = embeds.masked_scatter(where, image.to(embeds.dtype).reshape(-1, embeds.shape[-1]))
+    hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=mask,
+                                        position_ids=position_ids).last_hidden_state
     target = labels[:, 1:]
     keep = target != -100
     logits = model.lm_head(hidden[:, :-1][keep])
@@ -150,11 +178,15 @@ def answer_accuracy(model, processor, examples, batch_size: int = 16) -> dict:
 
 def train(out: str, minutes: float = 40.0, batch_size: int = 16, turns: int = 4, lr: float = 1e-3,
           device: str = "cpu", seed: int = 0, eval_every: int = 100, val_questions: int = 300, max_steps: int = 0,
-          aux_weight: float = 0.5, init: str | None = None, warmup: int = 100, first_seed: int = 0):
+          aux_weight: float = 0.5, init: str | None = None, warmup: int = 100, first_seed: int = 0,
+          background_start: int = 0, background_full_at: float = 0.8):
     """Train (or, with ``init``, continue training) and save the best-on-validation checkpoint to ``out``.
 
     The cosine schedule spans ``max_steps`` when given, else it is sized after 50 steps to ``minutes``.
-    Scenes are train-split seeds ``first_seed + step * batch_size + i``.
+    Scenes are train-split seeds ``first_seed + step * batch_size + i``. With ``background_start`` > 0
+    the LLM first sees the object patches plus up to ``background_start`` background patches, a
+    budget that grows geometrically to all 576 at ``background_full_at`` of the run (curriculum:
+    a strong gradient for learning to look up objects early, the real input at the end).
     """
     torch.manual_seed(seed)
     out_dir = Path(out)
@@ -175,7 +207,8 @@ def train(out: str, minutes: float = 40.0, batch_size: int = 16, turns: int = 4,
     est_steps = max_steps or 10_000
     log = {"init": init, "hardware": hardware(device), "torch": torch.__version__, "batch_size": batch_size, "turns": turns,
            "lr": lr, "seed": seed, "init": init, "first_seed": first_seed, "max_steps": max_steps,
-           "minutes": minutes, "vision": VISION, "text": TEXT, "aux_weight": aux_weight, "steps": [], "evals": []}
+           "minutes": minutes, "background_start": background_start,
+           "background_full_at": background_full_at, "vision": VISION, "text": TEXT, "aux_weight": aux_weight, "steps": [], "evals": []}
     start, step, best = time.time(), 0, -1.0
     bar = tqdm(desc="training", unit="step", total=max_steps or None, mininterval=10.0)
     while True:
@@ -187,10 +220,14 @@ def train(out: str, minutes: float = 40.0, batch_size: int = 16, turns: int = 4,
         progress = min(1.0, step / max(est_steps, 1))
         for group in optimizer.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
-        items = [training_sequence(encoder, first_seed + step * batch_size + i, turns) for i in range(batch_size)]
-        pixels, ids, labels, mask, patch = (x.to(device) if torch.is_tensor(x) else x
-                                            for x in collate(items, encoder.pad))
-        loss, patches = training_forward(model, pixels, ids, mask, labels)
+        max_bg = None
+        if background_start and progress < background_full_at:
+            max_bg = int(background_start * (NUM_PATCHES / background_start) ** (progress / background_full_at))
+        items = [training_sequence(encoder, first_seed + step * batch_size + i, turns, max_bg)
+                 for i in range(batch_size)]
+        pixels, ids, labels, mask, patch, pos, keep = (x.to(device) if torch.is_tensor(x) else x
+                                                       for x in collate(items, encoder.pad))
+        loss, patches = training_forward(model, pixels, ids, mask, labels, pos, keep)
         aux = heads.loss(patches, {k: v.to(device) for k, v in patch.items()})
         optimizer.zero_grad(set_to_none=True)
         (loss + aux_weight * aux).backward()
@@ -198,7 +235,7 @@ def train(out: str, minutes: float = 40.0, batch_size: int = 16, turns: int = 4,
         optimizer.step()
         step += 1
         log["steps"].append({"step": step, "loss": round(float(loss), 4), "aux": round(float(aux), 4),
-                             "lr": optimizer.param_groups[0]["lr"], "minutes": round((time.time() - start) / 60, 3)})
+                             "lr": optimizer.param_groups[0]["lr"], "max_background": max_bg, "minutes": round((time.time() - start) / 60, 3)})
         bar.update(1)
         bar.set_postfix(loss=f"{float(loss):.3f}", aux=f"{float(aux):.3f}")
         if step % eval_every == 0:
@@ -272,10 +309,15 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--first-seed", type=int, default=0, help="first train-scene seed (use a fresh range "
                         "when continuing from --init)")
+    parser.add_argument("--background-start", type=int, default=0,
+                        help="curriculum: background patches the LLM sees at first (0 = all 576 throughout)")
+    parser.add_argument("--background-full-at", type=float, default=0.8,
+                        help="fraction of the run at which the LLM sees all 576 patches again")
     args = parser.parse_args(argv)
     log = train(args.out, args.minutes, args.batch_size, args.turns, args.lr, args.device, args.seed, args.eval_every,
                 val_questions=args.val_questions, max_steps=args.max_steps, aux_weight=args.aux_weight,
-                init=args.init, warmup=args.warmup, first_seed=args.first_seed)
+                init=args.init, warmup=args.warmup, first_seed=args.first_seed,
+                background_start=args.background_start, background_full_at=args.background_full_at)
     print(json.dumps(log["evals"][-1]))
     return 0
 
