@@ -10,7 +10,7 @@ from vtprune.demo.tokenizer import prompt
 
 # Accuracy the shipped checkpoint reached on test questions 0-199 when it was committed (see the
 # training log in src/vtprune/demo/model/train_log.json); the assertion leaves a small margin.
-SLICE_ACCURACY = 38.0  # measured on the committed checkpoint (CPU, fp32)
+SLICE_ACCURACY = 37.5  # measured on the committed checkpoint (CPU, fp32), grid-aligned scenes
 MARGIN = 3.0
 
 

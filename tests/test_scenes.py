@@ -51,3 +51,15 @@ def test_background_is_textured_not_flat():
     image = np.asarray(scenes.render(scenes.make_scene(5, n_objects=1)), dtype=np.float32)
     corner = image[:60, :60]
     assert corner.std() > 2.0  # cluttered background, so background patches are not identical
+
+
+def test_objects_lie_on_the_patch_grid_with_a_patch_between_them():
+    for seed in range(100):
+        scene = scenes.make_scene(seed)
+        for o in scene.objects:
+            assert all(v % scenes.PATCH == 0 for v in o.bbox), o.bbox
+            assert o.size // scenes.PATCH in scenes.SIZES
+        labels = scenes.patch_labels(scene, min_frac=0.1)  # polygons spill a half-pixel (1-px) edge
+        touched = np.flatnonzero(labels["color"])
+        assert len(touched) <= sum((o.size // scenes.PATCH) ** 2 for o in scene.objects)
+        assert labels["center"].sum() == len(scene.objects)  # one centre patch per object

@@ -14,8 +14,8 @@ def load_demo_model(device: str = "cpu"):
     """(model, processor) of the shipped scenes model, in eval mode."""
     if not (MODEL_DIR / "config.json").is_file():
         raise FileNotFoundError(
-            f"The demo checkpoint is missing from {MODEL_DIR}. Reinstall vtprune, or train it with "
-            f"`python -m vtprune.demo.train --out {MODEL_DIR}`.")
+            f"The demo checkpoint is missing from {MODEL_DIR}. Reinstall vtprune, or train it with the "
+            f"three stages of `python -m vtprune.demo.train` (see its --help).")
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     model = LlavaForConditionalGeneration.from_pretrained(MODEL_DIR).to(device).eval()

@@ -1,17 +1,35 @@
 """Train the shipped demo VLM on generated scenes (seeded, reproducible; CPU or GPU).
 
-    python -m vtprune.demo.train --out DIR --minutes 40 [--device cuda]
-
 The model is a ``LlavaForConditionalGeneration`` in llava-hf's layout: a CLIP-style tower at 336 px,
 patch 14 (576 patch tokens + CLS), LLaVA's 2-layer MLP projector, a small Llama decoder, a word-level
-tokenizer. Each training sequence holds one scene and several question/answer turns; the loss is
-taken on the answers only. Progress, validation accuracy and the hardware go to ``DIR/train_log.json``.
+tokenizer. Training has three stages, so that it fits a two-core CPU budget:
+
+1. ``vision``: the tower + projector learn to emit, for every patch, its *scene code* -- the sum of
+   fixed random vectors for the patch's colour, shape, object-centre flag, row and column
+   (:func:`scene_codes`, labels from ``scenes.patch_labels``). Cross-entropy through the fixed code
+   vectors plus a small MSE to their sum; trained on 8x8-patch windows cut from scenes, each window
+   at its own rows of the position embedding (a ninth of a full image's cost).
+2. ``llm``: the Llama decoder learns to answer multi-turn questions from the exact scene codes, with
+   no image rendered and no tower run. Curriculum: it first sees the object patches plus a few
+   background patches (at their original positions), then gradually all 576.
+3. ``joint``: stage 1's vision half and stage 2's decoder are put together and fine-tuned end to end
+   on rendered scenes with all 576 tokens (answer loss plus the stage-1 loss, to keep the codes).
+
+Stages 1 and 2 do not depend on each other: run them side by side, one core each::
+
+    python -m vtprune.demo.train vision --out runs/vision --steps 4000
+    python -m vtprune.demo.train llm --out runs/llm --steps 3000
+    python -m vtprune.demo.train joint --vision runs/vision --llm runs/llm --out runs/joint --steps 400
+
+Each stage writes a loadable checkpoint and ``train_log.json`` (steps, losses, validation accuracy,
+hardware) to its ``--out``.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
 import platform
 import time
 from pathlib import Path
@@ -25,13 +43,18 @@ from .tokenizer import build_processor, prompt
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # the CLIPImageProcessor defaults
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-NUM_PATCHES = (scenes.IMAGE_SIZE // scenes.PATCH) ** 2  # 576
+GRID = scenes.GRID
+NUM_PATCHES = GRID * GRID  # 576
+WINDOW = 8  # patches per side of a stage-1 training window
 
 VISION = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4)
-TEXT = dict(hidden_size=160, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4)
+# 5 heads of 32: vLLM's CPU attention accepts head size 32 (not 40)
+TEXT = dict(hidden_size=160, intermediate_size=384, num_hidden_layers=4, num_attention_heads=5, num_key_value_heads=5)
+CODE_SEED = 1234
 
 
 def build_model(processor, seed: int = 0):
+    """A freshly initialised demo model; the tower's position embeddings start as 2-D sin/cos."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     tok = processor.tokenizer
@@ -42,25 +65,58 @@ def build_model(processor, seed: int = 0):
         image_token_id=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
         vision_feature_select_strategy="default", projector_hidden_act="gelu", tie_word_embeddings=False)
     torch.manual_seed(seed)
-    return LlavaForConditionalGeneration(config)
+    model = LlavaForConditionalGeneration(config)
+    with torch.no_grad():  # a 2-D layout from the start: local attention is found much sooner
+        tower_of(model).embeddings.position_embedding.weight[1:] = sincos_grid(VISION["hidden_size"])
+    return model
 
 
-class PatchHeads(torch.nn.Module):
-    """Training-only auxiliary heads: per patch, the colour, shape and object-centre labels of the scene
-    (``scenes.patch_labels``), read from the features the projector hands the LLM. They make the tower
-    learn grounded patch features much faster on a CPU budget; they are not saved with the model."""
-
-    def __init__(self, width: int):
-        super().__init__()
-        self.color = torch.nn.Linear(width, 1 + len(scenes.COLOR_NAMES))
-        self.shape = torch.nn.Linear(width, 1 + len(scenes.SHAPES))
-        self.center = torch.nn.Linear(width, 2)
-
-    def loss(self, features: torch.Tensor, labels: dict[str, torch.Tensor]) -> torch.Tensor:
-        ce = torch.nn.functional.cross_entropy
-        return sum(ce(getattr(self, k)(features).flatten(0, 1), labels[k].flatten()) for k in ("color", "shape", "center"))
+def sincos_grid(dim: int) -> torch.Tensor:
+    """(576, dim) 2-D sine/cosine position table, raster order."""
+    yy, xx = torch.meshgrid(torch.arange(GRID), torch.arange(GRID), indexing="ij")
+    freqs = 1.0 / 10 ** (torch.arange(dim // 4) / (dim // 4))
+    x, y = xx.flatten()[:, None] * freqs, yy.flatten()[:, None] * freqs
+    return torch.cat([x.sin(), x.cos(), y.sin(), y.cos()], 1)
 
 
+# ----------------------------------------------------------------------------------- scene codes
+def scene_codes(dim: int, seed: int = CODE_SEED) -> dict[str, torch.Tensor]:
+    """Fixed random code vectors (norm ~4, nearly orthogonal) per label value: what stage 1 teaches
+    the projector to emit and what stage 2's decoder reads."""
+    g = torch.Generator().manual_seed(seed)
+    sizes = {"color": 1 + len(scenes.COLOR_NAMES), "shape": 1 + len(scenes.SHAPES), "center": 2, "row": GRID, "col": GRID}
+    return {k: torch.randn(n, dim, generator=g) * (4.0 / dim ** 0.5) for k, n in sizes.items()}
+
+
+def patch_label_tensors(scene) -> dict[str, torch.Tensor]:
+    labels = {k: torch.from_numpy(v) for k, v in scenes.patch_labels(scene).items()}
+    cells = torch.arange(NUM_PATCHES)
+    return {**labels, "row": cells // GRID, "col": cells % GRID}
+
+
+def code_features(codes, labels: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sum of the codes of every label: (..., dim) for labels of shape (...)."""
+    return sum(codes[k][labels[k]] for k in codes)
+
+
+def code_loss(codes, features: torch.Tensor, labels: dict[str, torch.Tensor], stats: dict | None = None):
+    """Stage-1 objective on projected patch features: cross-entropy of the dot products with each
+    code table (shape weighted 2x, object centres 5x as the rare class) + 0.1 * MSE to the code sum."""
+    ce = torch.nn.functional.cross_entropy
+    codes = {k: v.to(features.device) for k, v in codes.items()}
+    logits = {k: features @ codes[k].T for k in codes}
+    loss = 0.1 * ((features - code_features(codes, labels)) ** 2).sum(-1).mean()
+    loss = loss + ce(logits["color"].flatten(0, -2), labels["color"].flatten())
+    loss = loss + 2.0 * ce(logits["shape"].flatten(0, -2), labels["shape"].flatten())
+    loss = loss + ce(logits["center"].flatten(0, -2), labels["center"].flatten(), weight=features.new_tensor([1.0, 5.0]))
+    if stats is not None:
+        centres = labels["center"] > 0
+        stats["centre_shape_acc"] = float((logits["shape"][centres].argmax(-1) == labels["shape"][centres]).float().mean())
+        stats["centre_recall"] = float((logits["center"][centres].argmax(-1) == 1).float().mean())
+    return loss
+
+
+# ------------------------------------------------------------------------------------- helpers
 _MEAN = np.array(OPENAI_CLIP_MEAN, dtype=np.float32)
 _STD = np.array(OPENAI_CLIP_STD, dtype=np.float32)
 
@@ -70,6 +126,29 @@ def pixel_values(images) -> torch.Tensor:
     without its per-call overhead."""
     arr = np.stack([np.asarray(im, dtype=np.float32) / 255.0 for im in images])
     return torch.from_numpy(((arr - _MEAN) / _STD).transpose(0, 3, 1, 2).copy())
+
+
+def tower_of(model):
+    tower = model.model.vision_tower
+    return getattr(tower, "vision_model", tower)
+
+
+def vision_patches(model, pixels: torch.Tensor, cells: torch.Tensor | None = None) -> torch.Tensor:
+    """Projected patch features (B, N, D) as LLaVA computes them (``vision_feature_layer=-2``: the
+    last CLIP layer's output is never read, so it is skipped). ``cells`` (B, N) gives the grid cell of
+    each patch of a window smaller than the image, whose position embeddings are then used."""
+    tower = tower_of(model)
+    emb = tower.embeddings
+    if cells is None:
+        hidden = emb(pixels)
+    else:
+        patches = emb.patch_embedding(pixels).flatten(2).transpose(1, 2) + emb.position_embedding.weight[1 + cells]
+        cls = (emb.class_embedding + emb.position_embedding.weight[0]).expand(len(pixels), 1, -1)
+        hidden = torch.cat([cls, patches], 1)
+    hidden = tower.pre_layrnorm(hidden)
+    for layer in tower.encoder.layers[:-1]:
+        hidden = layer(hidden, None)
+    return model.model.multi_modal_projector(hidden[:, 1:])
 
 
 class TurnEncoder:
@@ -109,152 +188,291 @@ class TurnEncoder:
         return ids, labels, pos
 
 
-def training_sequence(encoder: TurnEncoder, seed: int, turns: int, max_background: int | None = None):
-    """(image, input_ids, labels, patch labels, position ids, kept patches) of one train scene with
-    ``turns`` question/answer pairs.
+def conversation_batch(encoder: TurnEncoder, seeds, turns: int, max_background: int | None = None):
+    """Scenes of train seeds ``seeds`` with ``turns`` question/answer pairs each, right-padded:
+    (scenes, ids, labels, attention mask, position ids, kept patch indices per scene).
 
-    ``max_background`` (curriculum): the LLM sees every patch an object touches plus a random
+    ``max_background`` (curriculum): the image part holds every patch an object touches plus a random
     16..max_background of the background patches, at their original positions; None = all 576.
     """
-    scene = scenes.make_scene(scenes.SPLIT_BASES["train"] + seed)
-    rng = np.random.default_rng([seed, 7])
-    qa = scenes.scene_questions(scene, rng, turns)
-    labels_np = scenes.patch_labels(scene, min_frac=0.02)
-    keep = None
-    if max_background is not None and max_background < NUM_PATCHES:
-        on = (labels_np["color"] > 0) | (labels_np["center"] > 0)
-        background = np.flatnonzero(~on)
-        k = int(rng.integers(min(16, max_background), max_background + 1))
-        keep = np.sort(np.concatenate([np.flatnonzero(on), rng.choice(background, min(k, len(background)),
-                                                                     replace=False)]))
-    ids, labels, pos = encoder.conversation([(q, a) for _, q, a in qa], keep)
-    patch = {k: torch.from_numpy(v) for k, v in scenes.patch_labels(scene).items()}
-    keep_t = torch.arange(NUM_PATCHES) if keep is None else torch.from_numpy(keep)
-    return scenes.render(scene), torch.tensor(ids), torch.tensor(labels), patch, torch.tensor(pos), keep_t
+    rows, kept, drawn = [], [], []
+    for seed in seeds:
+        scene = scenes.make_scene(scenes.SPLIT_BASES["train"] + seed)
+        rng = np.random.default_rng([seed, 7])
+        qa = scenes.scene_questions(scene, rng, turns)
+        keep = np.arange(NUM_PATCHES)
+        if max_background is not None and max_background < NUM_PATCHES:
+            touched = scenes.patch_labels(scene, min_frac=0.02)["color"] > 0
+            background = np.flatnonzero(~touched)
+            k = min(int(rng.integers(min(16, max_background), max_background + 1)), len(background))
+            keep = np.sort(np.concatenate([np.flatnonzero(touched), rng.choice(background, k, replace=False)]))
+        rows.append(encoder.conversation([(q, a) for _, q, a in qa], keep))
+        kept.append(torch.from_numpy(keep))
+        drawn.append(scene)
+    length = max(len(r[0]) for r in rows)
+    ids = torch.full((len(rows), length), encoder.pad)
+    labels = torch.full((len(rows), length), -100)
+    mask = torch.zeros(len(rows), length, dtype=torch.long)
+    pos = torch.zeros(len(rows), length, dtype=torch.long)
+    for b, (x, y, p) in enumerate(rows):
+        ids[b, : len(x)], labels[b, : len(y)], pos[b, : len(p)] = torch.tensor(x), torch.tensor(y), torch.tensor(p)
+        mask[b, : len(x)] = 1
+    return drawn, ids, labels, mask, pos, kept
 
 
-def collate(items, pad_id: int):
-    length = max(len(i[1]) for i in items)
-    ids = torch.full((len(items), length), pad_id)
-    labels = torch.full((len(items), length), -100)
-    mask = torch.zeros(len(items), length, dtype=torch.long)
-    pos = torch.zeros(len(items), length, dtype=torch.long)
-    for b, (_, x, y, _, p, _) in enumerate(items):
-        ids[b, : len(x)], labels[b, : len(y)], mask[b, : len(x)], pos[b, : len(p)] = x, y, 1, p
-    patch = {k: torch.stack([i[3][k] for i in items]) for k in items[0][3]}
-    keep = [i[5] for i in items]
-    return pixel_values([i[0] for i in items]), ids, labels, mask, patch, pos, keep
-
-
-def training_forward(model, pixels, ids, mask, labels, position_ids=None, keep=None):
-    """(answer-token loss, projected patch features): the model's own forward, except that the last
-    CLIP layer is skipped -- with ``vision_feature_layer=-2`` its output is never read, so the result
-    is identical and a quarter of the tower's compute is saved. ``keep`` (per sample, patch indices)
-    matches sequences built with fewer image placeholders (see :func:`training_sequence`)."""
-    tower = model.model.vision_tower
-    hidden = tower.pre_layrnorm(tower.embeddings(pixels))
-    for layer in tower.encoder.layers[:-1]:
-        hidden = layer(hidden, None)
-    patches = model.model.multi_modal_projector(hidden[:, 1:])
+def answer_loss(model, image_features, ids, mask, labels, position_ids) -> torch.Tensor:
+    """Cross-entropy on the answer tokens, with ``image_features`` (all kept patches of the batch,
+    concatenated) in place of the <image> placeholders."""
     embeds = model.get_input_embeddings()(ids)
     where = (ids == model.config.image_token_id).unsqueeze(-1)
-    image = patches if keep is None else torch.cat([patches[b, k.to(patches.device)] for b, k in enumerate(keep)])
-    embeds = embeds.masked_scatter(where, image.to(embeds.dtype).reshape(-1, embeds.shape[-1]))
+    embeds = embeds.masked_scatter(where, image_features.to(embeds.dtype).reshape(-1, embeds.shape[-1]))
     hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=mask,
                                         position_ids=position_ids).last_hidden_state
     target = labels[:, 1:]
-    keep = target != -100
-    logits = model.lm_head(hidden[:, :-1][keep])
-    return torch.nn.functional.cross_entropy(logits.float(), target[keep]), patches
+    answer = target != -100
+    logits = model.lm_head(hidden[:, :-1][answer])
+    return torch.nn.functional.cross_entropy(logits.float(), target[answer])
+
+
+def set_lr(optimizer, lr: float, step: int, total: int, warmup: int = 100) -> None:
+    """Linear warm-up, then cosine decay to 5 % of ``lr``."""
+    decay = 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, step / max(total, 1))))
+    for group in optimizer.param_groups:
+        group["lr"] = lr * min(1.0, (step + 1) / warmup) * decay
+
+
+# ------------------------------------------------------------------------------------- stages
+def train_vision(out: str, steps: int = 4000, scenes_per_step: int = 4, windows: int = 4, lr: float = 2e-3,
+                 seed: int = 0, device: str = "cpu", first_seed: int = 6_000_000, init: str | None = None) -> dict:
+    """Stage 1 (see the module docstring). Windows are centred near a random object 80 % of the time.
+    ``windows=0`` trains on whole images instead (``scenes_per_step`` per step): a short second pass
+    from ``init`` adapts the tower to attending over all 577 tokens."""
+    processor = build_processor()
+    if init:
+        from transformers import LlavaForConditionalGeneration
+
+        model = LlavaForConditionalGeneration.from_pretrained(init).to(device).train()
+    else:
+        model = build_model(processor, seed).to(device).train()
+    codes = scene_codes(model.config.text_config.hidden_size)
+    params = list(model.model.vision_tower.parameters()) + list(model.model.multi_modal_projector.parameters())
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.05, betas=(0.9, 0.98))
+    log = _new_log("vision", device, steps=steps, scenes_per_step=scenes_per_step, windows=windows, lr=lr, seed=seed,
+                   init=init, first_seed=first_seed)
+    start = time.time()
+    bar = tqdm(range(steps), desc="vision", unit="step", mininterval=5.0)
+    for step in bar:
+        set_lr(optimizer, lr, step, steps)
+        if windows:
+            pixels, cells, labels = _window_batch(first_seed + step * scenes_per_step, scenes_per_step, windows, step)
+        else:
+            pixels, cells, labels = _image_batch(first_seed + step * scenes_per_step, scenes_per_step)
+        stats: dict = {}
+        loss = code_loss(codes, vision_patches(model, pixels.to(device), None if cells is None else cells.to(device)),
+                         {k: v.to(device) for k, v in labels.items()}, stats)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        log["steps"].append({"step": step + 1, "loss": round(float(loss), 4), **{k: round(v, 3) for k, v in stats.items()},
+                             "minutes": round((time.time() - start) / 60, 3)})
+        bar.set_postfix(loss=f"{float(loss):.3f}", shape=f"{stats['centre_shape_acc']:.2f}")
+    log["eval"] = vision_accuracy(model, codes, scenes.make_split("val", 200))
+    return _finish(model, processor, out, log, start)
+
+
+def _image_batch(first: int, n_scenes: int):
+    drawn = [scenes.make_scene(scenes.SPLIT_BASES["train"] + first + i) for i in range(n_scenes)]
+    labels = [patch_label_tensors(s) for s in drawn]
+    return (pixel_values([scenes.render(s) for s in drawn]), None,
+            {k: torch.stack([lb[k] for lb in labels]) for k in labels[0]})
+
+
+def _window_batch(first: int, n_scenes: int, windows: int, step: int):
+    pixels, cells, labels = [], [], []
+    offsets = torch.arange(WINDOW)
+    for i in range(n_scenes):
+        scene = scenes.make_scene(scenes.SPLIT_BASES["train"] + first + i)
+        image = pixel_values([scenes.render(scene)])[0]
+        lab = patch_label_tensors(scene)
+        rng = np.random.default_rng([step, i, 3])
+        for _ in range(windows):
+            if scene.objects and rng.random() < 0.8:
+                o = scene.objects[int(rng.integers(len(scene.objects)))]
+                wy, wx = (int(np.clip(c // scenes.PATCH - WINDOW // 2 + rng.integers(-2, 3), 0, GRID - WINDOW))
+                          for c in (o.cy, o.cx))
+            else:
+                wy, wx = (int(v) for v in rng.integers(0, GRID - WINDOW + 1, size=2))
+            p = scenes.PATCH
+            pixels.append(image[:, wy * p:(wy + WINDOW) * p, wx * p:(wx + WINDOW) * p])
+            cell = ((wy + offsets[:, None]) * GRID + wx + offsets[None, :]).flatten()
+            cells.append(cell)
+            labels.append({k: v[cell] for k, v in lab.items()})
+    return torch.stack(pixels), torch.stack(cells), {k: torch.stack([lb[k] for lb in labels]) for k in labels[0]}
+
+
+@torch.no_grad()
+def vision_accuracy(model, codes, examples) -> dict:
+    """Stage-1 read-out on full val images: % of object centres whose shape / colour / centre flag
+    decode right, and % of background patches not taken for a centre."""
+    model.eval()
+    hits = {"centre_shape": [], "centre_color": [], "centre_flag": [], "background_not_centre": []}
+    for start in range(0, len(examples), 16):
+        chunk = [e.scene for e in examples[start:start + 16]]
+        feats = vision_patches(model, pixel_values([scenes.render(s) for s in chunk]).to(model.device)).cpu()
+        for f, scene in zip(feats, chunk):
+            lab = patch_label_tensors(scene)
+            centre = lab["center"] > 0
+            decoded = {k: (f @ codes[k].T).argmax(-1) for k in ("color", "shape", "center")}
+            hits["centre_shape"] += (decoded["shape"][centre] == lab["shape"][centre]).tolist()
+            hits["centre_color"] += (decoded["color"][centre] == lab["color"][centre]).tolist()
+            hits["centre_flag"] += (decoded["center"][centre] == 1).tolist()
+            hits["background_not_centre"] += (decoded["center"][~centre] == 0).tolist()
+    model.train()
+    return {k: round(100.0 * float(np.mean(v)), 2) for k, v in hits.items()}
+
+
+def train_llm(out: str, steps: int = 3000, batch_size: int = 8, turns: int = 24, lr: float = 2e-3, seed: int = 0,
+              device: str = "cpu", background_start: int = 8, background_full_at: float = 0.7, noise: float = 0.1,
+              eval_every: int = 500, first_seed: int = 8_000_000) -> dict:
+    """Stage 2 (see the module docstring): the decoder reads exact scene codes (plus Gaussian noise of
+    ``noise`` x their std, so that stage 1's imperfect codes are in distribution)."""
+    processor = build_processor()
+    model = build_model(processor, seed).to(device).train()
+    codes = scene_codes(model.config.text_config.hidden_size)
+    encoder = TurnEncoder(processor.tokenizer)
+    params = list(model.model.language_model.parameters()) + list(model.lm_head.parameters())
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    log = _new_log("llm", device, steps=steps, batch_size=batch_size, turns=turns, lr=lr, seed=seed,
+                   background_start=background_start, background_full_at=background_full_at, noise=noise)
+    val = scenes.make_split("val", 300)
+    start = time.time()
+    bar = tqdm(range(steps), desc="llm", unit="step", mininterval=5.0)
+    for step in bar:
+        set_lr(optimizer, lr, step, steps)
+        progress = step / steps
+        max_bg = None
+        if background_start and progress < background_full_at:
+            max_bg = int(background_start * (NUM_PATCHES / background_start) ** (progress / background_full_at))
+        drawn, ids, labels, mask, pos, kept = conversation_batch(
+            encoder, [first_seed + step * batch_size + i for i in range(batch_size)], turns, max_bg)
+        feats = torch.cat([code_features(codes, patch_label_tensors(s))[k] for s, k in zip(drawn, kept)])
+        feats = feats + noise * feats.std() * torch.randn_like(feats)
+        loss = answer_loss(model, feats.to(device), ids.to(device), mask.to(device), labels.to(device), pos.to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        log["steps"].append({"step": step + 1, "loss": round(float(loss), 4), "max_background": max_bg,
+                             "minutes": round((time.time() - start) / 60, 3)})
+        bar.set_postfix(loss=f"{float(loss):.3f}", background=max_bg)
+        if (step + 1) % eval_every == 0 or step + 1 == steps:
+            acc = code_accuracy(model, codes, encoder, val)
+            log["evals"].append({"step": step + 1, "minutes": round((time.time() - start) / 60, 2), **acc})
+            tqdm.write(f"llm step {step + 1}: val (exact codes) {json.dumps(acc)}")
+    return _finish(model, processor, out, log, start)
+
+
+@torch.no_grad()
+def code_accuracy(model, codes, encoder: TurnEncoder, examples, batch_size: int = 50) -> dict:
+    """Stage-2 accuracy (%) on ``examples`` with the exact scene codes as the image features."""
+    model.eval()
+    tok = encoder.tok
+    hits: dict[str, list[bool]] = {}
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start:start + batch_size]
+        rows = [encoder.conversation([(e.question, e.answer)]) for e in chunk]
+        rows = [(ids[:-2], pos[:-2]) for ids, _, pos in rows]  # drop "<answer> </s>"
+        length = max(len(r[0]) for r in rows)
+        ids = torch.full((len(rows), length), encoder.pad)
+        mask = torch.zeros(len(rows), length, dtype=torch.long)
+        pos = torch.zeros(len(rows), length, dtype=torch.long)
+        for b, (x, p) in enumerate(rows):  # left padding: the answer comes at the last position
+            ids[b, length - len(x):], pos[b, length - len(p):], mask[b, length - len(x):] = torch.tensor(x), torch.tensor(p), 1
+        feats = torch.cat([code_features(codes, patch_label_tensors(e.scene)) for e in chunk]).to(model.device)
+        embeds = model.get_input_embeddings()(ids.to(model.device))
+        embeds = embeds.masked_scatter((ids.to(model.device) == model.config.image_token_id)[..., None], feats)
+        hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=mask.to(model.device),
+                                            position_ids=pos.to(model.device)).last_hidden_state
+        words = tok.convert_ids_to_tokens(model.lm_head(hidden[:, -1]).argmax(-1).tolist())
+        for e, w in zip(chunk, words):
+            hits.setdefault(e.qtype, []).append(w == e.answer)
+    model.train()
+    result = {q: round(100.0 * float(np.mean(v)), 1) for q, v in sorted(hits.items())}
+    result["overall"] = round(100.0 * float(np.mean(sum(hits.values(), []))), 1)
+    return result
+
+
+def train_joint(out: str, vision: str, llm: str, steps: int = 400, batch_size: int = 8, turns: int = 16,
+                lr: float = 3e-4, code_weight: float = 0.5, seed: int = 0, device: str = "cpu",
+                eval_every: int = 200, first_seed: int = 9_000_000) -> dict:
+    """Stage 3 (see the module docstring): the whole model on rendered scenes, all 576 tokens."""
+    from transformers import LlavaForConditionalGeneration
+
+    processor = build_processor()
+    model = LlavaForConditionalGeneration.from_pretrained(vision)
+    decoder = LlavaForConditionalGeneration.from_pretrained(llm)
+    model.model.language_model.load_state_dict(decoder.model.language_model.state_dict())
+    model.lm_head.load_state_dict(decoder.lm_head.state_dict())
+    model.to(device).train()
+    torch.manual_seed(seed)
+    codes = scene_codes(model.config.text_config.hidden_size)
+    encoder = TurnEncoder(processor.tokenizer)
+    params = list(model.parameters())
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    log = _new_log("joint", device, vision=vision, llm=llm, steps=steps, batch_size=batch_size, turns=turns, lr=lr,
+                   code_weight=code_weight, seed=seed)
+    val = scenes.make_split("val", 300)
+    log["evals"].append({"step": 0, **answer_accuracy(model, processor, val)})
+    tqdm.write(f"joint step 0: val {json.dumps(log['evals'][-1])}")
+    start = time.time()
+    bar = tqdm(range(steps), desc="joint", unit="step", mininterval=5.0)
+    for step in bar:
+        set_lr(optimizer, lr, step, steps, warmup=20)
+        drawn, ids, labels, mask, pos, _ = conversation_batch(
+            encoder, [first_seed + step * batch_size + i for i in range(batch_size)], turns)
+        feats = vision_patches(model, pixel_values([scenes.render(s) for s in drawn]).to(device))
+        loss = answer_loss(model, feats, ids.to(device), mask.to(device), labels.to(device), pos.to(device))
+        patch = {k: torch.stack([patch_label_tensors(s)[k] for s in drawn]).to(device) for k in codes}
+        aux = code_loss(codes, feats, patch)
+        optimizer.zero_grad(set_to_none=True)
+        (loss + code_weight * aux).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        log["steps"].append({"step": step + 1, "loss": round(float(loss), 4), "code_loss": round(float(aux), 4),
+                             "minutes": round((time.time() - start) / 60, 3)})
+        bar.set_postfix(loss=f"{float(loss):.3f}", code=f"{float(aux):.3f}")
+        if (step + 1) % eval_every == 0 or step + 1 == steps:
+            log["evals"].append({"step": step + 1, "minutes": round((time.time() - start) / 60, 2),
+                                 **answer_accuracy(model, processor, val)})
+            tqdm.write(f"joint step {step + 1}: val {json.dumps(log['evals'][-1])}")
+    return _finish(model, processor, out, log, start)
 
 
 @torch.no_grad()
 def answer_accuracy(model, processor, examples, batch_size: int = 16) -> dict:
-    """Greedy one-word answers on ``examples``; accuracy overall and per question type (percent)."""
+    """Greedy one-word answers on ``examples`` through the model's own forward (percent)."""
     from .bench import evaluate
 
-    return evaluate(model, processor, examples, batch_size=batch_size)
+    was_training = model.training
+    model.eval()
+    result = {k: round(v, 2) for k, v in evaluate(model, processor, examples, batch_size=batch_size).items()}
+    model.train(was_training)
+    return result
 
 
-def train(out: str, minutes: float = 40.0, batch_size: int = 16, turns: int = 4, lr: float = 1e-3,
-          device: str = "cpu", seed: int = 0, eval_every: int = 100, val_questions: int = 300, max_steps: int = 0,
-          aux_weight: float = 0.5, init: str | None = None, warmup: int = 100, first_seed: int = 0,
-          background_start: int = 0, background_full_at: float = 0.8):
-    """Train (or, with ``init``, continue training) and save the best-on-validation checkpoint to ``out``.
+# ----------------------------------------------------------------------------------- bookkeeping
+def _new_log(stage: str, device: str, **settings) -> dict:
+    return {"stage": stage, "hardware": hardware(device), "torch": torch.__version__, "vision_config": VISION,
+            "text_config": TEXT, **settings, "steps": [], "evals": []}
 
-    The cosine schedule spans ``max_steps`` when given, else it is sized after 50 steps to ``minutes``.
-    Scenes are train-split seeds ``first_seed + step * batch_size + i``. With ``background_start`` > 0
-    the LLM first sees the object patches plus up to ``background_start`` background patches, a
-    budget that grows geometrically to all 576 at ``background_full_at`` of the run (curriculum:
-    a strong gradient for learning to look up objects early, the real input at the end).
-    """
-    torch.manual_seed(seed)
+
+def _finish(model, processor, out: str, log: dict, start: float) -> dict:
+    log["total_minutes"] = round((time.time() - start) / 60, 2)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    processor = build_processor()
-    if init:  # continue from a saved checkpoint (weights only; the schedule starts afresh)
-        from transformers import LlavaForConditionalGeneration
-
-        model = LlavaForConditionalGeneration.from_pretrained(init).to(device)
-    else:
-        model = build_model(processor, seed).to(device)
-    model.train()
-    heads = PatchHeads(model.config.text_config.hidden_size).to(device)
-    encoder = TurnEncoder(processor.tokenizer)
-    params = list(model.parameters()) + list(heads.parameters())
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
-    val = scenes.make_split("val", val_questions)
-    est_steps = max_steps or 10_000
-    log = {"init": init, "hardware": hardware(device), "torch": torch.__version__, "batch_size": batch_size, "turns": turns,
-           "lr": lr, "seed": seed, "init": init, "first_seed": first_seed, "max_steps": max_steps,
-           "minutes": minutes, "background_start": background_start,
-           "background_full_at": background_full_at, "vision": VISION, "text": TEXT, "aux_weight": aux_weight, "steps": [], "evals": []}
-    start, step, best = time.time(), 0, -1.0
-    bar = tqdm(desc="training", unit="step", total=max_steps or None, mininterval=10.0)
-    while True:
-        elapsed = (time.time() - start) / 60
-        if (max_steps and step >= max_steps) or (not max_steps and elapsed >= minutes):
-            break
-        if not max_steps and step == 50:  # size the cosine schedule to the time budget
-            est_steps = int(50 * minutes / max(elapsed, 1e-6))
-        progress = min(1.0, step / max(est_steps, 1))
-        for group in optimizer.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
-        max_bg = None
-        if background_start and progress < background_full_at:
-            max_bg = int(background_start * (NUM_PATCHES / background_start) ** (progress / background_full_at))
-        items = [training_sequence(encoder, first_seed + step * batch_size + i, turns, max_bg)
-                 for i in range(batch_size)]
-        pixels, ids, labels, mask, patch, pos, keep = (x.to(device) if torch.is_tensor(x) else x
-                                                       for x in collate(items, encoder.pad))
-        loss, patches = training_forward(model, pixels, ids, mask, labels, pos, keep)
-        aux = heads.loss(patches, {k: v.to(device) for k, v in patch.items()})
-        optimizer.zero_grad(set_to_none=True)
-        (loss + aux_weight * aux).backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        step += 1
-        log["steps"].append({"step": step, "loss": round(float(loss), 4), "aux": round(float(aux), 4),
-                             "lr": optimizer.param_groups[0]["lr"], "max_background": max_bg, "minutes": round((time.time() - start) / 60, 3)})
-        bar.update(1)
-        bar.set_postfix(loss=f"{float(loss):.3f}", aux=f"{float(aux):.3f}")
-        if step % eval_every == 0:
-            model.eval()
-            acc = answer_accuracy(model, processor, val)
-            model.train()
-            log["evals"].append({"step": step, "minutes": round((time.time() - start) / 60, 2), **acc})
-            tqdm.write(f"step {step}: val {json.dumps({k: round(v, 1) for k, v in acc.items()})}")
-            if acc["overall"] >= best:
-                best = acc["overall"]
-                save(model, processor, out_dir)
-            (out_dir / "train_log.json").write_text(json.dumps(log, indent=1))
     model.eval()
-    acc = answer_accuracy(model, processor, val)
-    log["evals"].append({"step": step, "minutes": round((time.time() - start) / 60, 2), **acc})
-    if acc["overall"] >= best:
-        save(model, processor, out_dir)
-    log["total_steps"] = step
-    log["total_minutes"] = (time.time() - start) / 60
+    save(model, processor, out_dir)
     (out_dir / "train_log.json").write_text(json.dumps(log, indent=1))
     return log
 
@@ -263,11 +481,9 @@ def hardware(device: str) -> str:
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     except OSError:
         pass
-    import os
-
     text = f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, {device}"
     if str(device).startswith("cuda"):
         text += f" ({torch.cuda.get_device_name(0)})"
@@ -294,31 +510,42 @@ def save(model, processor, out_dir: Path) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--minutes", type=float, default=40.0)
-    parser.add_argument("--max-steps", "--steps", type=int, default=0, help="stop after N steps instead of --minutes")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--turns", type=int, default=4, help="question/answer turns per scene")
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--eval-every", type=int, default=100)
-    parser.add_argument("--init", default=None, help="start from this checkpoint instead of random weights")
-    parser.add_argument("--val-questions", type=int, default=300)
-    parser.add_argument("--aux-weight", type=float, default=0.5)
-    parser.add_argument("--warmup", type=int, default=100)
-    parser.add_argument("--first-seed", type=int, default=0, help="first train-scene seed (use a fresh range "
-                        "when continuing from --init)")
-    parser.add_argument("--background-start", type=int, default=0,
-                        help="curriculum: background patches the LLM sees at first (0 = all 576 throughout)")
-    parser.add_argument("--background-full-at", type=float, default=0.8,
-                        help="fraction of the run at which the LLM sees all 576 patches again")
+    sub = parser.add_subparsers(dest="stage", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--out", required=True, help="checkpoint folder to write")
+    common.add_argument("--steps", type=int, required=True)
+    common.add_argument("--lr", type=float)
+    common.add_argument("--seed", type=int, default=0)
+    common.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    common.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    vision = sub.add_parser("vision", parents=[common], help="stage 1: tower + projector -> scene codes")
+    vision.add_argument("--init", help="continue from this checkpoint")
+    vision.add_argument("--whole-images", action="store_true", help="train on whole images, not 8x8 windows")
+    vision.add_argument("--first-seed", type=int, default=6_000_000, help="first train-scene seed")
+    llm = sub.add_parser("llm", parents=[common], help="stage 2: decoder on exact scene codes")
+    llm.add_argument("--batch-size", type=int, default=8)
+    llm.add_argument("--turns", type=int, default=24)
+    llm.add_argument("--background-full-at", type=float, default=0.7,
+                     help="fraction of the run after which the decoder sees all 576 patches")
+    joint = sub.add_parser("joint", parents=[common], help="stage 3: end to end on rendered scenes")
+    joint.add_argument("--vision", required=True, help="stage-1 checkpoint")
+    joint.add_argument("--llm", required=True, help="stage-2 checkpoint")
+    joint.add_argument("--batch-size", type=int, default=8)
     args = parser.parse_args(argv)
-    log = train(args.out, args.minutes, args.batch_size, args.turns, args.lr, args.device, args.seed, args.eval_every,
-                val_questions=args.val_questions, max_steps=args.max_steps, aux_weight=args.aux_weight,
-                init=args.init, warmup=args.warmup, first_seed=args.first_seed,
-                background_start=args.background_start, background_full_at=args.background_full_at)
-    print(json.dumps(log["evals"][-1]))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    kwargs = dict(out=args.out, steps=args.steps, seed=args.seed, device=args.device)
+    if args.lr is not None:
+        kwargs["lr"] = args.lr
+    if args.stage == "vision":
+        log = train_vision(init=args.init, windows=0 if args.whole_images else 4, first_seed=args.first_seed, **kwargs)
+        print(json.dumps(log["eval"]))
+    elif args.stage == "llm":
+        log = train_llm(batch_size=args.batch_size, turns=args.turns, background_full_at=args.background_full_at, **kwargs)
+        print(json.dumps(log["evals"][-1]))
+    else:
+        log = train_joint(vision=args.vision, llm=args.llm, batch_size=args.batch_size, **kwargs)
+        print(json.dumps(log["evals"][-1]))
     return 0
 
 
