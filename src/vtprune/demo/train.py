@@ -283,9 +283,13 @@ def train_vision(out: str, steps: int = 4000, scenes_per_step: int = 4, windows:
 
 def _image_batch(first: int, n_scenes: int):
     drawn = [scenes.make_scene(scenes.SPLIT_BASES["train"] + first + i) for i in range(n_scenes)]
+    return pixel_values([scenes.render(s) for s in drawn]), None, stacked_labels(drawn)
+
+
+def stacked_labels(drawn) -> dict[str, torch.Tensor]:
+    """Patch labels of whole scenes, (B, 576) per key (each scene's labels computed once)."""
     labels = [patch_label_tensors(s) for s in drawn]
-    return (pixel_values([scenes.render(s) for s in drawn]), None,
-            {k: torch.stack([lb[k] for lb in labels]) for k in labels[0]})
+    return {k: torch.stack([lb[k] for lb in labels]) for k in labels[0]}
 
 
 def _window_batch(first: int, n_scenes: int, windows: int, step: int):
@@ -433,7 +437,7 @@ def train_joint(out: str, vision: str, llm: str, steps: int = 400, batch_size: i
             encoder, [first_seed + step * batch_size + i for i in range(batch_size)], turns)
         feats = vision_patches(model, pixel_values([scenes.render(s) for s in drawn]).to(device))
         loss = answer_loss(model, feats, ids.to(device), mask.to(device), labels.to(device), pos.to(device))
-        patch = {k: torch.stack([patch_label_tensors(s)[k] for s in drawn]).to(device) for k in codes}
+        patch = {k: v.to(device) for k, v in stacked_labels(drawn).items()}
         aux = code_loss(codes, feats, patch)
         optimizer.zero_grad(set_to_none=True)
         (loss + code_weight * aux).backward()
