@@ -6,7 +6,7 @@ Select it with ``hf_overrides={"architectures": ["VTPruneLlavaForConditionalGene
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import torch
 from transformers import BatchFeature, CLIPVisionConfig
@@ -16,13 +16,10 @@ from vllm.model_executor.models.llava import (LlavaDummyInputsBuilder, LlavaForC
                                               LlavaImageEmbeddingInputs, LlavaMultiModalProcessor,
                                               LlavaProcessingInfo)
 from vllm.multimodal import MULTIMODAL_REGISTRY
-from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
-from vllm.multimodal.parse import MultiModalDataItems
-from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 
-from .vllm_plugin import (SPEC_FIELD, ClipTowerRun, ImageSlot, PruneSpec, PrunedPositionsMixin, attach_positions,
-                          Host, check_count, clip_context, feature_pool_index, image_record, method_for, records,
-                          select_and_project, strip_request_keys, watched_blocks)
+from .vllm_plugin import (SPEC_FIELD, ClipTowerRun, Host, ImageSlot, PlaceholderCountMixin, PruneSpec,
+                          PrunedPositionsMixin, attach_positions, check_count, chosen_methods, clip_context,
+                          feature_pool_index, image_record, select_and_project, strip_request_keys, watched_blocks)
 
 FAMILY = "llava"
 
@@ -57,7 +54,7 @@ class VTPruneLlavaProcessingInfo(LlavaProcessingInfo):
         return {"image": rows * cols}  # unpruned: requests may turn pruning off or ask for more tokens
 
 
-class VTPruneLlavaMultiModalProcessor(LlavaMultiModalProcessor):
+class VTPruneLlavaMultiModalProcessor(PlaceholderCountMixin, LlavaMultiModalProcessor):
     def _apply_hf_processor_main(self, mm_items, hf_kwargs) -> BatchFeature:
         processed_data = super()._apply_hf_processor_main(mm_items, strip_request_keys(hf_kwargs))
         spec = self.info.vtprune_spec(hf_kwargs)
@@ -72,50 +69,59 @@ class VTPruneLlavaMultiModalProcessor(LlavaMultiModalProcessor):
             processed_data[SPEC_FIELD] = torch.tensor(rows, dtype=torch.long)
         return processed_data
 
-    def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs) -> Mapping[str, MultiModalFieldConfig]:
-        return dict(**super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs),
-                    **{SPEC_FIELD: MultiModalFieldConfig.batched("image", keep_on_cpu=True)})
 
-    def _get_prompt_updates(self, mm_items: MultiModalDataItems, hf_processor_mm_kwargs: Mapping[str, object],
-                            out_mm_kwargs: MultiModalKwargsItems) -> Sequence[PromptUpdate]:
-        image_token_id = self.info.get_hf_config().image_token_index
-
-        def replacement(item_idx: int):
-            record = out_mm_kwargs["image"][item_idx][SPEC_FIELD].data
-            return [image_token_id] * int(record[3])
-
-        return [PromptReplacement(modality="image", target=[image_token_id], replacement=replacement)]
-
-
-@MULTIMODAL_REGISTRY.register_processor(VTPruneLlavaMultiModalProcessor, info=VTPruneLlavaProcessingInfo,
-                                        dummy_inputs=LlavaDummyInputsBuilder)
-class VTPruneLlavaForConditionalGeneration(PrunedPositionsMixin, LlavaForConditionalGeneration, SupportsMRoPE,
-                                           SupportsMultiModalPruning):
+class ClipLlavaPruneMixin(PrunedPositionsMixin):
+    """Model side shared by the LLaVA and LLaVA-NeXT variants (CLIP tower, 1-D RoPE)."""
     vtprune_one_d = True
-    vtprune_family = FAMILY
 
-    def __init__(self, *, vllm_config, prefix: str = "") -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
+    def vtprune_setup(self, family: str) -> None:
         config = self.config
         check_clip_llava(config)
         self.vtprune_server = PruneSpec.from_config(config)
-        self.vtprune_host = Host.of(FAMILY, config)
+        self.vtprune_host = Host.of(family, config)
         self.vtprune_image_token_id = config.image_token_index
         vc = config.vision_config
         self.vtprune_layers = vc.num_hidden_layers
         self.vtprune_feature_index = feature_pool_index(config.vision_feature_layer, self.vtprune_layers)
         self.vtprune_side = vc.image_size // vc.patch_size
 
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
+        if positions.dim() == 2:  # M-RoPE bookkeeping rows; the language model is 1-D
+            positions = positions[0]
+        return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
+
+    @staticmethod
+    def vtprune_passthrough(embeds_per_image) -> list[torch.Tensor]:
+        """Image embeddings given by the request: unpruned, positions in order."""
+        return [attach_positions(e, torch.arange(e.shape[0], device=e.device)[:, None].expand(-1, 3))
+                for e in embeds_per_image]
+
+    def vtprune_tower_run(self, spec_field, count: int, pixel_values: torch.Tensor):
+        """The methods chosen for ``count`` images, and one tower run that keeps what they read."""
+        chosen = chosen_methods(spec_field, count, self.vtprune_server, self.vtprune_host)
+        feature_block = self.vtprune_feature_index - 1
+        watch = set().union(*[watched_blocks(m, feature_block, self.vtprune_layers) for m, _, _ in chosen])
+        return chosen, ClipTowerRun(self.vision_tower, pixel_values, watch)
+
+    def vtprune_context(self, run: ClipTowerRun, crops: list[int], cols: list[torch.Tensor]):
+        return clip_context(run, crops=crops, cols=cols, feature_index=self.vtprune_feature_index,
+                            feature_block=self.vtprune_feature_index - 1, num_full_layers=self.vtprune_layers,
+                            family=self.vtprune_host.family, grids=[(self.vtprune_side, self.vtprune_side)] * len(crops))
+
+
+@MULTIMODAL_REGISTRY.register_processor(VTPruneLlavaMultiModalProcessor, info=VTPruneLlavaProcessingInfo,
+                                        dummy_inputs=LlavaDummyInputsBuilder)
+class VTPruneLlavaForConditionalGeneration(ClipLlavaPruneMixin, LlavaForConditionalGeneration, SupportsMRoPE,
+                                           SupportsMultiModalPruning):
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self.vtprune_setup(FAMILY)
+
     # -- positions ------------------------------------------------------------------------------
     def vtprune_image_slot(self, mm_feature) -> ImageSlot:
         n = self.vtprune_side ** 2
         rel = torch.arange(n).expand(3, n)
         return ImageSlot(mm_feature.mm_position.offset, mm_feature.mm_position.length, rel, n)
-
-    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
-        if positions.dim() == 2:  # M-RoPE bookkeeping rows; the language model is 1-D
-            positions = positions[0]
-        return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
 
     # -- vision side ----------------------------------------------------------------------------
     def embed_multimodal(self, **kwargs: object):
@@ -124,23 +130,13 @@ class VTPruneLlavaForConditionalGeneration(PrunedPositionsMixin, LlavaForConditi
         if image_input is None:
             return []
         if isinstance(image_input, LlavaImageEmbeddingInputs):
-            data = image_input["data"]
-            return [attach_positions(e, torch.arange(e.shape[0], device=e.device)[:, None].expand(-1, 3))
-                    for e in data]
+            return self.vtprune_passthrough(image_input["data"])
         pixel_values = image_input["pixel_values"]
-        n = self.vtprune_side ** 2
-        rows = records(spec_field, len(pixel_values))
-        chosen = [method_for(r, self.vtprune_server, self.vtprune_host) for r in rows]
-        feature_block = self.vtprune_feature_index - 1
-        watch = set().union(*[watched_blocks(m, feature_block, self.vtprune_layers) for m, _, _ in chosen])
-        run = ClipTowerRun(self.vision_tower, pixel_values, watch)
-        cols = torch.arange(n, device=pixel_values.device)
+        chosen, run = self.vtprune_tower_run(spec_field, len(pixel_values), pixel_values)
+        cols = torch.arange(self.vtprune_side ** 2, device=pixel_values.device)
         out = []
         for i, (method, kept, _) in enumerate(chosen):
-            ctx = clip_context(run, crops=[i], cols=[cols], feature_index=self.vtprune_feature_index,
-                               feature_block=feature_block, num_full_layers=self.vtprune_layers, family=FAMILY,
-                               grids=[(self.vtprune_side, self.vtprune_side)])
-            keep, embeds = select_and_project(method, ctx, self.multi_modal_projector)
+            keep, embeds = select_and_project(method, self.vtprune_context(run, [i], [cols]), self.multi_modal_projector)
             if method is not None:
                 check_count(method, keep.numel(), kept)
             out.append(attach_positions(embeds, keep[:, None].expand(-1, 3)))

@@ -9,7 +9,7 @@ positions. (``layout="flat"`` of the HF path has no vLLM counterpart.)
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import torch
 from transformers import BatchFeature
@@ -20,14 +20,10 @@ from vllm.model_executor.models.llava import LlavaDummyInputsBuilder
 from vllm.model_executor.models.llava_next import (LlavaNextForConditionalGeneration, LlavaNextImageEmbeddingInputs,
                                                    LlavaNextMultiModalProcessor, LlavaNextProcessingInfo)
 from vllm.multimodal import MULTIMODAL_REGISTRY
-from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
-from vllm.multimodal.parse import MultiModalDataItems
-from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 
-from .vllm_llava import check_clip_llava
-from .vllm_plugin import (SPEC_FIELD, ClipTowerRun, Host, ImageSlot, PruneSpec, PrunedPositionsMixin, attach_positions,
-                          check_count, clip_context, feature_pool_index, image_record, method_for, records,
-                          select_and_project, strip_request_keys, watched_blocks)
+from .vllm_llava import ClipLlavaPruneMixin
+from .vllm_plugin import (SPEC_FIELD, Host, ImageSlot, PlaceholderCountMixin, PruneSpec, attach_positions,
+                          check_count, image_record, select_and_project, strip_request_keys)
 
 FAMILY = "llava_next"
 
@@ -83,7 +79,7 @@ class VTPruneLlavaNextProcessingInfo(LlavaNextProcessingInfo):
         return image_record(spec, self.vtprune_host(), [(side, side)] * crops, [len(c) for c in cols], newlines)
 
 
-class VTPruneLlavaNextMultiModalProcessor(LlavaNextMultiModalProcessor):
+class VTPruneLlavaNextMultiModalProcessor(PlaceholderCountMixin, LlavaNextMultiModalProcessor):
     def _apply_hf_processor_main(self, mm_items, hf_kwargs) -> BatchFeature:
         processed_data = super()._apply_hf_processor_main(mm_items, strip_request_keys(hf_kwargs))
         spec = self.info.vtprune_spec(hf_kwargs)
@@ -96,39 +92,14 @@ class VTPruneLlavaNextMultiModalProcessor(LlavaNextMultiModalProcessor):
             processed_data[SPEC_FIELD] = torch.tensor(rows, dtype=torch.long)
         return processed_data
 
-    def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs) -> Mapping[str, MultiModalFieldConfig]:
-        return dict(**super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs),
-                    **{SPEC_FIELD: MultiModalFieldConfig.batched("image", keep_on_cpu=True)})
-
-    def _get_prompt_updates(self, mm_items: MultiModalDataItems, hf_processor_mm_kwargs: Mapping[str, object],
-                            out_mm_kwargs: MultiModalKwargsItems) -> Sequence[PromptUpdate]:
-        image_token_id = self.info.get_hf_config().image_token_index
-
-        def replacement(item_idx: int):
-            record = out_mm_kwargs["image"][item_idx][SPEC_FIELD].data
-            return [image_token_id] * int(record[3])
-
-        return [PromptReplacement(modality="image", target=[image_token_id], replacement=replacement)]
-
 
 @MULTIMODAL_REGISTRY.register_processor(VTPruneLlavaNextMultiModalProcessor, info=VTPruneLlavaNextProcessingInfo,
                                         dummy_inputs=LlavaDummyInputsBuilder)
-class VTPruneLlavaNextForConditionalGeneration(PrunedPositionsMixin, LlavaNextForConditionalGeneration, SupportsMRoPE,
+class VTPruneLlavaNextForConditionalGeneration(ClipLlavaPruneMixin, LlavaNextForConditionalGeneration, SupportsMRoPE,
                                                SupportsMultiModalPruning):
-    vtprune_one_d = True
-    vtprune_family = FAMILY
-
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        config = self.config
-        check_clip_llava(config)
-        self.vtprune_server = PruneSpec.from_config(config)
-        self.vtprune_host = Host.of(FAMILY, config)
-        self.vtprune_image_token_id = config.image_token_index
-        vc = config.vision_config
-        self.vtprune_layers = vc.num_hidden_layers
-        self.vtprune_feature_index = feature_pool_index(config.vision_feature_layer, self.vtprune_layers)
-        self.vtprune_side = vc.image_size // vc.patch_size
+        self.vtprune_setup(FAMILY)
 
     def vtprune_image_slot(self, mm_feature) -> ImageSlot:
         size = mm_feature.data["image_sizes"].data.tolist()
@@ -137,19 +108,13 @@ class VTPruneLlavaNextForConditionalGeneration(PrunedPositionsMixin, LlavaNextFo
         return ImageSlot(mm_feature.mm_position.offset, mm_feature.mm_position.length,
                          torch.arange(units).expand(3, units), units)
 
-    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
-        if positions.dim() == 2:  # M-RoPE bookkeeping rows; the language model is 1-D
-            positions = positions[0]
-        return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
-
     def embed_multimodal(self, **kwargs: object):
         spec_field = kwargs.pop(SPEC_FIELD, None)
         image_input = self._parse_and_validate_image_input(**kwargs)
         if image_input is None:
             return []
         if isinstance(image_input, LlavaNextImageEmbeddingInputs):
-            return [attach_positions(e, torch.arange(e.shape[0], device=e.device)[:, None].expand(-1, 3))
-                    for e in image_input["data"]]
+            return self.vtprune_passthrough(image_input["data"])
         pixel_values = image_input["pixel_values"]
         sizes = torch.as_tensor(image_input["image_sizes"]).tolist()
         n = self.vtprune_side ** 2
@@ -158,21 +123,13 @@ class VTPruneLlavaNextForConditionalGeneration(PrunedPositionsMixin, LlavaNextFo
             table, crops = unit_table(self.config, s)
             present, cols = candidates_of(table, crops, n)
             layouts.append((table, crops, present, cols))
-        rows = records(spec_field, len(sizes))
-        chosen = [method_for(r, self.vtprune_server, self.vtprune_host) for r in rows]
-        feature_block = self.vtprune_feature_index - 1
-        watch = set().union(*[watched_blocks(m, feature_block, self.vtprune_layers) for m, _, _ in chosen])
         per_image = [p[:crops] for p, (_, crops, _, _) in zip(pixel_values, layouts)]
-        run = ClipTowerRun(self.vision_tower, torch.cat(per_image), watch)
+        chosen, run = self.vtprune_tower_run(spec_field, len(sizes), torch.cat(per_image))
         out, first = [], 0
         for (table, crops, present, cols), (method, kept, _) in zip(layouts, chosen):
             device = run.hidden[0].device
-            crop_rows = list(range(first, first + crops))
+            ctx = self.vtprune_context(run, list(range(first, first + crops)), [c.to(device) for c in cols])
             first += crops
-            ctx = clip_context(run, crops=crop_rows, cols=[c.to(device) for c in cols],
-                               feature_index=self.vtprune_feature_index, feature_block=feature_block,
-                               num_full_layers=self.vtprune_layers, family=FAMILY,
-                               grids=[(self.vtprune_side, self.vtprune_side)] * crops)
             keep, embeds = select_and_project(method, ctx, self.multi_modal_projector)
             keep = keep.cpu()
             kept_patches = present[keep]

@@ -625,6 +625,36 @@ def method_for(record_row, server: PruneSpec, host: Host) -> tuple[Method | None
     return spec.build(host.family, host.llm_layers), kept, candidates
 
 
+class PlaceholderCountMixin:
+    """Processor side of every variant: the per-image record travels as a batched multimodal field,
+    and its placeholder count (record[3]) is how many image tokens the prompt gets."""
+
+    def vtprune_placeholder_id(self, hf_processor_mm_kwargs: Mapping[str, object]) -> int:
+        return self.info.get_hf_config().image_token_index
+
+    def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
+        from vllm.multimodal.inputs import MultiModalFieldConfig
+
+        return dict(**super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs),
+                    **{SPEC_FIELD: MultiModalFieldConfig.batched("image", keep_on_cpu=True)})
+
+    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
+        from vllm.multimodal.processing import PromptReplacement
+
+        image_token_id = self.vtprune_placeholder_id(hf_processor_mm_kwargs)
+
+        def replacement(item_idx: int):
+            record = out_mm_kwargs["image"][item_idx][SPEC_FIELD].data
+            return [image_token_id] * int(record[3])
+
+        return [PromptReplacement(modality="image", target=[image_token_id], replacement=replacement)]
+
+
+def chosen_methods(spec_field, count: int, server: PruneSpec, host: Host) -> list[tuple[Method | None, int, int]]:
+    """(method or None, placeholders, candidates) for each of ``count`` images, from their records."""
+    return [method_for(r, server, host) for r in records(spec_field, count)]
+
+
 def check_count(method: Method, got: int, expected: int) -> None:
     if got != expected:
         raise RuntimeError(f"vtprune: method '{method.name}' kept {got} tokens, the prompt holds {expected} "

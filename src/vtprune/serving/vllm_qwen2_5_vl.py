@@ -9,21 +9,19 @@ M-RoPE positions.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import torch
 
 from vllm.model_executor.models.qwen2_5_vl import (Qwen2_5_VLDummyInputsBuilder, Qwen2_5_VLForConditionalGeneration,
                                                    Qwen2_5_VLMultiModalProcessor, Qwen2_5_VLProcessingInfo)
 from vllm.multimodal import MULTIMODAL_REGISTRY
-from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
-from vllm.multimodal.parse import MultiModalDataItems
-from vllm.multimodal.processing import BaseProcessingInfo, PromptReplacement, PromptUpdate
+from vllm.multimodal.processing import BaseProcessingInfo
 
 from ..methods.base import ImageContext, Stage
-from .vllm_plugin import (SPEC_FIELD, Host, ImageSlot, PruneSpec, PrunedPositionsMixin, attach_positions, check_count,
-                          check_qwen_placeholders, image_record, method_for, observe, records, select,
-                          strip_request_keys)
+from .vllm_plugin import (SPEC_FIELD, Host, ImageSlot, PlaceholderCountMixin, PruneSpec, PrunedPositionsMixin,
+                          attach_positions, check_count, check_qwen_placeholders, chosen_methods, image_record,
+                          observe, select, strip_request_keys)
 
 FAMILY = "qwen2_5_vl"
 
@@ -58,7 +56,7 @@ class QwenPruneInfoMixin:
         return Host.of(self.vtprune_family, self.get_hf_config())
 
 
-class QwenPruneProcessorMixin:
+class QwenPruneProcessorMixin(PlaceholderCountMixin):
     def _apply_hf_processor_main(self, mm_items, hf_kwargs):
         processed_data = super()._apply_hf_processor_main(mm_items, strip_request_keys(hf_kwargs))
         grid = processed_data.get("image_grid_thw")
@@ -78,20 +76,9 @@ class QwenPruneProcessorMixin:
         processed_data[SPEC_FIELD] = torch.tensor(rows, dtype=torch.long)
         return processed_data
 
-    def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs) -> Mapping[str, MultiModalFieldConfig]:
-        return dict(**super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs),
-                    **{SPEC_FIELD: MultiModalFieldConfig.batched("image", keep_on_cpu=True)})
-
-    def _get_prompt_updates(self, mm_items: MultiModalDataItems, hf_processor_mm_kwargs: Mapping[str, object],
-                            out_mm_kwargs: MultiModalKwargsItems) -> Sequence[PromptUpdate]:
+    def vtprune_placeholder_id(self, hf_processor_mm_kwargs: Mapping[str, object]) -> int:
         hf_processor = self.info.get_hf_processor(**hf_processor_mm_kwargs)
-        image_token_id = self.info.get_tokenizer().get_vocab()[hf_processor.image_token]
-
-        def replacement(item_idx: int):
-            record = out_mm_kwargs["image"][item_idx][SPEC_FIELD].data
-            return [image_token_id] * int(record[3])
-
-        return [PromptReplacement(modality="image", target=[image_token_id], replacement=replacement)]
+        return self.info.get_tokenizer().get_vocab()[hf_processor.image_token]
 
     def _maybe_apply_prompt_updates(self, mm_items, mm_res):
         prompt_ids, placeholders = super()._maybe_apply_prompt_updates(mm_items, mm_res)
@@ -143,6 +130,47 @@ class QwenPruneModelMixin(PrunedPositionsMixin):
             _, rows, cols = self.vtprune_units(g)
             keep = torch.arange(e.shape[0], device=e.device)
             out.append(attach_positions(e, self.vtprune_rel(keep, rows, cols)))
+        return out
+
+    def vtprune_embed(self, spec_field, kwargs, main_dim: int | None = None) -> list[torch.Tensor] | None:
+        """``embed_multimodal`` of both Qwen variants (None when the request has no image). With
+        ``main_dim`` (Qwen3-VL), the tower's output columns past it are DeepStack levels, sliced with
+        the same keep mask as the main features."""
+        family = self.vtprune_host.family
+        mm = self._parse_and_validate_multimodal_inputs(**kwargs)
+        if not mm:
+            return None
+        if "video" in mm:
+            raise ValueError(f"vtprune's {family} variant takes images only.")
+        image_input = mm["image"]
+        grid = image_input["image_grid_thw"]
+        if image_input["type"] == "image_embeds":
+            return self.vtprune_passthrough(self._process_image_input(image_input), grid)
+        counts = [self.vtprune_units(g) for g in grid.tolist()]
+        chosen = chosen_methods(spec_field, len(counts), self.vtprune_server, self.vtprune_host)
+        watch = any(m is not None for m, _, _ in chosen)
+        if watch and self.use_data_parallel:
+            raise ValueError("vtprune: pruning with mm_encoder_tp_mode='data' is not supported.")
+        run = QwenTowerRun(self.visual, image_input["pixel_values"], grid.tolist(), watch)
+        merge2 = self.vtprune_merge ** 2
+        last = len(self.visual.blocks) - 1
+        out, first = [], 0
+        for (n, rows, cols), (method, kept, _) in zip(counts, chosen):
+            full = run.merged[first:first + n]
+            merged, deepstack = (full, None) if main_dim is None else (full[:, :main_dim], full[:, main_dim:])
+            tower_idx = run.reverse[first:first + n]
+            providers = {
+                "received_attention": (lambda first=first, n=n, t=tower_idx: run.received(first, n, merge2)[t - first]),
+                "hidden": (lambda layer, t=tower_idx: unit_features(run.blocks[layer], t, merge2)),
+            }
+            keep, embeds = qwen_select(method, family, 0, n, rows, cols, merged, providers,
+                                       lambda t=tower_idx: unit_features(run.blocks[last], t, merge2))
+            if method is not None:
+                check_count(method, keep.numel(), kept)
+            if deepstack is not None:
+                embeds = torch.cat([embeds, deepstack[keep]], dim=1)
+            out.append(attach_positions(embeds, self.vtprune_rel(keep, rows, cols)))
+            first += n
         return out
 
 
@@ -229,37 +257,4 @@ class VTPruneQwen2_5_VLForConditionalGeneration(QwenPruneModelMixin, Qwen2_5_VLF
         self.vtprune_setup(FAMILY)
 
     def embed_multimodal(self, **kwargs: object):
-        spec_field = kwargs.pop(SPEC_FIELD, None)
-        mm = self._parse_and_validate_multimodal_inputs(**kwargs)
-        if not mm:
-            return []
-        if "video" in mm:
-            raise ValueError("vtprune's Qwen2.5-VL variant takes images only.")
-        image_input = mm["image"]
-        grid = image_input["image_grid_thw"]
-        if image_input["type"] == "image_embeds":
-            return self.vtprune_passthrough(self._process_image_input(image_input), grid)
-        counts = [self.vtprune_units(g) for g in grid.tolist()]
-        rows_ = records(spec_field, len(counts))
-        chosen = [method_for(r, self.vtprune_server, self.vtprune_host) for r in rows_]
-        watch = any(m is not None for m, _, _ in chosen)
-        if watch and self.use_data_parallel:
-            raise ValueError("vtprune: pruning with mm_encoder_tp_mode='data' is not supported.")
-        run = QwenTowerRun(self.visual, image_input["pixel_values"], grid.tolist(), watch)
-        merge2 = self.vtprune_merge ** 2
-        last = len(self.visual.blocks) - 1
-        out, first = [], 0
-        for (n, rows, cols), (method, kept, _) in zip(counts, chosen):
-            merged = run.merged[first:first + n]
-            tower_idx = run.reverse[first:first + n]
-            providers = {
-                "received_attention": (lambda first=first, n=n, t=tower_idx: run.received(first, n, merge2)[t - first]),
-                "hidden": (lambda layer, t=tower_idx: unit_features(run.blocks[layer], t, merge2)),
-            }
-            keep, embeds = qwen_select(method, FAMILY, 0, n, rows, cols, merged, providers,
-                                       lambda t=tower_idx: unit_features(run.blocks[last], t, merge2))
-            if method is not None:
-                check_count(method, keep.numel(), kept)
-            out.append(attach_positions(embeds, self.vtprune_rel(keep, rows, cols)))
-            first += n
-        return out
+        return self.vtprune_embed(kwargs.pop(SPEC_FIELD, None), kwargs) or []
