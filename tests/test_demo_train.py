@@ -24,3 +24,54 @@ def test_window_batch_labels_match_the_window_cells():
         assert torch.equal(labels[key][0], full[key][cells[0]])
     rows, cols = cells[0] // scenes.GRID, cells[0] % scenes.GRID
     assert int(rows.max() - rows.min()) == int(cols.max() - cols.min()) == train.WINDOW - 1
+
+
+def _objects_matching(scene, labels, colour=None, shape=None, centres=False):
+    """Reference mask built from the scene description, not from the question parser."""
+    want = torch.zeros(scenes.GRID * scenes.GRID, dtype=torch.bool)
+    for o in scene.objects:
+        if (colour is None or o.color == colour) and (shape is None or o.shape == shape):
+            want |= (labels["color"] == 1 + scenes.COLOR_NAMES.index(o.color)) & \
+                    (labels["shape"] == 1 + scenes.SHAPES.index(o.shape))
+    return want & (labels["center"] > 0) if centres else want
+
+
+def test_referent_patches_follow_each_question_template():
+    scene = next(s for s in (scenes.make_scene(k) for k in range(50)) if len(s.objects) >= 3)
+    labels = train.patch_label_tensors(scene)
+    a, b = scene.objects[0], scene.objects[1]
+    cases = {
+        f"what color is the {a.shape}?": [_objects_matching(scene, labels, shape=a.shape)],
+        f"what shape is the {a.color} object?": [_objects_matching(scene, labels, colour=a.color)],
+        "how many objects are there?": [_objects_matching(scene, labels, centres=True)],
+        f"how many {scenes.PLURALS[b.shape]} are there?": [_objects_matching(scene, labels, shape=b.shape, centres=True)],
+        f"how many {b.color} objects are there?": [_objects_matching(scene, labels, colour=b.color, centres=True)],
+        f"is there a {a.color} {a.shape}?": [_objects_matching(scene, labels, a.color, a.shape)],
+        f"is the {a.name} left of the {b.name}?": [_objects_matching(scene, labels, a.color, a.shape),
+                                                   _objects_matching(scene, labels, b.color, b.shape)],
+    }
+    for question, want in cases.items():
+        got = train.referent_patches(labels, question)
+        assert len(got) == len(want), question
+        for g, w in zip(got, want):
+            assert w.any() and torch.equal(g, w), question
+    assert int(train.referent_patches(labels, "how many objects are there?")[0].sum()) == len(scene.objects)
+
+
+def test_retrieval_loss_rewards_attention_on_the_referent():
+    encoder = train.TurnEncoder(train.build_processor().tokenizer)
+    drawn, ids, labels, mask, pos, kept, questions = train.conversation_batch(encoder, [0, 1], turns=4, background=8)
+    patch = [train.patch_label_tensors(s) for s in drawn]
+    where, masks = train.retrieval_targets(ids, labels, kept, patch, questions, encoder.image)
+    assert len(where) == sum(len(q) for q in questions)
+    for (b, t), m, in zip(where.tolist(), masks):
+        assert labels[b, t] == -100 and labels[b, t + 1] != -100  # the position that predicts the answer
+        assert (ids[b][m.any(0)] == encoder.image).all()  # only image slots are targets
+    T = ids.shape[1]
+    uniform = torch.full((2, 2, T, T), 1.0 / T)
+    on_target = torch.zeros(2, 2, T, T)
+    for (b, t), m in zip(where.tolist(), masks):
+        for h in range(2):
+            if m[h].any():
+                on_target[b, h, t] = m[h].float() / m[h].sum()
+    assert train.retrieval_loss(on_target, where, masks) < 1e-4 < train.retrieval_loss(uniform, where, masks)
