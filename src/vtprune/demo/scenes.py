@@ -5,8 +5,8 @@ Everything is generated from integer seeds with numpy + PIL (no files, no downlo
 * :func:`make_scene` draws a :class:`Scene` description: a textured low-contrast background and
   1-8 non-overlapping objects (6 shapes x 6 colours, 2 to 5 patches of 14 px wide). Each object's
   bounding box lies on the patch grid, with at least one patch between objects: a patch shows at
-  most one object, always at the same offset, which is what lets a 2-CPU training budget reach
-  the accuracy bar (free placement left the tower unable to tell shapes apart in that budget).
+  most one object, always at the same offset, which is what let the tower learn to tell shapes
+  apart within a 2-CPU training budget (with free placement it stayed near chance).
 * :func:`render` turns a scene into a 336x336 RGB ``PIL.Image`` (byte-identical for equal scenes).
 * :func:`make_question` asks one templated question with a one-word answer; :func:`check_answer`
   re-derives the answer from the scene description by parsing the question text (an independent

@@ -304,10 +304,6 @@ def decoder_losses(model, image_features, ids, mask, labels, position_ids, atten
     return loss, (out.attentions[attention_layer] if attention_layer is not None else None)
 
 
-def answer_loss(model, image_features, ids, mask, labels, position_ids) -> torch.Tensor:
-    return decoder_losses(model, image_features, ids, mask, labels, position_ids)[0]
-
-
 def set_lr(optimizer, lr: float, step: int, total: int, warmup: int = 100) -> None:
     """Linear warm-up, then cosine decay to 5 % of ``lr``."""
     decay = 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, step / max(total, 1))))
@@ -441,19 +437,19 @@ def train_llm(out: str, steps: int = 3000, batch_size: int = 16, turns: int = 24
         set_lr(optimizer, lr, step, steps)
         drawn, ids, labels, mask, pos, kept, questions = conversation_batch(
             encoder, [first_seed + step * batch_size + i for i in range(batch_size)], turns, background)
+        patch = [patch_label_tensors(s) for s in drawn] if attention_weight or not vision else None
         if vision:
             with torch.no_grad():
                 whole = vision_patches(model, pixel_values([scenes.render(s) for s in drawn]).to(device))
             feats = torch.cat([f[k.to(device)] for f, k in zip(whole, kept)])
         else:
-            feats = torch.cat([code_features(codes, patch_label_tensors(s))[k] for s, k in zip(drawn, kept)])
+            feats = torch.cat([code_features(codes, lab)[k] for lab, k in zip(patch, kept)])
             feats = feats + noise * feats.std() * torch.randn_like(feats)
         loss, attention = decoder_losses(model, feats.to(device), ids.to(device), mask.to(device), labels.to(device),
                                          pos.to(device), attention_layer if attention_weight else None)
         total, retrieval = loss, None
         if attention_weight:
-            where, masks = retrieval_targets(ids, labels, kept, [patch_label_tensors(s) for s in drawn], questions,
-                                             model.config.image_token_id)
+            where, masks = retrieval_targets(ids, labels, kept, patch, questions, model.config.image_token_id)
             retrieval = retrieval_loss(attention, where.to(device), masks.to(device))
             total = loss + attention_weight * retrieval
         optimizer.zero_grad(set_to_none=True)
@@ -523,14 +519,8 @@ def train_joint(out: str, vision: str, llm: str, steps: int = 400, batch_size: i
                 lr: float = 3e-4, code_weight: float = 0.5, seed: int = 0, device: str = "cpu",
                 eval_every: int = 200, first_seed: int = 9_000_000) -> dict:
     """Stage 3 (see the module docstring): the whole model on rendered scenes, all 576 tokens."""
-    from transformers import LlavaForConditionalGeneration
-
     processor = build_processor()
-    model = LlavaForConditionalGeneration.from_pretrained(vision)
-    decoder = LlavaForConditionalGeneration.from_pretrained(llm)
-    model.model.language_model.load_state_dict(decoder.model.language_model.state_dict())
-    model.lm_head.load_state_dict(decoder.lm_head.state_dict())
-    model.to(device).train()
+    model = _llm_stage_model(processor, seed, init=llm, vision=vision).to(device).train()
     torch.manual_seed(seed)
     codes = scene_codes(model.config.text_config.hidden_size)
     encoder = TurnEncoder(processor.tokenizer)
@@ -548,7 +538,7 @@ def train_joint(out: str, vision: str, llm: str, steps: int = 400, batch_size: i
         drawn, ids, labels, mask, pos, _, _ = conversation_batch(
             encoder, [first_seed + step * batch_size + i for i in range(batch_size)], turns)
         feats = vision_patches(model, pixel_values([scenes.render(s) for s in drawn]).to(device))
-        loss = answer_loss(model, feats, ids.to(device), mask.to(device), labels.to(device), pos.to(device))
+        loss, _ = decoder_losses(model, feats, ids.to(device), mask.to(device), labels.to(device), pos.to(device))
         patch = {k: v.to(device) for k, v in stacked_labels(drawn).items()}
         aux = code_loss(codes, feats, patch)
         optimizer.zero_grad(set_to_none=True)
