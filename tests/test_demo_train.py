@@ -47,7 +47,7 @@ def test_referent_patches_follow_each_question_template():
         f"how many {scenes.PLURALS[b.shape]} are there?": [_objects_matching(scene, labels, shape=b.shape, centres=True)],
         f"how many {b.color} objects are there?": [_objects_matching(scene, labels, colour=b.color, centres=True)],
         f"is there a {a.color} {a.shape}?": [_objects_matching(scene, labels, a.color, a.shape)],
-        f"is the {a.name} left of the {b.name}?": [_objects_matching(scene, labels, a.color, a.shape),
+        f"is the {a.name} left or right of the {b.name}?": [_objects_matching(scene, labels, a.color, a.shape),
                                                    _objects_matching(scene, labels, b.color, b.shape)],
     }
     for question, want in cases.items():
@@ -58,20 +58,60 @@ def test_referent_patches_follow_each_question_template():
     assert int(train.referent_patches(labels, "how many objects are there?")[0].sum()) == len(scene.objects)
 
 
-def test_retrieval_loss_rewards_attention_on_the_referent():
+def test_retrieval_targets_bind_object_words_then_answers():
     encoder = train.TurnEncoder(train.build_processor().tokenizer)
-    drawn, ids, labels, mask, pos, kept, questions = train.conversation_batch(encoder, [0, 1], turns=4, background=8)
+    drawn, ids, labels, mask, pos, kept, questions = train.conversation_batch(encoder, [0, 1, 2], turns=10, background=8)
     patch = [train.patch_label_tensors(s) for s in drawn]
-    where, masks = train.retrieval_targets(ids, labels, kept, patch, questions, encoder.image)
-    assert len(where) == sum(len(q) for q in questions)
-    for (b, t), m, in zip(where.tolist(), masks):
-        assert labels[b, t] == -100 and labels[b, t + 1] != -100  # the position that predicts the answer
-        assert (ids[b][m.any(0)] == encoder.image).all()  # only image slots are targets
-    T = ids.shape[1]
-    uniform = torch.full((2, 2, T, T), 1.0 / T)
-    on_target = torch.zeros(2, 2, T, T)
+    targets = train.retrieval_targets(encoder, ids, labels, kept, patch, questions)
+    assert set(targets) == {train.MENTION_LAYER, train.ANSWER_LAYER}
+    object_word = torch.isin(ids, torch.tensor(sorted(encoder.object_words))) & (labels == -100)  # not answers
+    where, masks = targets[train.MENTION_LAYER]
+    assert len(where) == int(object_word.sum())  # one row per object word
     for (b, t), m in zip(where.tolist(), masks):
-        for h in range(2):
-            if m[h].any():
-                on_target[b, h, t] = m[h].float() / m[h].sum()
-    assert train.retrieval_loss(on_target, where, masks) < 1e-4 < train.retrieval_loss(uniform, where, masks)
+        assert object_word[b, t] and (ids[b][m.any(0)] == encoder.image).all()
+    where, masks = targets[train.ANSWER_LAYER]
+    asked = [q for qs in questions for q in qs]
+    assert len(where) == len(asked)
+    for (b, t), m, q in zip(where.tolist(), masks, asked):
+        assert labels[b, t] == -100 and labels[b, t + 1] != -100  # the position that predicts the answer
+        two_objects = len(train.referent_patches(patch[b], q)) == 2
+        if two_objects:  # head h reads the h-th object word of this very question
+            assert [int(m[h].nonzero()) for h in range(2)] == [int(i) for i in object_word[b, :t].nonzero()[-2:]]
+        else:
+            assert (ids[b][m.any(0)] == encoder.image).all()
+    assert any(len(train.referent_patches(patch[b], q)) == 2 for b, qs in enumerate(questions) for q in qs)
+
+
+def test_retrieval_loss_rewards_attention_on_the_target():
+    encoder = train.TurnEncoder(train.build_processor().tokenizer)
+    drawn, ids, labels, mask, pos, kept, questions = train.conversation_batch(encoder, [0, 1], turns=6, background=8)
+    patch = [train.patch_label_tensors(s) for s in drawn]
+    for where, masks in train.retrieval_targets(encoder, ids, labels, kept, patch, questions).values():
+        T = ids.shape[1]
+        uniform = torch.full((2, 2, T, T), 1.0 / T)
+        on_target = torch.zeros(2, 2, T, T)
+        for (b, t), m in zip(where.tolist(), masks):
+            for h in range(2):
+                if m[h].any():
+                    on_target[b, h, t] = m[h].float() / m[h].sum()
+        assert train.retrieval_loss(on_target, where, masks) < 1e-4 < train.retrieval_loss(uniform, where, masks)
+
+
+def test_position_targets_are_the_two_objects_centres_and_the_probe_reads_them():
+    encoder = train.TurnEncoder(train.build_processor().tokenizer)
+    drawn, ids, labels, mask, pos, kept, questions = train.conversation_batch(encoder, [0, 1, 2], turns=10, background=8)
+    patch = [train.patch_label_tensors(s) for s in drawn]
+    where, centres = train.position_targets(ids, labels, patch, questions)
+    spatial = [(b, q) for b, qs in enumerate(questions) for q in qs if " or " in q]
+    assert len(where) == len(spatial) > 0 and centres.shape == (len(spatial), 4)
+    for (b, t), c, (sb, q) in zip(where.tolist(), centres, spatial):
+        assert b == sb and labels[b, t] == -100 and labels[b, t + 1] != -100
+        first, second = (o for name in q.split(" the ")[1:] for o in drawn[b].objects if name.startswith(o.name))
+        one_patch = 2 / (train.GRID - 1)  # the mean of an object's patches lies within a patch of its centre
+        for obj, (x, y) in ((first, c[:2]), (second, c[2:])):
+            assert abs(float(x) - ((obj.cx / scenes.PATCH - 0.5) * one_patch - 1)) < one_patch
+            assert abs(float(y) - ((obj.cy / scenes.PATCH - 0.5) * one_patch - 1)) < one_patch
+    probe = train.position_probe(16)
+    hidden = torch.zeros(len(ids), ids.shape[1], 16)
+    hidden[where[:, 0], where[:, 1]] = centres @ torch.linalg.pinv(probe).T  # encodes the centres exactly
+    assert float(train.position_loss(hidden, where, centres)) < 1e-8 < float(train.position_loss(hidden * 0, where, centres))

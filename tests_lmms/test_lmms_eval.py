@@ -147,7 +147,8 @@ MC_UTILS = '''
 from vtprune.demo.scenes import COLOR_NAMES, NUMBERS, SHAPES
 
 def doc_to_choice(doc):
-    return {"color": list(COLOR_NAMES), "shape": list(SHAPES), "count": list(NUMBERS)}.get(doc["qtype"], ["yes", "no"])
+    return {"color": list(COLOR_NAMES), "shape": list(SHAPES), "count": list(NUMBERS),
+            "spatial": ["left", "right", "above", "below"]}.get(doc["qtype"], ["yes", "no"])
 
 def doc_to_target(doc):
     return doc_to_choice(doc).index(doc["answer"])

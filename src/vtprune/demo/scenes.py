@@ -51,10 +51,11 @@ SIZE_PROBS = (0.35, 0.3, 0.2, 0.15)
 MAX_OBJECTS = 8
 MIN_GAP = PATCH  # pixels between bounding boxes
 SPATIAL_MARGIN = 14  # centres must differ by at least one patch along the asked axis
-RELATIONS = ("left of", "right of", "above", "below")
+#: spatial questions ask "is the A left or right of the B?" / "is the A above or below the B?"
+AXES = {"left or right of": ("left", "right"), "above or below": ("above", "below")}
 
 QTYPES = ("color", "shape", "count", "exist", "spatial")
-ANSWER_WORDS = tuple(COLOR_NAMES) + SHAPES + NUMBERS + ("yes", "no")
+ANSWER_WORDS = tuple(COLOR_NAMES) + SHAPES + NUMBERS + ("yes", "no", "left", "right", "above", "below")
 
 SPLIT_BASES = {"train": 0, "val": 10_000_000, "test": 20_000_000}
 SPLIT_SIZES = {"train": 10_000_000, "val": 10_000_000, "test": 10_000_000}
@@ -262,15 +263,14 @@ def _unique(objs: Iterable[SceneObject], key) -> list[SceneObject]:
     return [o for o, v in zip(objs, vals) if vals.count(v) == 1]
 
 
-def _relation_holds(a: SceneObject, rel: str, b: SceneObject) -> bool | None:
-    """True/False when the relation is unambiguous, None when centres are too close on that axis."""
-    if rel in ("left of", "right of"):
-        d = b.cx - a.cx if rel == "left of" else a.cx - b.cx
-    else:
-        d = b.cy - a.cy if rel == "above" else a.cy - b.cy
+def _relation(a: SceneObject, axis: str, b: SceneObject) -> str | None:
+    """Where ``a`` lies from ``b`` along ``axis`` (a key of :data:`AXES`): "left"/"right" or
+    "above"/"below"; None when their centres are too close on that axis to call."""
+    d = a.cx - b.cx if axis == "left or right of" else a.cy - b.cy
     if abs(d) < SPATIAL_MARGIN:
         return None
-    return d > 0
+    before, after = AXES[axis]
+    return after if d > 0 else before
 
 
 def _ask(scene: Scene, qtype: str, rng: np.random.Generator) -> tuple[str, str] | None:
@@ -312,20 +312,12 @@ def _ask(scene: Scene, qtype: str, rng: np.random.Generator) -> tuple[str, str] 
         return f"is there a {c} {s}?", "yes" if (c, s) in present else "no"
     if qtype == "spatial":
         cand = _unique(objs, lambda o: (o.color, o.shape))
-        want = "yes" if rng.random() < 0.5 else "no"
-        opts = []
-        for a in cand:
-            for b in cand:
-                if a is b:
-                    continue
-                for rel in RELATIONS:
-                    h = _relation_holds(a, rel, b)
-                    if h is not None and (("yes" if h else "no") == want):
-                        opts.append((a, rel, b))
+        opts = [(a, axis, b, _relation(a, axis, b)) for a in cand for b in cand if a is not b for axis in AXES]
+        opts = [o for o in opts if o[3] is not None]  # (a, b) and (b, a) both count: answers stay balanced
         if not opts:
             return None
-        a, rel, b = opts[int(rng.integers(len(opts)))]
-        return f"is the {a.name} {rel} the {b.name}?", want
+        a, axis, b, where = opts[int(rng.integers(len(opts)))]
+        return f"is the {a.name} {axis} the {b.name}?", where
     raise ValueError(f"unknown question type {qtype!r}")
 
 
@@ -406,18 +398,17 @@ def check_answer(scene: Scene, question: str) -> str:
     m = re.fullmatch(rf"is there a {_WORD} {_WORD}\?", q)
     if m:
         return "yes" if any(o.color == m.group(1) and o.shape == m.group(2) for o in objs) else "no"
-    m = re.fullmatch(rf"is the {_WORD} {_WORD} (left of|right of|above|below) the {_WORD} {_WORD}\?", q)
+    m = re.fullmatch(rf"is the {_WORD} {_WORD} (left or right of|above or below) the {_WORD} {_WORD}\?", q)
     if m:
         def find(c, s):
             hits = [o for o in objs if o.color == c and o.shape == s]
             if len(hits) != 1:
                 raise ValueError(f"ambiguous referent {c} {s}")
             return hits[0]
-        a, b = find(m.group(1), m.group(2)), find(m.group(4), m.group(5))
-        h = _relation_holds(a, m.group(3), b)
-        if h is None:
+        where = _relation(find(m.group(1), m.group(2)), m.group(3), find(m.group(4), m.group(5)))
+        if where is None:
             raise ValueError("relation too close to call")
-        return "yes" if h else "no"
+        return where
     raise ValueError(f"not a template question: {question!r}")
 
 
@@ -425,7 +416,7 @@ def vocabulary() -> list[str]:
     """Every word the templates and answers can produce (lower case, punctuation split off)."""
     words = set(ANSWER_WORDS) | set(PLURALS.values())
     for t in ("what color is the", "what shape is the object", "how many objects are there",
-              "is there a", "is the left of right of above below", "user assistant"):
+              "is there a", "is the left or right of above or below", "user assistant"):
         words.update(t.split())
     words.update(["?", ":", ",", "."])
     return sorted(words)

@@ -18,7 +18,7 @@ CHAT_TEMPLATE = (
 def vocabulary() -> list[str]:
     words = list(SPECIAL) + TEMPLATE_WORDS
     words += list(scenes.COLOR_NAMES) + list(scenes.SHAPES) + list(scenes.PLURALS.values()) + list(scenes.NUMBERS)
-    words += ["yes", "no"]
+    words += ["yes", "no", "or"]  # "or" last: added with the left-or-right spatial questions (ids stay put)
     out, seen = [], set()
     for w in words:
         if w not in seen:

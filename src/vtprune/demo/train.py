@@ -11,10 +11,13 @@ tokenizer. Training has three stages, so that it fits a two-core CPU budget:
    at its own rows of the position embedding (a ninth of a full image's cost).
 2. ``llm``: the Llama decoder learns to answer multi-turn questions from the exact scene codes, with
    no image rendered and no tower run, on short sequences (the objects' patches plus 16 background
-   patches, at their original positions). Two heads of decoder layer 2 are supervised to put their
-   attention, at the position that predicts each answer, on the patches of the object(s) the
-   question names (:func:`retrieval_loss`); without that the decoder did not learn to find the asked
-   object among the image tokens (it sat near 45 % accuracy for 1,000+ steps).
+   patches, at their original positions). Attention is supervised (:func:`retrieval_targets`): at
+   each object word of a question two heads of layer 1 read that object's patches; at the position
+   that predicts the answer two heads of layer 2 read the object's patches (one-object questions) or
+   the two object words (spatial questions), where a fixed linear probe must find both objects'
+   centres (:func:`position_loss`). Without the retrieval loss the decoder did not find the asked
+   object among the image tokens (~45 % for 1,000+ steps); without the object-word and position
+   terms spatial questions stayed at chance.
 3. ``llm --init <stage 2> --vision <stage 1> --background 576``: the decoder continues on the features
    stage 1's frozen tower computes from rendered scenes, all 576 tokens (what the shipped model used).
    ``joint`` instead fine-tunes tower and decoder end to end (answer loss plus the stage-1 loss, to
@@ -59,6 +62,7 @@ VISION = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_a
 # 5 heads of 32: vLLM's CPU attention accepts head size 32 (not 40)
 TEXT = dict(hidden_size=160, intermediate_size=384, num_hidden_layers=4, num_attention_heads=5, num_key_value_heads=5)
 CODE_SEED = 1234
+MENTION_LAYER, ANSWER_LAYER = 1, 2  # decoder layers whose heads 0 and 1 the retrieval loss supervises
 
 
 def build_model(processor, seed: int = 0):
@@ -168,6 +172,8 @@ class TurnEncoder:
         self.cache: dict[str, list[int]] = {}
         self.image = tokenizer.convert_tokens_to_ids("<image>")
         self.pad = tokenizer.pad_token_id
+        words = [*scenes.SHAPES, *scenes.PLURALS.values(), "object", "objects"]
+        self.object_words = set(tokenizer.convert_tokens_to_ids(words))  # the words that name an object
 
     def ids(self, text: str) -> list[int]:
         if text not in self.cache:
@@ -261,47 +267,99 @@ def referent_patches(labels: dict[str, torch.Tensor], question: str) -> list[tor
     return masks
 
 
-def retrieval_targets(ids, labels, kept, patch_labels, questions, image_token_id: int):
-    """Where to supervise attention: for every answer, the (sequence, position) that predicts it and a
-    (2, T) mask of the image slots its first two heads should read -- both heads the referent, or for
-    a two-object question the first and the second referent."""
-    where, masks = [], []
+def _asked(ids, labels, questions):
+    """(sequence, question, position of its first answer token, position where the question's turn
+    starts) for every answered question of a batch."""
     for b in range(len(ids)):
-        slots = torch.nonzero(ids[b] == image_token_id).flatten()
-        first_answer_tokens = torch.nonzero((labels[b, 1:] != -100) & (labels[b, :-1] == -100)).flatten() + 1
+        answered = labels[b] != -100
+        first_answer_tokens = torch.nonzero(answered[1:] & ~answered[:-1]).flatten() + 1
         for question, t in zip(questions[b], first_answer_tokens.tolist()):
-            refs = referent_patches(patch_labels[b], question)
-            per_head = (refs[0], refs[-1]) if len(refs) == 2 else (refs[0], refs[0])
-            m = torch.zeros(2, ids.shape[1], dtype=torch.bool)
-            for h, ref in enumerate(per_head):
-                m[h, slots] = ref[kept[b]]
-            where.append((b, t - 1))
-            masks.append(m)
-    return torch.tensor(where), torch.stack(masks)
+            start = int(torch.nonzero(answered[:t]).max()) + 1 if answered[:t].any() else 0
+            yield b, question, t, start
+
+
+def retrieval_targets(encoder: TurnEncoder, ids, labels, kept, patch_labels, questions) -> dict:
+    """Where to supervise attention, as {layer: (where (Q, 2) of (sequence, position), masks (Q, 2, T))}:
+    the mask of what heads 0 and 1 of that layer should read at that position.
+
+    - ``MENTION_LAYER``, at every object word of a question ("circle", "object", "squares"): both heads
+      read the patches of the object that word names (colour and shape are bound there, one token apart).
+    - ``ANSWER_LAYER``, at the position that predicts the answer: for a one-object question both heads
+      read the object's patches; for a two-object (spatial) question head h reads the h-th object word,
+      which by then carries what ``MENTION_LAYER`` fetched (reading both objects' patches straight from
+      the answer position left spatial questions at chance: the words of the two objects were not bound).
+    """
+    rows: dict[int, tuple[list, list]] = {MENTION_LAYER: ([], []), ANSWER_LAYER: ([], [])}
+
+    def add(layer, b, t, targets):
+        m = torch.zeros(2, ids.shape[1], dtype=torch.bool)
+        for h, target in enumerate(targets):
+            m[h, target] = True
+        rows[layer][0].append((b, t))
+        rows[layer][1].append(m)
+
+    for b, question, t, start in _asked(ids, labels, questions):
+        slots = torch.nonzero(ids[b] == encoder.image).flatten()
+        refs = [slots[ref[kept[b]]] for ref in referent_patches(patch_labels[b], question)]
+        words = [start + i for i, w in enumerate(ids[b, start:t].tolist()) if w in encoder.object_words]
+        for word, ref in zip(words, refs):
+            add(MENTION_LAYER, b, word, (ref, ref))
+        add(ANSWER_LAYER, b, t - 1, words[:2] if len(refs) == 2 else (refs[0], refs[0]))
+    return {layer: (torch.tensor(where).reshape(-1, 2), torch.stack(masks)) for layer, (where, masks) in rows.items()}
+
+
+def position_targets(ids, labels, patch_labels, questions) -> tuple[torch.Tensor, torch.Tensor]:
+    """For every two-object question: the (sequence, position) that predicts its answer and the two
+    objects' centres (x1, y1, x2, y2), each in [-1, 1] (the mean patch row and column of each)."""
+    where, targets = [], []
+    for b, question, t, _ in _asked(ids, labels, questions):
+        refs = referent_patches(patch_labels[b], question)
+        if len(refs) != 2 or not all(r.any() for r in refs):
+            continue
+        centre = [torch.nonzero(r).flatten().float() for r in refs]
+        targets.append(torch.stack([f(c).mean() for c in centre for f in (lambda c: c % GRID, lambda c: c // GRID)]))
+        where.append((b, t - 1))
+    return torch.tensor(where).reshape(-1, 2), torch.stack(targets) / (GRID - 1) * 2 - 1 if targets else torch.zeros(0, 4)
+
+
+def position_loss(hidden: torch.Tensor, where: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean squared error of the fixed probe :func:`position_probe` read from ``hidden`` (B, T, D) at
+    ``where``: the answer position must carry both objects' coordinates, linearly. Without it the
+    decoder did not learn to compare positions (spatial questions stayed at chance for 1,000+ steps)."""
+    if len(where) == 0:
+        return hidden.sum() * 0
+    probe = position_probe(hidden.shape[-1]).to(hidden)
+    return ((hidden[where[:, 0], where[:, 1]] @ probe.T - targets.to(hidden)) ** 2).mean()
+
+
+def position_probe(dim: int) -> torch.Tensor:
+    """(4, dim) fixed random unit directions the residual stream must encode x1, y1, x2, y2 along."""
+    probe = torch.randn(4, dim, generator=torch.Generator().manual_seed(CODE_SEED + 1))
+    return probe / probe.norm(dim=-1, keepdim=True)
 
 
 def retrieval_loss(attention: torch.Tensor, where: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """-log of the attention mass the supervised heads put on the referent's patches (one layer's
-    attention probabilities (B, H, T, T)); answers whose referent is absent are not supervised."""
+    """-log of the attention mass the supervised heads put on their targets (one layer's attention
+    probabilities (B, H, T, T)); rows with no target (the asked object is absent) are not supervised."""
     rows = attention[where[:, 0], :2, where[:, 1]]  # (Q, 2, T)
     mass = (rows * masks).sum(-1)
     return -torch.log(mass[masks.any(-1)] + 1e-6).mean()
 
 
-def decoder_losses(model, image_features, ids, mask, labels, position_ids, attention_layer: int | None = None):
+def decoder_losses(model, image_features, ids, mask, labels, position_ids, with_internals: bool = False):
     """Cross-entropy on the answer tokens, with ``image_features`` (all kept patches of the batch,
-    concatenated) in place of the <image> placeholders; with ``attention_layer``, also that layer's
-    attention probabilities (the model must run eager attention)."""
+    concatenated) in place of the <image> placeholders; and the decoder's output, with every layer's
+    attention probabilities and hidden states when ``with_internals`` (the model must then run eager
+    attention)."""
     embeds = model.get_input_embeddings()(ids)
     where = (ids == model.config.image_token_id).unsqueeze(-1)
     embeds = embeds.masked_scatter(where, image_features.to(embeds.dtype).reshape(-1, embeds.shape[-1]))
     out = model.model.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
-                                     output_attentions=attention_layer is not None)
+                                     output_attentions=with_internals, output_hidden_states=with_internals)
     target = labels[:, 1:]
     answer = target != -100
     logits = model.lm_head(out.last_hidden_state[:, :-1][answer])
-    loss = torch.nn.functional.cross_entropy(logits.float(), target[answer])
-    return loss, (out.attentions[attention_layer] if attention_layer is not None else None)
+    return torch.nn.functional.cross_entropy(logits.float(), target[answer]), out
 
 
 def set_lr(optimizer, lr: float, step: int, total: int, warmup: int = 100) -> None:
@@ -408,13 +466,13 @@ def vision_accuracy(model, codes, examples) -> dict:
 
 def train_llm(out: str, steps: int = 3000, batch_size: int = 16, turns: int = 24, lr: float = 1e-3, seed: int = 0,
               device: str = "cpu", background: int | None = 16, noise: float = 0.1, attention_weight: float = 0.5,
-              attention_layer: int = 2, eval_every: int = 300, first_seed: int = 8_000_000, init: str | None = None,
+              eval_every: int = 300, first_seed: int = 8_000_000, init: str | None = None,
               vision: str | None = None, stop_at: int | None = None) -> dict:
     """Stage 2 (see the module docstring): the decoder reads exact scene codes (plus Gaussian noise of
     ``noise`` x their std, so that stage 1's imperfect codes are in distribution) -- or, with
     ``vision`` (a stage-1 checkpoint), the features its frozen tower computes from the rendered scene.
 
-    ``attention_weight`` > 0 adds :func:`retrieval_loss` on layer ``attention_layer``: without it the
+    ``attention_weight`` > 0 adds :func:`retrieval_loss` (see :func:`retrieval_targets`): without it the
     decoder sat at ~45 % for 1,000+ steps (it did not find the asked object among the image tokens);
     with it, retrieval is learnt within a few hundred steps. ``init`` continues a decoder checkpoint;
     ``stop_at`` ends the run (evaluated and saved) after that many steps of the ``steps`` schedule.
@@ -429,7 +487,7 @@ def train_llm(out: str, steps: int = 3000, batch_size: int = 16, turns: int = 24
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     log = _new_log("llm", device, steps=steps, batch_size=batch_size, turns=turns, lr=lr, seed=seed,
                    background=background, noise=noise, attention_weight=attention_weight,
-                   attention_layer=attention_layer, init=init, vision=vision, first_seed=first_seed)
+                   retrieval_layers=[MENTION_LAYER, ANSWER_LAYER], init=init, vision=vision, first_seed=first_seed)
     val = scenes.make_split("val", 300)
     start = time.time()
     bar = tqdm(range(steps), desc="llm", unit="step", mininterval=5.0)
@@ -445,12 +503,15 @@ def train_llm(out: str, steps: int = 3000, batch_size: int = 16, turns: int = 24
         else:
             feats = torch.cat([code_features(codes, lab)[k] for lab, k in zip(patch, kept)])
             feats = feats + noise * feats.std() * torch.randn_like(feats)
-        loss, attention = decoder_losses(model, feats.to(device), ids.to(device), mask.to(device), labels.to(device),
-                                         pos.to(device), attention_layer if attention_weight else None)
+        loss, out = decoder_losses(model, feats.to(device), ids.to(device), mask.to(device), labels.to(device),
+                                   pos.to(device), with_internals=bool(attention_weight))
         total, retrieval = loss, None
         if attention_weight:
-            where, masks = retrieval_targets(ids, labels, kept, patch, questions, model.config.image_token_id)
-            retrieval = retrieval_loss(attention, where.to(device), masks.to(device))
+            targets = retrieval_targets(encoder, ids, labels, kept, patch, questions)
+            retrieval = sum(retrieval_loss(out.attentions[layer], where.to(device), masks.to(device))
+                            for layer, (where, masks) in targets.items()) / len(targets)
+            where, centres = position_targets(ids, labels, patch, questions)
+            retrieval = retrieval + position_loss(out.hidden_states[ANSWER_LAYER + 1], where.to(device), centres)
             total = loss + attention_weight * retrieval
         optimizer.zero_grad(set_to_none=True)
         total.backward()
@@ -478,6 +539,8 @@ def _llm_stage_model(processor, seed: int, init: str | None, vision: str | None)
     from transformers import LlavaForConditionalGeneration
 
     model = LlavaForConditionalGeneration.from_pretrained(init) if init else build_model(processor, seed)
+    if model.get_input_embeddings().num_embeddings < len(processor.tokenizer):  # words added since ``init``
+        model.resize_token_embeddings(len(processor.tokenizer), mean_resizing=False)
     if vision:
         tower = LlavaForConditionalGeneration.from_pretrained(vision)
         model.model.vision_tower.load_state_dict(tower.model.vision_tower.state_dict())
