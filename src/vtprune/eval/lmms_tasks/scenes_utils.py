@@ -1,8 +1,8 @@
 """Functions named by ``vtprune_scenes.yaml``: the image, the question, exact-match scoring.
 
-The scenes questions have one-word answers (a colour, a shape, a number word, yes/no, left/right/above/below). As in
-vtprune's own evaluation (``vtprune.demo.bench.evaluate``: "the answer is the first generated
-word"), the prediction is the first word of the greedy answer, lower-cased and stripped of
+The scenes questions have one-word answers (a colour, a shape, a number word, yes/no, or
+left/right/above/below). As in vtprune's own evaluation (``vtprune.demo.bench.evaluate``: "the
+answer is the first generated word"), the prediction is the first word of the greedy answer, lower-cased and stripped of
 punctuation; it is correct when it equals the answer.
 """
 from __future__ import annotations
