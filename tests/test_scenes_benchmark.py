@@ -1,0 +1,28 @@
+"""`vtprune eval --benchmark scenes` on the shipped demo model, on a few questions."""
+import argparse
+import json
+
+import pytest
+
+from vtprune.demo import benchmark
+
+pytest.importorskip("matplotlib")
+
+
+def test_scenes_benchmark_writes_table_json_and_plot(tmp_path, capsys):
+    args = argparse.Namespace(methods="random,occamtoken", budgets="576,64", questions=10, calibration=8,
+                              batch_size=10, out=str(tmp_path / "out"))
+    assert benchmark.run_cli(args) == 0
+    table = capsys.readouterr().out
+    result = json.loads((tmp_path / "out" / "scenes.json").read_text())
+    assert (tmp_path / "out" / "scenes.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = {(r["method"], r["budget"]): r for r in result["rows"]}
+    assert set(rows) == {("none", 576), ("random", 64), ("occamtoken", 64)}
+    assert rows["none", 576]["relative"] == 100.0 and rows["none", 576]["n"] == 10
+    assert rows["random", 64]["tokens"] == 64.0  # a fixed budget is kept exactly
+    occam = rows["occamtoken", 64]
+    assert occam["args"]["layer"] == benchmark.STAGE2_LAYER and occam["args"]["lambda2"] > 0
+    assert occam["tokens"] < 576 and occam["layer_avg_tokens"] < 576  # stage II dropped tokens
+    for r in result["rows"]:
+        assert r["relative"] == pytest.approx(100 * r["overall"] / rows["none", 576]["overall"])
+        assert f"{r['overall']:.1f}" in table
