@@ -316,8 +316,8 @@ def position_targets(ids, labels, patch_labels, questions) -> tuple[torch.Tensor
         refs = referent_patches(patch_labels[b], question)
         if len(refs) != 2 or not all(r.any() for r in refs):
             continue
-        centre = [torch.nonzero(r).flatten().float() for r in refs]
-        targets.append(torch.stack([f(c).mean() for c in centre for f in (lambda c: c % GRID, lambda c: c // GRID)]))
+        cells = [torch.nonzero(r).flatten().float() for r in refs]
+        targets.append(torch.stack([v for c in cells for v in ((c % GRID).mean(), (c // GRID).mean())]))
         where.append((b, t - 1))
     return torch.tensor(where).reshape(-1, 2), torch.stack(targets) / (GRID - 1) * 2 - 1 if targets else torch.zeros(0, 4)
 
