@@ -115,3 +115,15 @@ def test_position_targets_are_the_two_objects_centres_and_the_probe_reads_them()
     hidden = torch.zeros(len(ids), ids.shape[1], 16)
     hidden[where[:, 0], where[:, 1]] = centres @ torch.linalg.pinv(probe).T  # encodes the centres exactly
     assert float(train.position_loss(hidden, where, centres)) < 1e-8 < float(train.position_loss(hidden * 0, where, centres))
+
+
+def test_llm_stage_runs_end_to_end_and_saves_a_loadable_checkpoint(tmp_path):
+    from transformers import LlavaForConditionalGeneration
+
+    log = train.train_llm(str(tmp_path / "llm"), steps=2, batch_size=2, turns=3, eval_every=2)
+    assert [s["step"] for s in log["steps"]] == [1, 2]
+    assert all(s["retrieval"] is not None and s["retrieval"] > 0 for s in log["steps"])  # attention + probe terms
+    assert set(log["evals"][-1]) >= set(scenes.QTYPES) | {"overall"}
+    model = LlavaForConditionalGeneration.from_pretrained(tmp_path / "llm")
+    assert model.get_input_embeddings().num_embeddings == len(train.build_processor().tokenizer)
+    assert (tmp_path / "llm" / "train_log.json").is_file()

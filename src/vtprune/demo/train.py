@@ -503,15 +503,15 @@ def train_llm(out: str, steps: int = 3000, batch_size: int = 16, turns: int = 24
         else:
             feats = torch.cat([code_features(codes, lab)[k] for lab, k in zip(patch, kept)])
             feats = feats + noise * feats.std() * torch.randn_like(feats)
-        loss, out = decoder_losses(model, feats.to(device), ids.to(device), mask.to(device), labels.to(device),
-                                   pos.to(device), with_internals=bool(attention_weight))
+        loss, internals = decoder_losses(model, feats.to(device), ids.to(device), mask.to(device), labels.to(device),
+                                         pos.to(device), with_internals=bool(attention_weight))
         total, retrieval = loss, None
         if attention_weight:
             targets = retrieval_targets(encoder, ids, labels, kept, patch, questions)
-            retrieval = sum(retrieval_loss(out.attentions[layer], where.to(device), masks.to(device))
+            retrieval = sum(retrieval_loss(internals.attentions[layer], where.to(device), masks.to(device))
                             for layer, (where, masks) in targets.items()) / len(targets)
             where, centres = position_targets(ids, labels, patch, questions)
-            retrieval = retrieval + position_loss(out.hidden_states[ANSWER_LAYER + 1], where.to(device), centres)
+            retrieval = retrieval + position_loss(internals.hidden_states[ANSWER_LAYER + 1], where.to(device), centres)
             total = loss + attention_weight * retrieval
         optimizer.zero_grad(set_to_none=True)
         total.backward()
