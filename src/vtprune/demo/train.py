@@ -298,9 +298,9 @@ def retrieval_targets(encoder: TurnEncoder, ids, labels, kept, patch_labels, que
         rows[layer][0].append((b, t))
         rows[layer][1].append(m)
 
+    slots = [torch.nonzero(row == encoder.image).flatten() for row in ids]  # image positions per sequence
     for b, question, t, start in _asked(ids, labels, questions):
-        slots = torch.nonzero(ids[b] == encoder.image).flatten()
-        refs = [slots[ref[kept[b]]] for ref in referent_patches(patch_labels[b], question)]
+        refs = [slots[b][ref[kept[b]]] for ref in referent_patches(patch_labels[b], question)]
         words = [start + i for i, w in enumerate(ids[b, start:t].tolist()) if w in encoder.object_words]
         for word, ref in zip(words, refs):
             add(MENTION_LAYER, b, word, (ref, ref))
