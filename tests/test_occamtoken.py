@@ -129,3 +129,30 @@ def test_budget_calibration_hits_the_target():
     measured = sum(kept) / len(kept)
     assert measured == pytest.approx(fit.mean_kept)
     assert abs(measured - 9.0) <= 1.0
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_5_vl"])
+def test_fixed_budget_keeps_the_best_ratios_exactly(family):
+    """keep=N ranks stage I by s1(v) / s1(r): it keeps exactly N, the same tokens as the adaptive rule
+    with λ1 set to the N-th largest ratio of that image (a hand-built threshold)."""
+    model = model_of(family)
+    inputs = make_inputs(model, samples(family, (0,)))
+    with vtprune.pruned(model, occam(lambda1=0.0, stage2=False)) as handle, torch.no_grad():
+        model(**inputs)
+    ratios = torch.tensor(handle.last.images[0].info["stage1_ratios"])
+    keep = ratios.numel() // 3
+    lambda1 = float(torch.sort(ratios, descending=True).values[keep - 1])
+    assert int((ratios >= lambda1).sum()) == keep  # no tie at the cut, so both rules must agree
+    outs = []
+    for method in (occam(keep=keep, stage2=False), occam(lambda1=lambda1 * (1 - 1e-6), stage2=False)):
+        with vtprune.pruned(model, method) as handle, torch.no_grad():
+            outs.append((model(**inputs).logits[:, -1], handle.last.images[0]))
+    (ranked, ranked_img), (thresholded, thresholded_img) = outs
+    assert ranked_img.after_pre_llm == keep and ranked_img.registers >= 1
+    assert thresholded_img.after_pre_llm == keep
+    assert (ranked - thresholded).abs().max() <= 1e-5
+
+
+def test_fixed_budget_needs_stage1():
+    with pytest.raises(vtprune.errors.UnsupportedMethodError, match="stage1"):
+        occam(keep=8, stage1=False)

@@ -101,7 +101,8 @@ class HFRunner:
         return self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
 
     def generate(self, prompt: str, images, method: str | None = None, **method_args):
-        """(new tokens, visual tokens pruned in total): greedy, with ``vtprune.apply`` when ``method``."""
+        """(new tokens, how much shorter the prompt got: visual tokens pruned, less test-time registers
+        added): greedy, with ``vtprune.apply`` when ``method``."""
         import torch
         import vtprune
 
@@ -113,5 +114,5 @@ class HFRunner:
                 return self.model.generate(**inputs, **kwargs)[0, length:].tolist(), 0
             with vtprune.pruned(self.model, method, **method_args) as handle:
                 out = self.model.generate(**inputs, **kwargs)
-                pruned = sum(im.candidates - im.after_pre_llm for im in handle.stats[0].images)
+                pruned = sum(im.candidates - im.after_pre_llm - im.registers for im in handle.stats[0].images)
         return out[0, length:].tolist(), pruned

@@ -14,8 +14,8 @@ from conftest import ARCH, SIZES, HFRunner, engine, greedy, image
 
 #: methods that must run inside vLLM, per family, with the budget used here
 SERVABLE = {
-    "llava": ["cls_topk", "random", "pooling", "visionzip", "vispruner", "divprune", "hiprune", "ocvtp"],
-    "llava_next": ["cls_topk", "random", "visionzip", "vispruner", "divprune", "ocvtp"],
+    "llava": ["cls_topk", "random", "pooling", "visionzip", "vispruner", "divprune", "hiprune", "ocvtp", "occamtoken"],
+    "llava_next": ["cls_topk", "random", "visionzip", "vispruner", "divprune", "ocvtp", "occamtoken"],
     "qwen2_5_vl": ["cls_topk", "random", "pooling", "vispruner", "divprune", "ocvtp"],
     "qwen3_vl": ["cls_topk", "random", "pooling", "vispruner", "divprune", "ocvtp"],
 }
@@ -28,10 +28,12 @@ SERVER = {"llava": "hiprune", "llava_next": "cls_topk", "qwen2_5_vl": "cls_topk"
 def method_table() -> dict:
     """The server's extra arguments per method (``vtprune_args``): hiprune's object layer must lie in
     the tiny 3-block tower; OC-VTP uses the synthetic 32-d pruner shipped with vtprune (the tiny
-    towers are 32 wide)."""
+    towers are 32 wide); OccamToken serves stage I ranked to the budget, with register neurons in both
+    blocks vLLM builds (so that the redirection is exercised)."""
     from vtprune.ocvtp import checkpoint_dir
 
-    return {"hiprune": {"object_layer": 1}, "ocvtp": {"checkpoint": str(checkpoint_dir() / "synthetic-d32")}}
+    return {"hiprune": {"object_layer": 1}, "ocvtp": {"checkpoint": str(checkpoint_dir() / "synthetic-d32")},
+            "occamtoken": {"stage2": False, "neurons": [[0, 3], [0, 17], [1, 5]]}}
 
 
 def _request(prompt, images, **kwargs):
@@ -80,7 +82,7 @@ def test_family(family, checkpoints):
             for (tokens, length), (want, pruned), (_, full_length) in zip(got, expected[m], off):
                 if tokens != want:
                     failures.append(f"{m}: vLLM {tokens} != HF {want}")
-                if full_length - length != pruned or pruned <= 0:
+                if full_length - length != pruned or pruned <= 0:  # pruned: net of registers added
                     failures.append(f"{m}: vLLM prompt {full_length} -> {length}, HF pruned {pruned} tokens")
         assert not failures, "\n".join(failures)
 

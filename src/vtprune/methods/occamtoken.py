@@ -19,6 +19,10 @@ Defaults: λ1 = 0.015 (LLaVA-1.5), 0.045 (LLaVA-NeXT) [paper]; λ2 = 1.0 [paper'
 l = 11 (LLaVA) / 10 (Qwen) [paper]. Calibrate λ2 to a target mean budget with
 ``vtprune.calibrate.calibrate_lambda2`` / ``vtprune calibrate budget``.
 
+Fixed budget (not in the paper; what a host that fixes token counts in advance, such as vLLM, needs):
+``keep=N`` or ``ratio=r`` replaces stage I's threshold by a ranking — the N candidates with the largest
+s1(v) / s1(r), each against its own crop's register, are kept; λ1 is then unused.
+
 [decision]s, all configurable:
 - stage I reads the feature layer (LLaVA's ``vision_feature_layer``, −2) after the register was added;
 - Qwen: λ1 default 0.5 (the paper gives none; calibrate it); scores pooled 2×2 by the mean; the
@@ -44,7 +48,7 @@ import torch
 
 from ..errors import UnsupportedMethodError
 from ._occam_scores import stage1_cls_scores, stage2_keep, stage2_scores, stage1_keep
-from .base import Method, Selection, Stage, register
+from .base import Method, Selection, Stage, register, sorted_topk
 
 DEFAULT_LAMBDA1 = {"llava": 0.015, "llava_next": 0.045, "qwen2_5_vl": 0.5, "qwen3_vl": 0.5}
 DEFAULT_LAYER = {"llava": 11, "llava_next": 11, "qwen2_5_vl": 10, "qwen3_vl": 10}
@@ -58,8 +62,11 @@ class OccamToken(Method):
     extra_tokens = 1
 
     def __init__(self, lambda1: float | None = None, lambda2: float = 1.0, layer: int | None = None,
-                 stage1: bool = True, stage2: bool = True, neurons=None, register_mode: str = "per_channel"):
-        super().__init__()
+                 stage1: bool = True, stage2: bool = True, neurons=None, register_mode: str = "per_channel",
+                 keep: int | None = None, ratio: float | None = None):
+        super().__init__(keep=keep, ratio=ratio)
+        if (keep is not None or ratio is not None) and not stage1:
+            raise UnsupportedMethodError("OccamToken's keep=/ratio= budget applies to stage I; enable stage1.")
         if not (stage1 or stage2):
             raise UnsupportedMethodError("OccamToken needs stage1, stage2 or both enabled.")
         for name, value in (("lambda1", lambda1), ("lambda2", lambda2)):
@@ -84,8 +91,14 @@ class OccamToken(Method):
                 f"pass layer= in 0..{num_layers - 2}.")
         self.llm_layers = (self.layer + 1,) if self.stage2 else ()
 
+    @property
+    def ranked(self) -> bool:
+        """Stage I keeps a fixed budget, the best ratios s1(v) / s1(r), instead of thresholding at λ1."""
+        return self.keep is not None or self.ratio is not None
+
     def describe(self) -> str:
-        parts = [f"λ1={self.lambda1}" if self.stage1 else "no stage I",
+        stage1 = f"stage I top {self.keep or self.ratio} by s1(v)/s1(r)" if self.ranked else f"λ1={self.lambda1}"
+        parts = [stage1 if self.stage1 else "no stage I",
                  f"λ2={self.lambda2}, l={self.layer}" if self.stage2 else "no stage II"]
         return f"occamtoken({', '.join(parts)})"
 
@@ -138,7 +151,10 @@ class OccamToken(Method):
                 thresholds.append(float(self.lambda1 * reference))
                 ratios += (scores / reference.clamp_min(1e-12)).tolist()
             keep = torch.cat(keep)
-        if keep.numel() == 0:  # every patch below the register: keep the best one rather than none
+        if self.ranked:  # a fixed budget: the register is the ranking key (comparable across crops)
+            keep = sorted_topk(torch.tensor(ratios), self.budget(ctx.num_tokens)).to(keep.device)
+            thresholds = []
+        elif keep.numel() == 0:  # every patch below the register: keep the best one rather than none
             keep = ctx.received_attention.argmax().view(1)
         return Selection(keep=keep, info={"stage1_kept": int(keep.numel()), "stage1_thresholds": thresholds,
                                           "stage1_ratios": ratios})

@@ -19,7 +19,8 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from .vllm_plugin import (SPEC_FIELD, ClipTowerRun, Host, ImageSlot, PlaceholderCountMixin, PruneSpec,
                           PrunedPositionsMixin, attach_positions, check_count, chosen_methods, clip_context,
-                          feature_pool_index, image_record, select_and_project, strip_request_keys, watched_blocks)
+                          feature_pool_index, image_record, register_features, register_of, select_and_project,
+                          strip_request_keys, watched_blocks)
 
 FAMILY = "llava"
 
@@ -74,8 +75,9 @@ class ClipLlavaPruneMixin(PrunedPositionsMixin):
     """Model side shared by the LLaVA and LLaVA-NeXT variants (CLIP tower, 1-D RoPE)."""
     vtprune_one_d = True
 
-    def vtprune_setup(self, family: str) -> None:
+    def vtprune_setup(self, family: str, model_dir: str | None = None) -> None:
         config = self.config
+        self.vtprune_model_dir = model_dir  # where a shipped vtprune_registers.json is looked for
         check_clip_llava(config)
         self.vtprune_server = PruneSpec.from_config(config)
         self.vtprune_host = Host.of(family, config)
@@ -96,17 +98,37 @@ class ClipLlavaPruneMixin(PrunedPositionsMixin):
         return [attach_positions(e, torch.arange(e.shape[0], device=e.device)[:, None].expand(-1, 3))
                 for e in embeds_per_image]
 
-    def vtprune_tower_run(self, spec_field, count: int, pixel_values: torch.Tensor):
-        """The methods chosen for ``count`` images, and one tower run that keeps what they read."""
-        chosen = chosen_methods(spec_field, count, self.vtprune_server, self.vtprune_host)
+    def vtprune_tower_runs(self, spec_field, crops_per_image: list[int], pixel_values: torch.Tensor):
+        """The methods chosen for the images (``crops_per_image`` rows of ``pixel_values`` each), and per
+        image (its tower run, its crops' rows in that run). Images whose methods run the tower alike (the
+        same test-time register, or none) share one run that keeps what their methods read."""
+        chosen = chosen_methods(spec_field, len(crops_per_image), self.vtprune_server, self.vtprune_host)
+        starts = torch.tensor([0, *crops_per_image]).cumsum(0).tolist()
+        groups: dict = {}
+        for i, (method, _, _) in enumerate(chosen):
+            groups.setdefault(register_of(method, self.vtprune_model_dir), []).append(i)
         feature_block = self.vtprune_feature_index - 1
-        watch = set().union(*[watched_blocks(m, feature_block, self.vtprune_layers) for m, _, _ in chosen])
-        return chosen, ClipTowerRun(self.vision_tower, pixel_values, watch)
+        placement = [None] * len(chosen)
+        for register, images in groups.items():
+            rows = [list(range(starts[i], starts[i + 1])) for i in images]
+            watch = set().union(*[watched_blocks(chosen[i][0], feature_block, self.vtprune_layers) for i in images])
+            run = ClipTowerRun(self.vision_tower, pixel_values[[r for rs in rows for r in rs]], watch, register)
+            first = 0
+            for i, rs in zip(images, rows):
+                placement[i] = (run, list(range(first, first + len(rs))))
+                first += len(rs)
+        return chosen, placement
 
     def vtprune_context(self, run: ClipTowerRun, crops: list[int], cols: list[torch.Tensor]):
         return clip_context(run, crops=crops, cols=cols, feature_index=self.vtprune_feature_index,
                             feature_block=self.vtprune_feature_index - 1, num_full_layers=self.vtprune_layers,
                             family=self.vtprune_host.family, grids=[(self.vtprune_side, self.vtprune_side)] * len(crops))
+
+    def vtprune_registers(self, run: ClipTowerRun, crops: list[int]) -> torch.Tensor:
+        """The LLM embeddings of the crops' test-time registers ((0, D) without a register)."""
+        if run.register is None:
+            return run.hidden[0].new_zeros(0, self.config.text_config.hidden_size)
+        return self.multi_modal_projector(register_features(run, crops, self.vtprune_feature_index))
 
 
 @MULTIMODAL_REGISTRY.register_processor(VTPruneLlavaMultiModalProcessor, info=VTPruneLlavaProcessingInfo,
@@ -115,7 +137,7 @@ class VTPruneLlavaForConditionalGeneration(ClipLlavaPruneMixin, LlavaForConditio
                                            SupportsMultiModalPruning):
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self.vtprune_setup(FAMILY)
+        self.vtprune_setup(FAMILY, vllm_config.model_config.model)
 
     # -- positions ------------------------------------------------------------------------------
     def vtprune_image_slot(self, mm_feature) -> ImageSlot:
@@ -132,12 +154,16 @@ class VTPruneLlavaForConditionalGeneration(ClipLlavaPruneMixin, LlavaForConditio
         if isinstance(image_input, LlavaImageEmbeddingInputs):
             return self.vtprune_passthrough(image_input["data"])
         pixel_values = image_input["pixel_values"]
-        chosen, run = self.vtprune_tower_run(spec_field, len(pixel_values), pixel_values)
-        cols = torch.arange(self.vtprune_side ** 2, device=pixel_values.device)
+        chosen, placement = self.vtprune_tower_runs(spec_field, [1] * len(pixel_values), pixel_values)
+        n = self.vtprune_side ** 2
+        cols = torch.arange(n, device=pixel_values.device)
         out = []
-        for i, (method, kept, _) in enumerate(chosen):
-            keep, embeds = select_and_project(method, self.vtprune_context(run, [i], [cols]), self.multi_modal_projector)
+        for (method, kept, _), (run, crops) in zip(chosen, placement):
+            keep, embeds = select_and_project(method, self.vtprune_context(run, crops, [cols]), self.multi_modal_projector)
+            registers = self.vtprune_registers(run, crops)  # at the image's last position, as on the HF path
+            embeds = torch.cat([embeds, registers])
+            rel = torch.cat([keep, torch.full((len(registers),), n - 1, device=keep.device, dtype=keep.dtype)])
             if method is not None:
-                check_count(method, keep.numel(), kept)
-            out.append(attach_positions(embeds, keep[:, None].expand(-1, 3)))
+                check_count(method, len(rel), kept)
+            out.append(attach_positions(embeds, rel[:, None].expand(-1, 3)))
         return out

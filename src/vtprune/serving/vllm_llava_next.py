@@ -99,7 +99,7 @@ class VTPruneLlavaNextForConditionalGeneration(ClipLlavaPruneMixin, LlavaNextFor
                                                SupportsMultiModalPruning):
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self.vtprune_setup(FAMILY)
+        self.vtprune_setup(FAMILY, vllm_config.model_config.model)
 
     def vtprune_image_slot(self, mm_feature) -> ImageSlot:
         size = mm_feature.data["image_sizes"].data.tolist()
@@ -124,19 +124,19 @@ class VTPruneLlavaNextForConditionalGeneration(ClipLlavaPruneMixin, LlavaNextFor
             present, cols = candidates_of(table, crops, n)
             layouts.append((table, crops, present, cols))
         per_image = [p[:crops] for p, (_, crops, _, _) in zip(pixel_values, layouts)]
-        chosen, run = self.vtprune_tower_run(spec_field, len(sizes), torch.cat(per_image))
-        out, first = [], 0
-        for (table, crops, present, cols), (method, kept, _) in zip(layouts, chosen):
+        chosen, placement = self.vtprune_tower_runs(spec_field, [len(p) for p in per_image], torch.cat(per_image))
+        out = []
+        for (table, crops, present, cols), (method, kept, _), (run, rows) in zip(layouts, chosen, placement):
             device = run.hidden[0].device
-            ctx = self.vtprune_context(run, list(range(first, first + crops)), [c.to(device) for c in cols])
-            first += crops
+            ctx = self.vtprune_context(run, rows, [c.to(device) for c in cols])
             keep, embeds = select_and_project(method, ctx, self.multi_modal_projector)
             keep = keep.cpu()
             kept_patches = present[keep]
             unit_is_kept = (table < 0) | torch.isin(table, kept_patches)
             keep_units = torch.nonzero(unit_is_kept).flatten()
+            registers = self.vtprune_registers(run, rows)  # one per crop, at the last unit's position
             if method is not None:
-                check_count(method, len(keep_units), kept)
+                check_count(method, len(keep_units) + len(registers), kept)
             rank = torch.full((crops * n,), -1, dtype=torch.long)
             rank[kept_patches] = torch.arange(len(kept_patches))
             kept_table = table[keep_units]
@@ -144,5 +144,7 @@ class VTPruneLlavaNextForConditionalGeneration(ClipLlavaPruneMixin, LlavaNextFor
             gather = rank[kept_table.clamp(min=0)].clamp(min=0).to(embeds.device)
             ordered = torch.where((kept_table < 0).to(embeds.device).unsqueeze(1),
                                   newline.expand(len(kept_table), -1), embeds[gather])
+            keep_units = torch.cat([keep_units, torch.full((len(registers),), len(table) - 1, dtype=keep_units.dtype)])
+            ordered = torch.cat([ordered, registers.to(ordered.dtype)])
             out.append(attach_positions(ordered, keep_units.to(embeds.device)[:, None].expand(-1, 3)))
         return out

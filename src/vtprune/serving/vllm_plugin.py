@@ -33,6 +33,7 @@ import contextlib
 import functools
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -189,6 +190,8 @@ def _build_method(spec: PruneSpec, family: str, llm_layers: int) -> Method:
 # ------------------------------------------------------------------------------------------------
 # front-end validation: which methods can run inside vLLM
 # ------------------------------------------------------------------------------------------------
+#: families whose vLLM tower the plugin can run with a test-time register (OccamToken)
+REGISTER_FAMILIES = ("llava", "llava_next")
 IN_LLM_REASON = (
     "it prunes inside the language model. vLLM fixes every image's placeholder count in the front end "
     "and keeps the KV cache in shared paged blocks, so only methods that prune before the LLM with a "
@@ -202,14 +205,17 @@ def check_servable(method: Method, family: str) -> None:
     if not stages:
         raise ValueError(f"vtprune: method '{method.name}' declares no insertion point.")
     if Stage.LLM in stages:
-        raise ValueError(f"vtprune: method '{method.name}' cannot be served by vLLM: {IN_LLM_REASON}")
+        hint = (" To serve OccamToken's stage I ranked to a fixed budget, set vtprune_args "
+                '{"occamtoken": {"stage2": false}} and vtprune_keep or vtprune_ratio.') if method.name == "occamtoken" else ""
+        raise ValueError(f"vtprune: method '{method.name}' cannot be served by vLLM: {IN_LLM_REASON}{hint}")
     if method.keep is None and method.ratio is None:
         raise ValueError(
             f"vtprune: method '{method.name}' needs a budget fixed in advance inside vLLM: set "
             f"vtprune_keep=N or vtprune_ratio=r (vLLM fixes placeholder counts before the model runs).")
-    if getattr(method, "extra_tokens", 0):
-        raise ValueError(f"vtprune: method '{method.name}' appends tokens inside the vision tower "
-                         f"(test-time registers), which the vLLM plugin does not support yet.")
+    if getattr(method, "extra_tokens", 0) and family not in REGISTER_FAMILIES:
+        raise ValueError(f"vtprune: method '{method.name}' appends test-time registers inside the vision tower, "
+                         f"which the vLLM plugin supports on CLIP towers ({', '.join(REGISTER_FAMILIES)}), not on "
+                         f"{family}; use vtprune.apply() on a transformers model.")
     try:
         method.check_family(family)
     except UnsupportedMethodError as exc:
@@ -236,7 +242,7 @@ class Host:
 
 
 def _synthetic_context(host: Host, grids: tuple[tuple[int, int], ...], sizes: tuple[int, ...],
-                       stage: Stage) -> ImageContext:
+                       stage: Stage, extra: int = 0) -> ImageContext:
     n = sum(sizes)
     g = torch.Generator().manual_seed(0)
     width = host.vision_width if stage == Stage.VISION else host.llm_width
@@ -263,10 +269,11 @@ def _synthetic_context(host: Host, grids: tuple[tuple[int, int], ...], sizes: tu
         "hidden": hidden,
     }
     if host.family in ("llava", "llava_next"):
-        providers["cls_attention"] = lambda: torch.softmax(torch.randn(heads, n, generator=g), -1)
+        columns = n + extra * len(sizes)  # one column per register of each crop, after the candidates
+        providers["cls_attention"] = lambda: torch.softmax(torch.randn(heads, columns, generator=g), -1)
         providers["vision_attention"] = attention
     return ImageContext(features=feats, grids=list(grids), crop_slices=slices, family=host.family, image_index=0,
-                        providers=providers)
+                        extra=extra, providers=providers)
 
 
 def check_tower(method: Method, tower: tuple[int, int] | None) -> None:
@@ -294,7 +301,7 @@ def dry_run(spec: PruneSpec, host: Host, grids: tuple[tuple[int, int], ...], siz
     except BudgetError as exc:
         raise ValueError(f"vtprune: {exc}") from exc
     stage = Stage.VISION if Stage.VISION in method.stages else Stage.PROJECTED
-    ctx = _synthetic_context(host, grids, sizes, stage)
+    ctx = _synthetic_context(host, grids, sizes, stage, method.extra_tokens)
     try:
         sel = select(method, stage, ctx)
     except UnsupportedMethodError as exc:
@@ -324,12 +331,16 @@ def select(method: Method, stage: Stage, ctx: ImageContext) -> Selection:
 def image_record(spec: PruneSpec, host: Host, grids: Sequence[tuple[int, int]], sizes: Sequence[int] | None = None,
                  fixed_units: int = 0) -> list[int]:
     """The per-image record for the model (placeholders = kept candidates + ``fixed_units`` that are
-    never pruned, e.g. LLaVA-NeXT's newline tokens); runs the front-end checks."""
+    never pruned, e.g. LLaVA-NeXT's newline tokens, + the method's registers, one per crop); runs the
+    front-end checks."""
     grids = tuple((int(r), int(c)) for r, c in grids)
     sizes = tuple(int(x) for x in sizes) if sizes is not None else tuple(r * c for r, c in grids)
     n = sum(sizes)
-    kept = dry_run(spec, host, grids, sizes) if spec.enabled else n
-    return spec.record(kept + fixed_units, n)
+    if not spec.enabled:
+        return spec.record(n + fixed_units, n)
+    kept = dry_run(spec, host, grids, sizes)
+    registers = spec.build(host.family, host.llm_layers).extra_tokens * len(grids)
+    return spec.record(kept + fixed_units + registers, n)
 
 
 def clip_tower_blocks(config) -> tuple[int, int]:
@@ -469,21 +480,43 @@ def check_qwen_placeholders(prompt_ids: Sequence[int], placeholders, image_token
 
 @contextlib.contextmanager
 def observe(modules: Mapping[Any, torch.nn.Module], callback):
-    """Call ``callback(key, output)`` after each forward of each module while the block runs. Wraps the
-    instance's ``forward`` rather than registering hooks: vLLM's ``support_torch_compile`` modules
-    call ``self.forward`` directly, which skips ``nn.Module`` hooks."""
+    """Call ``callback(key, output)`` after each forward of each module while the block runs."""
+
+    def wrap(key, original):
+        def forward(*args, **kwargs):
+            out = original(*args, **kwargs)
+            callback(key, out)
+            return out
+        return forward
+
+    with wrapped_forwards(modules, wrap):
+        yield
+
+
+@contextlib.contextmanager
+def transform_inputs(modules: Mapping[Any, torch.nn.Module], transform):
+    """Each module's first input ``x`` becomes ``transform(key, x)`` while the block runs."""
+
+    def wrap(key, original):
+        def forward(x, *args, **kwargs):
+            return original(transform(key, x), *args, **kwargs)
+        return forward
+
+    with wrapped_forwards(modules, wrap):
+        yield
+
+
+@contextlib.contextmanager
+def wrapped_forwards(modules: Mapping[Any, torch.nn.Module], wrap):
+    """Replace each module's ``forward`` by ``wrap(key, original forward)`` while the block runs.
+    Wraps the instance's ``forward`` rather than registering hooks: vLLM's ``support_torch_compile``
+    modules call ``self.forward`` directly, which skips ``nn.Module`` hooks."""
     saved = []
     try:
         for key, module in modules.items():
             had = "forward" in module.__dict__
             original = module.forward
-
-            def forward(*args, _original=original, _key=key, **kwargs):
-                out = _original(*args, **kwargs)
-                callback(_key, out)
-                return out
-
-            module.forward = forward
+            module.forward = wrap(key, original)
             saved.append((module, had, original))
         yield
     finally:
@@ -505,15 +538,43 @@ def feature_pool_index(feature_layer: int, num_layers: int) -> int:
     return idx
 
 
+@dataclass(frozen=True)
+class Register:
+    """A test-time register for a CLIP tower run: the redirected MLP channels per block and the mode
+    of :func:`vtprune.registers.redirect_activations`."""
+
+    by_layer: tuple[tuple[int, tuple[int, ...]], ...] = ()
+    mode: str = "per_channel"
+
+
+def register_of(method: Method | None, model_dir: str | None) -> Register | None:
+    """The register ``method`` runs the tower with (None: no register). Its neurons are the method's
+    ``neurons`` argument, else the ``vtprune_registers.json`` shipped next to the served weights, else
+    none (the register is appended, nothing is redirected; the HF path warns about this)."""
+    from ..methods.occamtoken import REGISTER_FILE
+    from ..registers import RegisterNeurons, _as_neurons
+
+    if method is None or not getattr(method, "extra_tokens", 0):
+        return None
+    neurons = getattr(method, "neurons", None)
+    if neurons is None and model_dir and (Path(model_dir) / REGISTER_FILE).is_file():
+        neurons = RegisterNeurons.from_json(Path(model_dir) / REGISTER_FILE)
+    by_layer = _as_neurons(neurons).by_layer()
+    return Register(tuple((int(k), tuple(int(n) for n in v)) for k, v in sorted(by_layer.items())),
+                    getattr(method, "register_mode", "per_channel"))
+
+
 class ClipTowerRun:
     """One run of vLLM's CLIP tower on a batch of crops, keeping what methods may ask for.
 
     ``hidden[i]`` is the tower's hidden state after block i-1 (0 = embeddings); ``qk[b]`` holds the
     query and key states of block ``b`` (all heads, gathered across tensor-parallel ranks), exactly
-    as the block's own layer norm and q/k projections produced them.
+    as the block's own layer norm and q/k projections produced them. With ``register``, every crop
+    runs as ``vtprune.registers.test_time_register`` runs it on the HF tower: a zero token appended
+    before the pre-norm (the last row of every hidden state), the listed MLP channels redirected onto it.
     """
 
-    def __init__(self, tower, pixel_values: torch.Tensor, blocks_to_watch: set[int]):
+    def __init__(self, tower, pixel_values: torch.Tensor, blocks_to_watch: set[int], register: Register | None = None):
         vm = getattr(tower, "vision_model", tower)
         layers = vm.encoder.layers
         for b in blocks_to_watch:
@@ -523,9 +584,23 @@ class ClipTowerRun:
         self.qk: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.scale = {b: float(layers[b].self_attn.scale) for b in blocks_to_watch}
         self._attn = {b: layers[b].self_attn for b in blocks_to_watch}
-        with observe({b: layers[b].self_attn.qkv_proj for b in blocks_to_watch}, self._keep):
-            x = vm.pre_layrnorm(vm.embeddings(pixel_values.to(vm.dtype)))
-            self.hidden = vm.encoder(inputs_embeds=x, return_all_hidden_states=True)
+        self.register = register
+        redirected = {b: layers[b].mlp.fc2 for b, _ in (register.by_layer if register else ()) if b < len(layers)}
+        if any(getattr(fc2, "tp_size", 1) > 1 for fc2 in redirected.values()):
+            raise ValueError("vtprune: test-time registers in vLLM need tensor_parallel_size=1 (the redirected "
+                             "MLP channels would be split across ranks).")
+        with observe({b: layers[b].self_attn.qkv_proj for b in blocks_to_watch}, self._keep), \
+                transform_inputs(redirected, self._redirect):
+            x = vm.embeddings(pixel_values.to(vm.dtype))
+            if register is not None:  # a zero token, no position embedding, before the pre-norm
+                x = torch.cat([x, x.new_zeros(x.shape[0], 1, x.shape[-1])], dim=1)
+            self.hidden = vm.encoder(inputs_embeds=vm.pre_layrnorm(x), return_all_hidden_states=True)
+
+    def _redirect(self, block: int, h: torch.Tensor) -> torch.Tensor:
+        from ..registers import redirect_activations
+
+        channels = torch.tensor(dict(self.register.by_layer)[block], dtype=torch.long, device=h.device)
+        return redirect_activations(h, channels, patch=slice(1, -1), register=slice(-1, None), mode=self.register.mode)
 
     def _keep(self, block: int, output) -> None:
         attn = self._attn[block]
@@ -562,9 +637,12 @@ def clip_context(run: ClipTowerRun, *, crops: list[int], cols: list[torch.Tensor
     for c in cols:
         slices.append(slice(start, start + len(c)))
         start += len(c)
+    extra = 1 if run.register is not None else 0
 
-    def cls_attention():
-        return torch.cat([run.rows(feature_block, r, [0])[:, 0, 1 + c] for r, c in zip(crops, cols)], dim=-1)
+    def cls_attention():  # the candidates of every crop, then each crop's register column
+        parts = [run.rows(feature_block, r, [0])[:, 0, 1 + c] for r, c in zip(crops, cols)]
+        parts += [run.rows(feature_block, r, [0])[:, 0, -1:] for r in crops] if extra else []
+        return torch.cat(parts, dim=-1)
 
     def received_attention():
         return torch.cat([run.rows(feature_block, r).mean(0).mean(0)[1 + c] for r, c in zip(crops, cols)])
@@ -578,7 +656,12 @@ def clip_context(run: ClipTowerRun, *, crops: list[int], cols: list[torch.Tensor
     providers = {"cls_attention": cls_attention, "received_attention": received_attention, "hidden": hidden,
                  "vision_attention": vision_attention}
     return ImageContext(features=feats, grids=list(grids), crop_slices=slices, family=family, image_index=0,
-                        providers=providers)
+                        extra=extra, providers=providers)
+
+
+def register_features(run: ClipTowerRun, crops: list[int], feature_index: int) -> torch.Tensor:
+    """(crops, D) the registers' rows of the feature layer (they reach the LLM, as on the HF path)."""
+    return run.hidden[feature_index][crops, -1]
 
 
 def watched_blocks(method: Method | None, feature_block: int, num_full_layers: int) -> set[int]:
