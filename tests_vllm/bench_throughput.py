@@ -1,6 +1,6 @@
 """Serving throughput of pruned vs unpruned LLaVA on vLLM (CPU), in one run. Not a test.
 
-    python tests_vllm/bench_throughput.py [--model PATH] [--requests 32] [--keep 64]
+    python tests_vllm/bench_throughput.py [--model PATH] [--requests 32] [--method M] [--keep 64] [--args JSON]
 
 Without ``--model`` it builds a model of the shipped demo model's architecture (CLIP-style tower at
 336 px, patch 14: 576 patch tokens; 4-layer Llama) with random weights — the decoder uses 5 heads of
@@ -91,6 +91,7 @@ def main() -> None:
     p.add_argument("--max-num-seqs", type=int, default=8)
     p.add_argument("--method", default="cls_topk")
     p.add_argument("--keep", type=int, default=64)
+    p.add_argument("--args", default="{}", help='the method\'s other arguments, JSON (occamtoken: \'{"stage2": false}\')')
     p.add_argument("--out", help="also write the report (JSON) here")
     args = p.parse_args()
 
@@ -110,7 +111,8 @@ def main() -> None:
     # both engines live side by side and take turns, so that load from other processes hits both alike
     plain = make_engine(path, None, args.max_num_seqs)
     pruning = make_engine(path, {"architectures": ["VTPruneLlavaForConditionalGeneration"],
-                                 "vtprune_method": args.method, "vtprune_keep": args.keep}, args.max_num_seqs)
+                                 "vtprune_method": args.method, "vtprune_keep": args.keep,
+                                 "vtprune_args": json.loads(args.args)}, args.max_num_seqs)
     for llm in (plain, pruning):
         llm.generate(warmup, params, use_tqdm=False)
     runs_full, runs_pruned = [], []
@@ -121,7 +123,7 @@ def main() -> None:
         llm.llm_engine.engine_core.shutdown()
     full, pruned = summary(runs_full, args.requests), summary(runs_pruned, args.requests)
     report = {"model": path, "requests_per_round": args.requests, "rounds": args.rounds, "new_tokens": args.new_tokens,
-              "method": args.method, "keep": args.keep, "unpruned": full, "pruned": pruned,
+              "method": args.method, "keep": args.keep, "args": json.loads(args.args), "unpruned": full, "pruned": pruned,
               "ratio_requests_per_s": pruned["requests_per_s"] / full["requests_per_s"],
               "ratio_generated_tokens_per_s": pruned["generated_tokens_per_s"] / full["generated_tokens_per_s"]}
     text = json.dumps(report, indent=2)

@@ -86,6 +86,11 @@ def test_family(family, checkpoints):
                     failures.append(f"{m}: vLLM prompt {full_length} -> {length}, HF pruned {pruned} tokens")
         assert not failures, "\n".join(failures)
 
+        if "occamtoken" in SERVABLE[family]:  # requests with and without a register, scheduled together
+            got = _run(llm, [_request(prompt, [images[0]], vtprune_method="occamtoken"),
+                             _request(prompt, [images[1]], vtprune_method="cls_topk")])
+            assert [t for t, _ in got] == [expected["occamtoken"][0][0], expected["cls_topk"][1][0]]
+
         # the server's default applies when a request names no method
         default = _run(llm, [_request(prompt, [im]) for im in images])
         assert [t for t, _ in default] == [t for t, _ in expected[server_method]]
