@@ -65,28 +65,32 @@ def test_retrieval_targets_bind_object_words_then_answers():
     targets = train.retrieval_targets(encoder, ids, labels, kept, patch, questions)
     assert set(targets) == {train.MENTION_LAYER, train.ANSWER_LAYER}
     object_word = torch.isin(ids, torch.tensor(sorted(encoder.object_words))) & (labels == -100)  # not answers
-    where, masks = targets[train.MENTION_LAYER]
-    assert len(where) == int(object_word.sum())  # one row per object word
+    where, masks, evenly = targets[train.MENTION_LAYER]
+    assert len(where) == int(object_word.sum()) and not evenly.any()  # one row per object word
     for (b, t), m in zip(where.tolist(), masks):
         assert object_word[b, t] and (ids[b][m.any(0)] == encoder.image).all()
-    where, masks = targets[train.ANSWER_LAYER]
+    where, masks, evenly = targets[train.ANSWER_LAYER]
     asked = [q for qs in questions for q in qs]
     assert len(where) == len(asked)
-    for (b, t), m, q in zip(where.tolist(), masks, asked):
+    for (b, t), m, even, q in zip(where.tolist(), masks, evenly, asked):
         assert labels[b, t] == -100 and labels[b, t + 1] != -100  # the position that predicts the answer
-        two_objects = len(train.referent_patches(patch[b], q)) == 2
-        if two_objects:  # head h reads the h-th object word of this very question
+        refs = train.referent_patches(patch[b], q)
+        if len(refs) == 2:  # head h reads the h-th object word of this very question
             assert [int(m[h].nonzero()) for h in range(2)] == [int(i) for i in object_word[b, :t].nonzero()[-2:]]
+        elif q.startswith("how many"):  # the counted centres and the sink, evenly
+            assert even and bool(m[:, train.COUNT_SINK].all())
+            assert int(m[0].sum()) == 1 + int(refs[0].sum()) and (ids[b][m[0]][1:] == encoder.image).all()
         else:
-            assert (ids[b][m.any(0)] == encoder.image).all()
+            assert not even and (ids[b][m.any(0)] == encoder.image).all()
     assert any(len(train.referent_patches(patch[b], q)) == 2 for b, qs in enumerate(questions) for q in qs)
+    assert evenly.any()
 
 
 def test_retrieval_loss_rewards_attention_on_the_target():
     encoder = train.TurnEncoder(train.build_processor().tokenizer)
     drawn, ids, labels, mask, pos, kept, questions = train.conversation_batch(encoder, [0, 1], turns=6, background=8)
     patch = [train.patch_label_tensors(s) for s in drawn]
-    for where, masks in train.retrieval_targets(encoder, ids, labels, kept, patch, questions).values():
+    for where, masks, evenly in train.retrieval_targets(encoder, ids, labels, kept, patch, questions).values():
         T = ids.shape[1]
         uniform = torch.full((2, 2, T, T), 1.0 / T)
         on_target = torch.zeros(2, 2, T, T)
@@ -94,7 +98,37 @@ def test_retrieval_loss_rewards_attention_on_the_target():
             for h in range(2):
                 if m[h].any():
                     on_target[b, h, t] = m[h].float() / m[h].sum()
-        assert train.retrieval_loss(on_target, where, masks) < 1e-4 < train.retrieval_loss(uniform, where, masks)
+        if not evenly.any():
+            assert train.retrieval_loss(on_target, where, masks) < 1e-4 < train.retrieval_loss(uniform, where, masks)
+            continue
+        # evenly spread rows: spreading exactly over the targets beats lumping the same mass on one of them
+        lumped = on_target.clone()
+        for (b, t), m, even in zip(where.tolist(), masks, evenly):
+            if even and int(m[0].sum()) > 1:
+                first = int(m[0].nonzero()[0])
+                lumped[b, :2, t] = 0
+                lumped[b, :2, t, first] = 1
+        spread = train.retrieval_loss(on_target, where, masks, evenly)
+        assert spread < train.retrieval_loss(lumped, where, masks, evenly)
+        assert spread < train.retrieval_loss(uniform, where, masks, evenly)
+        assert train.retrieval_loss(lumped, where, masks) < 1e-4  # without ``evenly`` only the mass counts
+
+
+def test_count_targets_encode_the_answer_and_the_probe_reads_them():
+    encoder = train.TurnEncoder(train.build_processor().tokenizer)
+    drawn, ids, labels, mask, pos, kept, questions = train.conversation_batch(encoder, [0, 1, 2], turns=10, background=8)
+    where, targets = train.count_targets(encoder, ids, labels, questions)
+    counting = [(b, q) for b, qs in enumerate(questions) for q in qs if q.startswith("how many")]
+    assert len(where) == len(counting) > 0 and targets.shape == (len(counting), 1)
+    for (b, t), target, (sb, q) in zip(where.tolist(), targets, counting):
+        assert b == sb and labels[b, t] == -100
+        count = int(scenes.NUMBERS.index(scenes.check_answer(drawn[b], q)))
+        assert abs(float(target) - (2 / (count + 1) - 1)) < 1e-6
+    probe = train.count_probe(16)
+    hidden = torch.zeros(len(ids), ids.shape[1], 16)
+    hidden[where[:, 0], where[:, 1]] = targets @ torch.linalg.pinv(probe).T
+    assert float(train.position_loss(hidden, where, targets, probe=train.count_probe)) < 1e-8
+    assert float(train.position_loss(hidden * 0, where, targets, probe=train.count_probe)) > 1e-3
 
 
 def test_position_targets_are_the_two_objects_centres_and_the_probe_reads_them():
