@@ -53,3 +53,40 @@ def test_method_runs_and_meets_its_budget(family, name):
         assert all(6 < a < n for a, n in zip(averaged, stats.tokens_entering_llm))
     else:
         assert stats.tokens_entering_llm == [6, 6]
+
+
+def test_later_llm_stages_see_the_count_that_entered_the_llm():
+    """``original_visual`` is the number of visual tokens that entered the LLM at every stage, not the
+    count left by the previous stage (SparseVLM's final budget and schedules are fractions of it)."""
+    from vtprune.methods.base import Method, Selection, Stage
+    from vtprune.tiny import Sample, make_inputs, tiny_model
+
+    seen = []
+
+    class Halves(Method):
+        name = "test_halves"
+        stages = (Stage.LLM,)
+        llm_layers = (1, 2)
+
+        def select_llm(self, ctx):
+            seen.append((ctx.stage_index, ctx.original_visual, len(ctx.visual)))
+            return Selection(keep=torch.arange(len(ctx.visual) // 2))
+
+    model = tiny_model("llava")
+    inputs = make_inputs(model, [Sample([1, 7, 8], [9, 10, 11], 0, (56, 56))])
+    with vtprune.pruned(model, Halves()), torch.no_grad():
+        model(**inputs)
+    (_, first_original, entered), (_, second_original, second_visual) = seen
+    assert first_original == entered == second_original and second_visual == entered // 2
+
+
+def test_sparsevlm_reaches_its_budget_in_an_early_stage_without_error():
+    from vtprune.tiny import Sample, make_inputs, tiny_model
+
+    model = tiny_model("llava")
+    inputs = make_inputs(model, [Sample([1, 7, 8], [9, 10, 11], 0, (56, 56))])
+    with vtprune.pruned(model, "sparsevlm", keep=4, layers=(1, 2), scale=0.0) as handle, torch.no_grad():
+        model(**inputs)
+    assert handle.last.images[0].after_pre_llm > 4
+    stages = handle.last.llm_stages[0]  # {layer: visual tokens kept from it on}
+    assert sorted(stages) == [1, 2] and stages[2] <= 4 + 1  # the budget (plus SparseVLM's recycled token)

@@ -352,6 +352,7 @@ class Pruner:
         stage = self.method.llm_layers.index(K)
         previous = self._layer_kwargs or {}
         self._stage_layouts.append((K, layout))
+        entering = self._stage_layouts[0][1]  # the layout the LLM started with (later stages see fewer)
         keep_slots, new_hidden_rows = [], []
         for b in range(hidden.shape[0]):
             slot_of = {int(c): j for j, c in enumerate(layout.index[b].tolist()) if c >= 0}
@@ -366,7 +367,7 @@ class Pruner:
             ctx = LLMContext(
                 hidden=hidden[b, valid], visual=to_local(cand_slots), text_after=to_local(text_slots),
                 layer=K, stage_index=stage, family=self.adapter.family,
-                original_visual=len(layout.candidates[b]), registers=to_local(register_slots),
+                original_visual=len(entering.candidates[b]), registers=to_local(register_slots),
                 providers={"attention": lambda rows, b=b, valid=valid: record.rows(b, valid[rows])[:, :, valid],
                            "keys": lambda b=b, valid=valid: record.key[b][:, valid]})
             with self._call_stats.timer():

@@ -20,6 +20,9 @@ FULL_TOKENS = 576
 #: OccamToken's stage-II layer on the 4-layer demo decoder: the paper's l = 11 of 32 layers is about a
 #: third of the depth; layer 1 is also where the demo decoder's object words read their objects' patches
 STAGE2_LAYER = 1
+#: multi-stage in-LLM methods, their stages at the papers' relative depths of the 4-layer demo decoder
+#: (PyramidDrop 8/16/24 and SparseVLM 2/6/15 of 32 layers; their defaults lie beyond layer 3)
+DECODER_LAYERS = {"pyramiddrop": (1, 2, 3), "sparsevlm": (1, 2, 3)}
 
 
 def add_benchmark_arguments(p) -> None:
@@ -33,6 +36,8 @@ def add_benchmark_arguments(p) -> None:
 
 
 def _method_kwargs(name: str, budget: int, model, processor, calibration) -> dict:
+    if name in DECODER_LAYERS:
+        return {"keep": budget, "layers": DECODER_LAYERS[name]}
     if name != "occamtoken":
         return {"keep": budget}
     from ..calibrate import calibrate_budget
