@@ -757,6 +757,7 @@ def main(argv=None) -> int:
     llm.add_argument("--init", help="continue from this checkpoint's decoder")
     llm.add_argument("--vision", help="read this stage-1 checkpoint's frozen tower features instead of exact codes")
     llm.add_argument("--stop-at", type=int, help="stop (evaluate, save) after this many steps of the --steps schedule")
+    llm.add_argument("--first-seed", type=int, default=8_000_000, help="first train-scene seed")
     joint = sub.add_parser("joint", parents=[common], help="stage 3: end to end on rendered scenes")
     joint.add_argument("--vision", required=True, help="stage-1 checkpoint")
     joint.add_argument("--llm", required=True, help="stage-2 checkpoint")
@@ -774,7 +775,7 @@ def main(argv=None) -> int:
     elif args.stage == "llm":
         log = train_llm(batch_size=args.batch_size, turns=args.turns, background=args.background,
                         attention_weight=args.attention_weight, init=args.init, vision=args.vision,
-                        stop_at=args.stop_at, **kwargs)
+                        stop_at=args.stop_at, first_seed=args.first_seed, **kwargs)
         print(json.dumps(log["evals"][-1]))
     else:
         log = train_joint(vision=args.vision, llm=args.llm, batch_size=args.batch_size, **kwargs)
