@@ -26,6 +26,17 @@ def test_window_batch_labels_match_the_window_cells():
     assert int(rows.max() - rows.min()) == int(cols.max() - cols.min()) == train.WINDOW - 1
 
 
+def test_loader_workers_give_the_same_batches_as_the_training_process():
+    batches = train._StepBatches(train._vision_batch, 0, 1, 1)  # 1 scene, 1 window per step
+    alone = list(train._loader(batches, 3, workers=0))
+    parallel = list(train._loader(batches, 3, workers=2))
+    assert len(alone) == len(parallel) == 3
+    for (p0, c0, l0), (p1, c1, l1) in zip(alone, parallel):
+        assert torch.equal(p0, p1) and torch.equal(c0, c1)
+        assert all(torch.equal(l0[k], l1[k]) for k in l0)
+    assert not torch.equal(alone[0][0], alone[1][0])  # each step its own scenes
+
+
 def _objects_matching(scene, labels, colour=None, shape=None, centres=False):
     """Reference mask built from the scene description, not from the question parser."""
     want = torch.zeros(scenes.GRID * scenes.GRID, dtype=torch.bool)

@@ -53,13 +53,36 @@ def test_background_is_textured_not_flat():
     assert corner.std() > 2.0  # cluttered background, so background patches are not identical
 
 
-def test_objects_lie_on_the_patch_grid_with_a_patch_between_them():
+def test_object_centres_are_patch_centres_with_a_patch_between_objects():
+    P, G = scenes.PATCH, scenes.GRID
     for seed in range(100):
         scene = scenes.make_scene(seed)
+        mask = scenes.object_mask(scene)
+        owners = mask.reshape(G, P, G, P).transpose(0, 2, 1, 3).reshape(G * G, P * P)
+        assert all(len(set(row[row > 0].tolist())) <= 1 for row in owners)  # no patch shows two objects
         for o in scene.objects:
-            assert all(v % scenes.PATCH == 0 for v in o.bbox), o.bbox
-            assert o.size // scenes.PATCH in scenes.SIZES
+            cells = o.size // P
+            assert cells in scenes.SIZES
+            assert o.cx % P == P // 2 and o.cy % P == P // 2
+            offset = 0 if cells % 2 else P // 2  # odd widths on the grid, even widths half a patch off
+            assert all(v % P == offset for v in o.bbox), o.bbox
         labels = scenes.patch_labels(scene, min_frac=0.1)  # polygons spill a half-pixel (1-px) edge
         touched = np.flatnonzero(labels["color"])
-        assert len(touched) <= sum((o.size // scenes.PATCH) ** 2 for o in scene.objects)
+        spans = [o.size // P + (1 - (o.size // P) % 2) for o in scene.objects]
+        assert len(touched) <= sum(s * s for s in spans)
+        centres = {int(c) for c in np.flatnonzero(labels["center"])}
+        assert centres == {(o.cy // P) * G + o.cx // P for o in scene.objects}
         assert labels["center"].sum() == len(scene.objects)  # one centre patch per object
+
+
+def test_each_object_carries_a_centre_marker_inside_its_centre_patch():
+    P, G = scenes.PATCH, scenes.GRID
+    marker = np.array(scenes.MARKER_RGB)
+    for seed in range(30):
+        scene = scenes.make_scene(seed)
+        image = np.asarray(scenes.render(scene)).astype(int)
+        is_marker = (np.abs(image - marker).sum(-1) == 0)
+        centres = np.flatnonzero(scenes.patch_labels(scene)["center"])
+        per_patch = is_marker.reshape(G, P, G, P).sum((1, 3)).flatten()
+        assert set(np.flatnonzero(per_patch)) == set(centres.tolist())  # markers lie in centre patches only
+        assert (per_patch[centres] == scenes.MARKER ** 2).all()  # whole, not split across patches

@@ -422,7 +422,7 @@ def set_lr(optimizer, lr: float, step: int, total: int, warmup: int = 100) -> No
 # ------------------------------------------------------------------------------------- stages
 def train_vision(out: str, steps: int = 4000, scenes_per_step: int = 4, windows: int = 4, lr: float = 2e-3,
                  seed: int = 0, device: str = "cpu", first_seed: int = 6_000_000, init: str | None = None,
-                 centre_weight: float = 5.0) -> dict:
+                 centre_weight: float = 5.0, workers: int = 0) -> dict:
     """Stage 1 (see the module docstring). Windows are centred near a random object 80 % of the time.
     ``windows=0`` trains on whole images instead (``scenes_per_step`` per step): a short second pass
     from ``init`` adapts the tower to attending over all 577 tokens. ``centre_weight``: the weight of
@@ -441,13 +441,10 @@ def train_vision(out: str, steps: int = 4000, scenes_per_step: int = 4, windows:
     log = _new_log("vision", device, steps=steps, scenes_per_step=scenes_per_step, windows=windows, lr=lr, seed=seed,
                    init=init, first_seed=first_seed, centre_weight=centre_weight)
     start = time.time()
-    bar = tqdm(range(steps), desc="vision", unit="step", mininterval=5.0)
-    for step in bar:
+    batches = _loader(_StepBatches(_vision_batch, first_seed, scenes_per_step, windows), steps, workers)
+    bar = tqdm(batches, total=steps, desc="vision", unit="step", mininterval=5.0)
+    for step, (pixels, cells, labels) in enumerate(bar):
         set_lr(optimizer, lr, step, steps)
-        if windows:
-            pixels, cells, labels = _window_batch(first_seed + step * scenes_per_step, scenes_per_step, windows, step)
-        else:
-            pixels, cells, labels = _image_batch(first_seed + step * scenes_per_step, scenes_per_step)
         stats: dict = {}
         loss = code_loss(codes, vision_patches(model, pixels.to(device), None if cells is None else cells.to(device)),
                          {k: v.to(device) for k, v in labels.items()}, stats, centre_weight)
@@ -460,6 +457,37 @@ def train_vision(out: str, steps: int = 4000, scenes_per_step: int = 4, windows:
         bar.set_postfix(loss=f"{float(loss):.3f}", shape=f"{stats['centre_shape_acc']:.2f}", refresh=False)
     log["eval"] = vision_accuracy(model, codes, scenes.make_split("val", 200))
     return _finish(model, processor, out, log, start)
+
+
+class _StepBatches(torch.utils.data.Dataset):
+    """The batch of training step ``i`` is item ``i``: built from seeds alone, so a run gives the same
+    batches whatever the number of loader workers."""
+
+    def __init__(self, make, *args):
+        self.make, self.args = make, args
+
+    def __len__(self):
+        return 1 << 30
+
+    def __getitem__(self, step: int):
+        return self.make(step, *self.args)
+
+
+def _vision_batch(step: int, first_seed: int, scenes_per_step: int, windows: int):
+    first = first_seed + step * scenes_per_step
+    if windows:
+        return _window_batch(first, scenes_per_step, windows, step)
+    return _image_batch(first, scenes_per_step)
+
+
+def _loader(batches: _StepBatches, steps: int, workers: int):
+    """Items 0 .. steps-1 in order; ``workers`` > 0 builds them in that many processes (scene
+    rendering, not the model, bounds a step's time on a GPU)."""
+    if not workers:
+        return (batches[i] for i in range(steps))
+    sampler = range(steps)
+    return torch.utils.data.DataLoader(batches, batch_size=None, sampler=sampler, num_workers=workers,
+                                       prefetch_factor=4, generator=torch.Generator())  # leaves the global RNG alone
 
 
 def _image_batch(first: int, n_scenes: int):
@@ -520,7 +548,7 @@ def vision_accuracy(model, codes, examples) -> dict:
 def train_llm(out: str, steps: int = 3000, batch_size: int = 16, turns: int = 24, lr: float = 1e-3, seed: int = 0,
               device: str = "cpu", background: int | None = 16, noise: float = 0.1, attention_weight: float = 0.5,
               eval_every: int = 300, first_seed: int = 8_000_000, init: str | None = None,
-              vision: str | None = None, stop_at: int | None = None) -> dict:
+              vision: str | None = None, stop_at: int | None = None, workers: int = 0) -> dict:
     """Stage 2 (see the module docstring): the decoder reads exact scene codes (plus Gaussian noise of
     ``noise`` x their std, so that stage 1's imperfect codes are in distribution) -- or, with
     ``vision`` (a stage-1 checkpoint), the features its frozen tower computes from the rendered scene.
@@ -543,15 +571,13 @@ def train_llm(out: str, steps: int = 3000, batch_size: int = 16, turns: int = 24
                    retrieval_layers=[MENTION_LAYER, ANSWER_LAYER], init=init, vision=vision, first_seed=first_seed)
     val = scenes.make_split("val", 300)
     start = time.time()
-    bar = tqdm(range(steps), desc="llm", unit="step", mininterval=5.0)
-    for step in bar:
+    batches = _StepBatches(_llm_batch, encoder, first_seed, batch_size, turns, background, bool(vision))
+    bar = tqdm(_loader(batches, steps, workers), total=steps, desc="llm", unit="step", mininterval=5.0)
+    for step, (drawn, ids, labels, mask, pos, kept, questions, patch, pixels) in enumerate(bar):
         set_lr(optimizer, lr, step, steps)
-        drawn, ids, labels, mask, pos, kept, questions = conversation_batch(
-            encoder, [first_seed + step * batch_size + i for i in range(batch_size)], turns, background)
-        patch = [patch_label_tensors(s) for s in drawn] if attention_weight or not vision else None
         if vision:
             with torch.no_grad():
-                whole = vision_patches(model, pixel_values([scenes.render(s) for s in drawn]).to(device))
+                whole = vision_patches(model, pixels.to(device))
             feats = torch.cat([f[k.to(device)] for f, k in zip(whole, kept)])
         else:
             feats = torch.cat([code_features(codes, lab)[k] for lab, k in zip(patch, kept)])
@@ -588,6 +614,17 @@ def train_llm(out: str, steps: int = 3000, batch_size: int = 16, turns: int = 24
             break
     model.set_attn_implementation("sdpa")
     return _finish(model, processor, out, log, start)
+
+
+def _llm_batch(step: int, encoder: TurnEncoder, first_seed: int, batch_size: int, turns: int,
+               background: int | None, render: bool):
+    """A stage-2 batch: :func:`conversation_batch`, each scene's patch labels, and its pixels when
+    ``render``."""
+    batch = conversation_batch(encoder, [first_seed + step * batch_size + i for i in range(batch_size)], turns, background)
+    drawn = batch[0]
+    patch = [patch_label_tensors(s) for s in drawn]
+    pixels = pixel_values([scenes.render(s) for s in drawn]) if render else None
+    return (*batch, patch, pixels)
 
 
 def _llm_stage_model(processor, seed: int, init: str | None, vision: str | None):
@@ -743,6 +780,8 @@ def main(argv=None) -> int:
     common.add_argument("--seed", type=int, default=0)
     common.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     common.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    common.add_argument("--workers", type=int, default=0,
+                        help="processes that render the training scenes (0 = in the training process)")
     vision = sub.add_parser("vision", parents=[common], help="stage 1: tower + projector -> scene codes")
     vision.add_argument("--init", help="continue from this checkpoint")
     vision.add_argument("--whole-images", action="store_true", help="train on whole images, not 8x8 windows")
@@ -770,12 +809,12 @@ def main(argv=None) -> int:
         kwargs["lr"] = args.lr
     if args.stage == "vision":
         log = train_vision(init=args.init, windows=0 if args.whole_images else 4, first_seed=args.first_seed,
-                           centre_weight=args.centre_weight, **kwargs)
+                           centre_weight=args.centre_weight, workers=args.workers, **kwargs)
         print(json.dumps(log["eval"]))
     elif args.stage == "llm":
         log = train_llm(batch_size=args.batch_size, turns=args.turns, background=args.background,
                         attention_weight=args.attention_weight, init=args.init, vision=args.vision,
-                        stop_at=args.stop_at, first_seed=args.first_seed, **kwargs)
+                        stop_at=args.stop_at, first_seed=args.first_seed, workers=args.workers, **kwargs)
         print(json.dumps(log["evals"][-1]))
     else:
         log = train_joint(vision=args.vision, llm=args.llm, batch_size=args.batch_size, **kwargs)
