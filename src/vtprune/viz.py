@@ -62,25 +62,30 @@ def save_overlay(path: str | Path, image: Image.Image, kept_cells, grids, **kwar
 
 
 def accuracy_plot(path: str | Path, results: dict[str, list[tuple[float, float]]], title: str,
-                  full_accuracy: float | None = None) -> Path:
-    """results: method -> [(mean tokens kept, accuracy %)]. Writes a PNG."""
+                  full_accuracy: float | None = None,
+                  xlabel: str = "visual tokens entering the LLM (mean)") -> Path:
+    """results: method -> [(mean tokens, accuracy %)]. Writes a PNG; every method gets its own colour
+    and marker (up to 20 methods), the legend sits beside the axes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    for method, points in sorted(results.items()):
+    fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=120)
+    colours = plt.get_cmap("tab20").colors
+    markers = "osD^v<>phX*"
+    for k, (method, points) in enumerate(sorted(results.items())):
         points = sorted(points)
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker=markers[k % len(markers)],
+                color=colours[(2 * k) % 20 + (k // 10) % 2], label=method)
     if full_accuracy is not None:
         ax.axhline(full_accuracy, color="grey", linestyle="--", label="no pruning")
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("visual tokens entering the LLM (mean)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("accuracy (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

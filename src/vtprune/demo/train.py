@@ -599,10 +599,12 @@ def train_llm(out: str, steps: int = 3000, batch_size: int = 16, turns: int = 24
         total.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
-        log["steps"].append({"step": step + 1, "loss": round(loss.item(), 4),
-                             "retrieval": None if retrieval is None else round(retrieval.item(), 4),
+        loss_value, retrieval_value = loss.item(), None if retrieval is None else retrieval.item()
+        log["steps"].append({"step": step + 1, "loss": round(loss_value, 4),
+                             "retrieval": None if retrieval is None else round(retrieval_value, 4),
                              "minutes": round((time.time() - start) / 60, 3)})
-        bar.set_postfix(loss=f"{float(loss):.3f}", retrieval="-" if retrieval is None else f"{float(retrieval):.3f}", refresh=False)
+        bar.set_postfix(loss=f"{loss_value:.3f}", retrieval="-" if retrieval is None else f"{retrieval_value:.3f}",
+                        refresh=False)
         if (step + 1) % eval_every == 0 or step + 1 == steps:
             model.set_attn_implementation("sdpa")
             acc = (answer_accuracy(model, processor, val) if vision else code_accuracy(model, codes, encoder, val))
