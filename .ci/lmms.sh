@@ -26,7 +26,7 @@ if [ "${VTPRUNE_LMMS_REUSE_VENV:-0}" != 1 ] || [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
   pip_install --upgrade pip
   pip_install torch==2.14.1 torchvision==0.29.1
-  pip_install -e ".[test,lmms]" lmms-eval==0.7.3
+  pip_install -e ".[test,lmms]" lmms-eval==0.7.3  # the lmms extra pins filelock < 4 (see pyproject.toml)
 fi
 echo "lmms CI: venv ready in $(( $(date +%s) - start )) s ($(du -sh "$VENV" | cut -f1))"
 # everything local: no hub, no telemetry
