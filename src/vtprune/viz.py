@@ -72,7 +72,7 @@ def accuracy_plot(path: str | Path, results: dict[str, list[tuple[float, float]]
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=120)
-    colours = plt.get_cmap("tab20").colors
+    colours = plt.get_cmap("tab20").colors  # 10 hues, dark and light: methods 0-9 dark, 10-19 light
     markers = "osD^v<>phX*"
     for k, (method, points) in enumerate(sorted(results.items())):
         points = sorted(points)
