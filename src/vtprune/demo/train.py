@@ -571,7 +571,8 @@ def train_llm(out: str, steps: int = 3000, batch_size: int = 16, turns: int = 24
                    retrieval_layers=[MENTION_LAYER, ANSWER_LAYER], init=init, vision=vision, first_seed=first_seed)
     val = scenes.make_split("val", 300)
     start = time.time()
-    batches = _StepBatches(_llm_batch, encoder, first_seed, batch_size, turns, background, bool(vision))
+    batches = _StepBatches(_llm_batch, encoder, first_seed, batch_size, turns, background, bool(vision),
+                           bool(attention_weight or not vision))
     bar = tqdm(_loader(batches, steps, workers), total=steps, desc="llm", unit="step", mininterval=5.0)
     for step, (drawn, ids, labels, mask, pos, kept, questions, patch, pixels) in enumerate(bar):
         set_lr(optimizer, lr, step, steps)
@@ -601,9 +602,9 @@ def train_llm(out: str, steps: int = 3000, batch_size: int = 16, turns: int = 24
         optimizer.step()
         loss_value, retrieval_value = loss.item(), None if retrieval is None else retrieval.item()
         log["steps"].append({"step": step + 1, "loss": round(loss_value, 4),
-                             "retrieval": None if retrieval is None else round(retrieval_value, 4),
+                             "retrieval": None if retrieval_value is None else round(retrieval_value, 4),
                              "minutes": round((time.time() - start) / 60, 3)})
-        bar.set_postfix(loss=f"{loss_value:.3f}", retrieval="-" if retrieval is None else f"{retrieval_value:.3f}",
+        bar.set_postfix(loss=f"{loss_value:.3f}", retrieval="-" if retrieval_value is None else f"{retrieval_value:.3f}",
                         refresh=False)
         if (step + 1) % eval_every == 0 or step + 1 == steps:
             model.set_attn_implementation("sdpa")
@@ -619,12 +620,12 @@ def train_llm(out: str, steps: int = 3000, batch_size: int = 16, turns: int = 24
 
 
 def _llm_batch(step: int, encoder: TurnEncoder, first_seed: int, batch_size: int, turns: int,
-               background: int | None, render: bool):
-    """A stage-2 batch: :func:`conversation_batch`, each scene's patch labels, and its pixels when
-    ``render``."""
+               background: int | None, render: bool, with_labels: bool):
+    """A stage-2 batch: :func:`conversation_batch`, each scene's patch labels when ``with_labels``
+    (the codes and the retrieval targets read them), and its pixels when ``render``."""
     batch = conversation_batch(encoder, [first_seed + step * batch_size + i for i in range(batch_size)], turns, background)
     drawn = batch[0]
-    patch = [patch_label_tensors(s) for s in drawn]
+    patch = [patch_label_tensors(s) for s in drawn] if with_labels else None
     pixels = pixel_values([scenes.render(s) for s in drawn]) if render else None
     return (*batch, patch, pixels)
 
