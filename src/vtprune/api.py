@@ -8,7 +8,9 @@ from .methods.base import Method, Stage, make_method
 from .models.base import adapter_for, family_of
 from .pipeline import Pruner
 from .stats import CallStats
-from .errors import UnsupportedMethodError
+from .errors import AlreadyPrunedError, ArgumentError, UnsupportedMethodError
+
+LAYOUTS = ("model", "flat")
 
 
 class PruneHandle:
@@ -69,18 +71,24 @@ def apply(model, method: Method | str, *, layout: str = "model", **method_kwargs
     ``apply(model, "fastv", keep=64)``. ``layout`` (LLaVA-NeXT only): "model" keeps the model's
     unpad + newline layout, "flat" uses base + crops without newlines. Returns a handle with
     ``stats`` and ``remove()``; the model keeps its attention implementation.
+
+    Every argument is checked here, before the model is touched: a wrong one raises a
+    :class:`~vtprune.errors.VTPruneError` that names it.
     """
+    if layout not in LAYOUTS:
+        raise ArgumentError(f"layout={layout!r} is not allowed; choose one of {', '.join(map(repr, LAYOUTS))}.")
     method = make_method(method, **method_kwargs)
     family = family_of(model)
-    method.prepare(family, _decoder_depth(model))
     if getattr(model, "_vtprune_handle", None) is not None:
-        raise RuntimeError("This model is already pruned; call handle.remove() before applying another method.")
+        raise AlreadyPrunedError("This model is already pruned; call handle.remove() before applying another method.")
+    method.prepare(family, _decoder_depth(model))
     options = {"layout": layout} if family == "llava_next" else {}
     if layout != "model" and family != "llava_next":
         raise UnsupportedMethodError("layout= applies to LLaVA-NeXT only.")
     adapter = adapter_for(model, **options)
     if not method.stages:
         raise UnsupportedMethodError(f"Method '{method.name}' declares no insertion point.")
+    method.check_model(adapter)
     stats: list[CallStats] = []
     pruner = Pruner(model, method, adapter, stats)
     handle = PruneHandle(model, method, pruner, stats)

@@ -5,6 +5,15 @@ class VTPruneError(Exception):
     """Base class of every error vtprune raises on purpose."""
 
 
+class ArgumentError(VTPruneError, ValueError, TypeError):
+    """An argument of ``apply()`` or of a method that is misspelt, of the wrong type or out of range.
+    Raised by ``apply()`` (or the method's constructor) before the model is touched."""
+
+
+class AlreadyPrunedError(VTPruneError, RuntimeError):
+    """``apply()`` on a model that is already pruned."""
+
+
 class BudgetError(VTPruneError, ValueError):
     """A keep/ratio budget that cannot be met (≤ 0, or not below the number of visual tokens)."""
 

@@ -56,6 +56,19 @@ class Layout:
         return (self.index >= 0).long()
 
 
+@dataclass
+class PrefillCall:
+    """Everything that belongs to one pruned prefill. The pruner creates it when the prefill starts
+    and drops it when the prefill returns or raises, so nothing of one call can leak into the next."""
+
+    stats: CallStats
+    layout: Layout | None = None  # the current layout inside the decoder (in-LLM methods)
+    layer_kwargs: dict | None = None  # positions and mask of the current layout, for later layers
+    stage_layouts: list[tuple[int, Layout]] = field(default_factory=list)  # layout entering each stage
+    recorders: dict = field(default_factory=dict)  # attention recorders per pruning layer
+    source_columns: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (left pad, input columns)
+
+
 def _left_pad(rows: list[torch.Tensor], fill) -> torch.Tensor:
     length = max(len(r) for r in rows)
     out = torch.full((len(rows), length) + tuple(rows[0].shape[1:]), fill, dtype=rows[0].dtype,
@@ -75,13 +88,13 @@ class Pruner:
         self.adapter = adapter
         self.stats_log = stats_log
         self.sessions: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-        self._layout: Layout | None = None
-        self._layer_kwargs: dict | None = None
-        self._stage_layouts: list[tuple[int, Layout]] = []
-        self._call_stats: CallStats | None = None
+        self._call: PrefillCall | None = None  # set only while a pruned prefill runs
         self._hooks = []
+        self._deepstack_owner = None
         if Stage.LLM in method.stages:
             self._check_llm_layers()
+        # a forward set on the instance (accelerate's dispatch hooks) is put back by remove()
+        self._instance_forward = model.__dict__.get("forward", _NOTHING)
         self._original_forward = model.forward
         original = self._original_forward
 
@@ -96,16 +109,23 @@ class Pruner:
             parameters=[p for p in signature.parameters.values() if p.name != "mm_encoder_outputs"])
         model.forward = forward
         if Stage.LLM in method.stages:
-            self._install_llm_hooks()
+            try:
+                self._install_llm_hooks()
+            except BaseException:
+                self.remove()
+                raise
 
     # -- lifecycle ------------------------------------------------------------------------------
     def remove(self) -> None:
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
-        if self.model.__dict__.get("forward") is not None:
-            del self.model.forward
+        if self._instance_forward is _NOTHING:
+            self.model.__dict__.pop("forward", None)
+        else:
+            self.model.forward = self._instance_forward
         self._restore_deepstack()
+        self._call = None
 
     # -- the wrapped forward ----------------------------------------------------------------------
     def _forward(self, *args, **kwargs):
@@ -143,14 +163,23 @@ class Pruner:
 
     # -- prefill --------------------------------------------------------------------------------
     def _prefill(self, kwargs):
+        call = PrefillCall(stats=CallStats(method=self.method.describe()))
+        self._call = call
+        try:
+            return self._run_prefill(call, kwargs)
+        finally:
+            self._call = None  # also after an exception or a KeyboardInterrupt
+
+    def _run_prefill(self, call: PrefillCall, kwargs):
         t_start = time.perf_counter()
-        self._call_stats = stats = CallStats(method=self.method.describe())
+        stats = call.stats
         input_ids = kwargs.pop("input_ids")
         attention_mask = kwargs.pop("attention_mask", None)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         user_positions = kwargs.pop("position_ids", None)
         image_inputs = {k: kwargs.pop(k) for k in _IMAGE_KWARGS if k in kwargs}
+        self.adapter.check_prefill_inputs(input_ids, image_inputs, user_positions)
         spans = self.adapter.image_spans(input_ids, image_inputs)
         text_embeds = self._text_after_each_image(input_ids, attention_mask, spans)
         images = self.adapter.encode_images(image_inputs, self.method, text_embeds, stats.timer)
@@ -158,8 +187,7 @@ class Pruner:
         positions = self.adapter.full_positions(
             full_ids, full_mask, {**image_inputs, "mm_token_type_ids": None} if rewritten else image_inputs,
             None if rewritten else self._as_rows_or_none(user_positions))
-        compact = self._compact(full_ids, full_mask, positions, span_units, images)
-        ids, mask, pos, layout = compact
+        ids, mask, pos, layout = self._compact(call, full_ids, full_mask, positions, span_units, images)
         for im in images:
             newlines = _newline_count(im)
             stats.images.append(ImageStats(candidates=im.candidates, after_pre_llm=len(im.keep) - im.n_extra - newlines,
@@ -167,18 +195,16 @@ class Pruner:
         kwargs.update(input_ids=ids, attention_mask=mask, position_ids=self.adapter.format_positions(pos),
                       mm_encoder_outputs=self.adapter.mm_encoder_outputs(images))
         if Stage.LLM in self.method.stages:
-            out = self._run_with_llm_pruning(kwargs, layout)
+            out = self._run_with_llm_pruning(call, kwargs, layout)
         else:
             out = self._original_forward(**kwargs)
-        final_layout = self._layout if self._layout is not None else layout
-        stats.entering_columns = self._visual_columns(layout)
-        stats.kept_columns = self._visual_columns(final_layout)
+        final_layout = call.layout if call.layout is not None else layout
+        stats.entering_columns = self._visual_columns(call, layout)
+        stats.kept_columns = self._visual_columns(call, final_layout)
         self._record_cells(stats, span_units, images)
         cache = getattr(out, "past_key_values", None)
-        final_mask = self._layout.mask if self._layout is not None else mask
-        self._layout = None
         if cache is not None:
-            self.sessions[cache] = Session(compact_mask=final_mask, original_prompt_len=attention_mask.shape[1],
+            self.sessions[cache] = Session(compact_mask=final_layout.mask.to(mask), original_prompt_len=attention_mask.shape[1],
                                            original_seen=input_ids.shape[1])
         stats.total_seconds = time.perf_counter() - t_start
         self.stats_log.append(stats)
@@ -199,10 +225,11 @@ class Pruner:
                     cells = im.unit_cells[torch.tensor(rel, dtype=torch.long)] if rel else im.unit_cells[:0]
                     setattr(im_stats, attr, [tuple(c) for c in cells.tolist() if c[0] >= 0])
 
-    def _visual_columns(self, layout: Layout) -> list[list[int]]:
+    @staticmethod
+    def _visual_columns(call: PrefillCall, layout: Layout) -> list[list[int]]:
         """Per sample, the columns of the (full-layout) input sequence whose visual tokens remain."""
         out = []
-        for b, (pad, cols) in enumerate(self._source_columns):
+        for b, (pad, cols) in enumerate(call.source_columns):
             compact = torch.cat([layout.candidates[b], layout.protected[b], layout.fixed[b]]).sort().values - pad
             out.append(cols[compact].tolist())
         return out
@@ -257,7 +284,7 @@ class Pruner:
         span_units = [[(s + p, n) for s, n in u] for u, p in zip(span_units, pad)]
         return ids, mask, span_units, True
 
-    def _compact(self, ids, mask, positions, span_units, images):
+    def _compact(self, call: PrefillCall, ids, mask, positions, span_units, images):
         """Drop pruned image units and insert registers; left-pad the result."""
         rows_ids, rows_pos, source_cols, k = [], [], [], 0
         kinds = {"candidate": [], "register": [], "newline": [], "text_after": []}
@@ -288,7 +315,7 @@ class Pruner:
         out_mask = _left_pad([torch.ones(len(r), dtype=mask.dtype, device=mask.device) for r in rows_ids], 0)
         out_pos = _left_pad(rows_pos, 0).permute(2, 0, 1)
         pads = [out_ids.shape[1] - len(r) for r in rows_ids]
-        self._source_columns = [(p, cols.cpu()) for p, cols in zip(pads, source_cols)]
+        call.source_columns = [(p, cols.cpu()) for p, cols in zip(pads, source_cols)]
         shifted = {kind: [c + p for c, p in zip(lists, pads)] for kind, lists in kinds.items()}
         layout = Layout(
             index=_left_pad([torch.arange(len(r)) + p for r, p in zip(rows_ids, pads)], -1),
@@ -317,46 +344,49 @@ class Pruner:
                     f"Method '{self.method.name}' prunes at decoder layer {K}, but the model has {layers} "
                     f"layers; choose a layer in 1..{layers - 1}.")
 
-    def _run_with_llm_pruning(self, kwargs, layout: Layout):
-        self._layout = layout
-        self._layer_kwargs = None
-        self._stage_layouts = []
+    def _run_with_llm_pruning(self, call: PrefillCall, kwargs, layout: Layout):
+        call.layout = layout
         layers = self.adapter.decoder_layers
         with contextlib.ExitStack() as stack:
-            self._recorders = {K: stack.enter_context(record_attention(layers[K - 1].self_attn))
-                               for K in self.method.llm_layers}
+            call.recorders = {K: stack.enter_context(record_attention(layers[K - 1].self_attn))
+                              for K in self.method.llm_layers}
             out = self._original_forward(**kwargs)
-        self._recorders = {}
         cache = getattr(out, "past_key_values", None)
-        if cache is not None and self._stage_layouts:
-            self._compact_cache(cache)
+        if cache is not None and call.stage_layouts:
+            self._compact_cache(call, cache)
         return out
 
     def _layer_pre_hook(self, layer_idx, module, args, kwargs):
-        if self._layout is None:
+        call = self._call
+        if call is None or call.layout is None:
             return None
         hidden = args[0] if args else kwargs["hidden_states"]
+        # the inputs of the current layout first: a later stage gathers from them, not from the model's
+        if call.layer_kwargs is not None:
+            kwargs.update(call.layer_kwargs)
         if layer_idx in self.method.llm_layers:
-            hidden = self._prune_at(layer_idx, hidden, kwargs)
-        if self._layer_kwargs is not None:
-            kwargs.update(self._layer_kwargs)
+            hidden = self._prune_at(call, layer_idx, hidden, kwargs)
+            kwargs.update(call.layer_kwargs)
         if args:
             args = (hidden,) + tuple(args[1:])
         else:
             kwargs["hidden_states"] = hidden
         return args, kwargs
 
-    def _prune_at(self, K, hidden, kwargs):
-        layout = self._layout
-        record = self._recorders[K].last
+    def _prune_at(self, call: PrefillCall, K, hidden, kwargs):
+        layout = call.layout
+        record = call.recorders[K].last
         stage = self.method.llm_layers.index(K)
-        previous = self._layer_kwargs or {}
-        self._stage_layouts.append((K, layout))
-        entering = self._stage_layouts[0][1]  # the layout the LLM started with (later stages see fewer)
+        call.stage_layouts.append((K, layout))
+        entering = call.stage_layouts[0][1]  # the layout the LLM started with (later stages see fewer)
         keep_slots, new_hidden_rows = [], []
         for b in range(hidden.shape[0]):
             slot_of = {int(c): j for j, c in enumerate(layout.index[b].tolist()) if c >= 0}
             valid = torch.nonzero(layout.index[b] >= 0).flatten()
+            if len(layout.candidates[b]) == 0:  # a text-only sample (or nothing left): passes unpruned
+                keep_slots.append(valid)
+                new_hidden_rows.append(hidden[b, valid.to(hidden.device)])
+                continue
             local = {int(v): j for j, v in enumerate(valid.tolist())}
             cand_slots = torch.tensor([slot_of[int(c)] for c in layout.candidates[b]], dtype=torch.long)
             text_slots = torch.tensor([slot_of[int(c)] for c in layout.text_after[b] if int(c) in slot_of],
@@ -370,7 +400,7 @@ class Pruner:
                 original_visual=len(entering.candidates[b]), registers=to_local(register_slots),
                 providers={"attention": lambda rows, b=b, valid=valid: record.rows(b, valid[rows])[:, :, valid],
                            "keys": lambda b=b, valid=valid: record.key[b][:, valid]})
-            with self._call_stats.timer():
+            with call.stats.timer():
                 selection = self.method.select_llm(ctx)
             kept_cands = cand_slots[selection.keep.to(cand_slots.device)]
             drop = set(cand_slots.tolist()) - set(kept_cands.tolist())
@@ -382,18 +412,18 @@ class Pruner:
                 row[pos_in_row] = selection.values.to(row.dtype)
             keep_slots.append(slots)
             new_hidden_rows.append(row)
-            self._call_stats.add_llm_stage(b, K, len(kept_cands), selection.info)
+            call.stats.add_llm_stage(b, K, len(kept_cands), selection.info)
         new_hidden = _left_pad(new_hidden_rows, 0.0)
-        length = new_hidden.shape[1]
         gather = _left_pad([s for s in keep_slots], -1)  # slots into the current layout
         new_index = torch.where(gather >= 0, layout.index.gather(1, gather.clamp(min=0)), -1)
         kept_cols = [set(new_index[b][new_index[b] >= 0].tolist()) for b in range(len(keep_slots))]
-        self._layout = Layout(
+        call.layout = Layout(
             index=new_index,
             candidates=[torch.tensor([c for c in layout.candidates[b].tolist() if c in kept_cols[b]], dtype=torch.long)
                         for b in range(len(keep_slots))],
             protected=layout.protected, fixed=layout.fixed, text_after=layout.text_after)
-        self._layer_kwargs = self._layer_inputs(kwargs, gather, new_hidden)
+        call.stats.stage_columns[K] = self._visual_columns(call, call.layout)
+        call.layer_kwargs = self._layer_inputs(kwargs, gather, new_hidden)
         return new_hidden
 
     def _layer_inputs(self, kwargs, gather, new_hidden):
@@ -413,22 +443,23 @@ class Pruner:
         if pos is not None:
             out["position_ids"] = pos.expand(idx.shape[0], -1).gather(1, idx) if pos.dim() == 2 else pos
         mask2d = (gather >= 0).long()
-        attention_mask = create_causal_mask(config=self.adapter.text_config, inputs_embeds=new_hidden,
-                                            attention_mask=mask2d, past_key_values=None, position_ids=None)
+        # the cache argument goes by position: transformers renames it (past_key_values -> cache)
+        attention_mask = create_causal_mask(self.adapter.text_config, new_hidden, mask2d.to(new_hidden.device), None)
         if isinstance(kwargs.get("attention_mask"), dict):
             attention_mask = {k: attention_mask for k in kwargs["attention_mask"]}
         out["attention_mask"] = attention_mask
         return out
 
-    def _compact_cache(self, cache):
+    @staticmethod
+    def _compact_cache(call: PrefillCall, cache):
         """Gather every layer's cached keys/values onto the final layout."""
-        final = self._layout
-        bounds = [K for K, _ in self._stage_layouts]
+        final = call.layout
+        bounds = [K for K, _ in call.stage_layouts]
         for layer_idx, cache_layer in enumerate(cache.layers):
             stage = sum(1 for K in bounds if K <= layer_idx)
             if stage == len(bounds):
                 continue  # computed under the final layout already
-            layout = self._stage_layouts[stage][1]
+            layout = call.stage_layouts[stage][1]
             gather = _map_layout(layout.index, final.index)
             for name in ("keys", "values"):
                 t = getattr(cache_layer, name)
@@ -443,7 +474,7 @@ class Pruner:
         original = lm._deepstack_process
 
         def deepstack(hidden_states, visual_pos_masks, visual_embeds):
-            layout = self._layout
+            layout = self._call.layout if self._call is not None else None
             if layout is not None and visual_pos_masks.shape[1] != hidden_states.shape[1]:
                 rank = visual_pos_masks.flatten().long().cumsum(0).view_as(visual_pos_masks) - 1
                 idx = layout.index.clamp(min=0)
@@ -456,9 +487,12 @@ class Pruner:
         self._deepstack_owner = lm
 
     def _restore_deepstack(self):
-        owner = getattr(self, "_deepstack_owner", None)
+        owner, self._deepstack_owner = self._deepstack_owner, None
         if owner is not None and "_deepstack_process" in owner.__dict__:
             del owner._deepstack_process
+
+
+_NOTHING = object()  # marks "no forward on the instance" (a forward of None is a value)
 
 
 def _newline_count(im: EncodedImage) -> int:

@@ -41,6 +41,8 @@ class CallStats:
     kept_columns: list[list[int]] = field(default_factory=list)
     #: the same for the visual tokens that entered the LLM (before in-LLM pruning)
     entering_columns: list[list[int]] = field(default_factory=list)
+    #: in-LLM methods: {layer: per sample, the input columns whose visual tokens remain from that layer on}
+    stage_columns: dict[int, list[list[int]]] = field(default_factory=dict)
 
     @contextlib.contextmanager
     def timer(self):

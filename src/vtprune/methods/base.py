@@ -15,7 +15,8 @@ from typing import Any, Callable, ClassVar
 
 import torch
 
-from ..errors import BudgetError, UnknownMethodError, UnsupportedMethodError
+from ..errors import ArgumentError, BudgetError, UnknownMethodError, UnsupportedMethodError
+from .arguments import validated
 
 
 class Stage(str, Enum):
@@ -96,11 +97,14 @@ class Method:
     #: families this method refuses, with the reason (e.g. {"qwen2_5_vl": "needs a CLS token"})
     unsupported: ClassVar[dict[str, str]] = {}
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "__init__" in cls.__dict__:  # arguments are checked before the method's own __init__ runs
+            cls.__init__ = validated(cls.__init__)
+
     def __init__(self, keep: int | None = None, ratio: float | None = None, seed: int = 0):
         if keep is not None and ratio is not None:
             raise BudgetError("Give either keep=N or ratio=r, not both.")
-        if keep is not None and (not isinstance(keep, int) or isinstance(keep, bool)):
-            raise BudgetError(f"keep must be an integer number of tokens, got {keep!r}.")
         if keep is not None and keep <= 0:
             raise BudgetError(f"keep must be a positive number of tokens, got {keep}.")
         if ratio is not None and not (0.0 < float(ratio) < 1.0):
@@ -139,6 +143,15 @@ class Method:
         defaults and validate. The default checks the family against ``unsupported``."""
         self.check_family(family)
 
+    def check_model(self, adapter) -> None:
+        """Called by ``apply`` before the model is touched: refuse arguments this model cannot meet.
+        The default checks ``attention_layers`` against the depth of the vision tower."""
+        depth = adapter.vision_depth
+        for block in self.attention_layers:
+            if not 0 <= block < depth:
+                raise ArgumentError(f"{self.name} reads the attention of vision block {block + 1} (1-based), but this "
+                                    f"model's vision tower has {depth} blocks; choose a block in 1..{depth}.")
+
     def vision_tower_patch(self, adapter):
         """A context manager that changes the vision tower while it runs (e.g. appends test-time
         registers), or None. Called once per forward with the model adapter."""
@@ -160,6 +173,9 @@ class Method:
 
     def __repr__(self) -> str:
         return self.describe()
+
+
+Method.__init__ = validated(Method.__init__)
 
 
 class _Lazy:
@@ -312,12 +328,16 @@ def make_method(spec: "Method | str", **kwargs: Any) -> Method:
     """A Method instance from an instance, or from a registered name plus its arguments."""
     if isinstance(spec, Method):
         if kwargs:
-            raise TypeError("Pass keyword arguments only together with a method name.")
+            raise ArgumentError(f"Arguments ({', '.join(kwargs)}) go with a method name, not with a Method instance "
+                                f"({spec!r}); set them when constructing the method.")
         return spec
-    if isinstance(spec, tuple):  # ("fastv", {"keep": 64}) or ("fastv", 64)
-        name, *rest = spec
-        extra = rest[0] if rest and isinstance(rest[0], dict) else {}
-        return method_class(name)(**{**extra, **kwargs})
+    if isinstance(spec, tuple):  # ("fastv", {"keep": 64})
+        well_formed = 1 <= len(spec) <= 2 and isinstance(spec[0], str) and (len(spec) == 1 or isinstance(spec[1], dict))
+        if not well_formed:
+            raise ArgumentError(f"A method given as a tuple is (name, {{arguments}}), e.g. ('fastv', {{'keep': 64}}); "
+                                f"got {spec!r}.")
+        extra = spec[1] if len(spec) == 2 else {}
+        return method_class(spec[0])(**{**extra, **kwargs})
     if isinstance(spec, str):
         return method_class(spec)(**kwargs)
-    raise TypeError(f"Expected a vtprune Method or a method name, got {type(spec).__name__}.")
+    raise ArgumentError(f"Expected a vtprune Method or a method name, got {type(spec).__name__}.")

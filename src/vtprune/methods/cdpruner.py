@@ -33,6 +33,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..errors import ArgumentError
 from .base import Method, Selection, Stage, register, split_budget
 
 _REL_EPS = 1e-9  # a residual below this fraction of the item's own diagonal counts as zero
@@ -81,11 +82,12 @@ class CDPruner(Method):
     name = "cdpruner"
     stages = (Stage.PROJECTED,)
 
-    def __init__(self, keep=None, ratio=None, relevance: bool = True, theta: float | None = None,
+    def __init__(self, keep: int | None = None, ratio: float | None = None,
+                 relevance: bool = True, theta: float | None = None,
                  seed: int = 0):
         super().__init__(keep=keep, ratio=ratio, seed=seed)
         if theta is not None and not 0.0 <= theta < 1.0:
-            raise ValueError(f"theta must lie in [0, 1), got {theta}.")
+            raise ArgumentError(f"cdpruner: theta={theta!r} is not allowed; theta lies in [0, 1).")
         self.relevance = relevance
         self.theta = theta
 

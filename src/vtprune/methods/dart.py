@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..errors import UnsupportedMethodError
+from ..errors import ArgumentError, UnsupportedMethodError
 from .base import Method, Selection, Stage, register
 
 
@@ -36,13 +36,16 @@ class DART(Method):
     name = "dart"
     stages = (Stage.LLM,)
 
-    def __init__(self, keep=None, ratio=None, layer: int = 2, pivot_visual: int = 4, pivot_text: int = 4,
+    def __init__(self, keep: int | None = None, ratio: float | None = None,
+                 layer: int = 2, pivot_visual: int = 4, pivot_text: int = 4,
                  duplicate_eps: float = 1e-6, seed: int = 0):
         super().__init__(keep=keep, ratio=ratio, seed=seed)
         if layer < 1:
-            raise ValueError("dart reads the keys of layer K-1, so K (layer) must be ≥ 1.")
+            raise ArgumentError(f"dart: layer={layer!r} is not allowed; "
+                                f"dart reads the keys of layer K-1, so layer must be ≥ 1.")
         if pivot_visual < 0 or pivot_text < 0 or pivot_visual + pivot_text == 0:
-            raise ValueError("dart needs at least one pivot token.")
+            raise ArgumentError(f"dart: pivot_visual={pivot_visual!r}, pivot_text={pivot_text!r} are not allowed; "
+                                f"both must be ≥ 0 and at least one > 0.")
         self.llm_layers = (layer,)
         self.pivot_visual = pivot_visual
         self.pivot_text = pivot_text

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import ArgumentError
 from .base import Method, Selection, Stage, register, sorted_topk
 
 
@@ -20,10 +21,11 @@ class FastV(Method):
     name = "fastv"
     stages = (Stage.LLM,)
 
-    def __init__(self, keep=None, ratio=None, layer: int = 2, seed: int = 0):
+    def __init__(self, keep: int | None = None, ratio: float | None = None, layer: int = 2, seed: int = 0):
         super().__init__(keep=keep, ratio=ratio, seed=seed)
         if layer < 1:
-            raise ValueError("fastv reads attention of layer K-1, so K (layer) must be ≥ 1.")
+            raise ArgumentError(f"fastv: layer={layer!r} is not allowed; "
+                                f"fastv reads the attention of layer K-1, so layer must be ≥ 1.")
         self.llm_layers = (layer,)
 
     def select_llm(self, ctx):

@@ -11,7 +11,9 @@ Vision stage, per crop. Of each crop's budget ``b``:
   (``ctx.received_attention``) among the rest, filling the budget exactly.
 
 Defaults as the paper's code: α = 0.1 (anchors + buffers ≈ α of the budget), object layer 9 for CLIP
-(the paper uses 16 for Qwen2.5-VL's tower).
+(the paper uses 16 for Qwen2.5-VL's tower). A tower with fewer than 24 blocks (the demo model's) gets
+the same relative depth, ``max(1, round(depth · 9 / 24))``; an ``object_layer`` beyond the tower's
+depth is refused by ``apply()``.
 
 Differences from the paper / official code:
 
@@ -30,8 +32,11 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import UnsupportedMethodError
+from ..errors import ArgumentError, UnsupportedMethodError
 from .base import Method, Selection, Stage, register, sorted_topk, split_budget
+
+
+PAPER_OBJECT_LAYER, PAPER_DEPTH = 9, 24  # CLIP ViT-L/14's 9th of 24 blocks
 
 
 def grid_neighbours(cells: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
@@ -55,15 +60,27 @@ class HiPrune(Method):
     #: drop these entries once the Qwen adapter provides ``vision_attention``
     unsupported = {"qwen2_5_vl": _QWEN_REASON, "qwen3_vl": _QWEN_REASON}
 
-    def __init__(self, keep=None, ratio=None, alpha: float = 0.1, object_layer: int = 9, seed: int = 0):
+    def __init__(self, keep: int | None = None, ratio: float | None = None,
+                 alpha: float = 0.1, object_layer: int | None = None, seed: int = 0):
         super().__init__(keep=keep, ratio=ratio, seed=seed)
         if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha must lie in [0, 1], got {alpha}.")
-        if object_layer < 1:
-            raise ValueError(f"object_layer is 1-based (the paper's layer 9 is object_layer=9), got {object_layer}.")
+            raise ArgumentError(f"hiprune: alpha={alpha!r} is not allowed; alpha lies in [0, 1].")
+        if object_layer is not None and object_layer < 1:
+            raise ArgumentError(f"hiprune: object_layer={object_layer!r} is not allowed; "
+                                f"it is 1-based (the paper's layer 9 is object_layer=9).")
         self.alpha = alpha
-        self.object_layer = object_layer
-        self.attention_layers = (object_layer - 1,)
+        self.requested_object_layer = object_layer
+        self.object_layer = object_layer or PAPER_OBJECT_LAYER
+        self.attention_layers = (self.object_layer - 1,)
+
+    def check_model(self, adapter) -> None:
+        depth = adapter.vision_depth
+        if self.requested_object_layer is None:  # the paper's relative depth on a shallower tower
+            self.object_layer = PAPER_OBJECT_LAYER if depth >= PAPER_DEPTH else max(1, round(depth * 9 / 24))
+            self.attention_layers = (self.object_layer - 1,)
+        if self.object_layer > depth:
+            raise ArgumentError(f"hiprune: object_layer={self.object_layer} is not allowed; this model's vision tower "
+                                f"has {adapter.vision_depth} blocks, so choose object_layer in 1..{adapter.vision_depth}.")
 
     def _object_attention(self, ctx) -> torch.Tensor:
         try:

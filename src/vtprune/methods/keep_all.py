@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from typing import Literal
+
+from ..errors import ArgumentError
 from .base import Method, Selection, Stage, register
 
 
@@ -11,8 +14,10 @@ from .base import Method, Selection, Stage, register
 class KeepAll(Method):
     name = "keep_all"
 
-    def __init__(self, stage: str | Stage = Stage.VISION, layer: int = 2):
+    def __init__(self, stage: Literal["vision", "projected", "llm"] | Stage = Stage.VISION, layer: int = 2):
         super().__init__()
+        if layer < 1:
+            raise ArgumentError(f"keep_all: layer={layer!r} is not allowed; in-LLM stages start at layer 1 or later.")
         self.stage = Stage(stage)
         self.stages = (self.stage,)
         self.llm_layers = (layer,) if self.stage == Stage.LLM else ()

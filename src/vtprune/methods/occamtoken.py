@@ -41,12 +41,14 @@ warning says so) — the method keeps working, with a weaker reference.
 """
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
+from typing import Literal
 
 import torch
 
-from ..errors import UnsupportedMethodError
+from ..errors import ArgumentError, UnsupportedMethodError
 from ._occam_scores import stage1_cls_scores, stage2_keep, stage2_scores, stage1_keep
 from .base import Method, Selection, Stage, register, sorted_topk
 
@@ -62,7 +64,8 @@ class OccamToken(Method):
     extra_tokens = 1
 
     def __init__(self, lambda1: float | None = None, lambda2: float = 1.0, layer: int | None = None,
-                 stage1: bool = True, stage2: bool = True, neurons=None, register_mode: str = "per_channel",
+                 stage1: bool = True, stage2: bool = True, neurons=None,
+                 register_mode: Literal["per_channel", "signed_max"] = "per_channel",
                  keep: int | None = None, ratio: float | None = None):
         super().__init__(keep=keep, ratio=ratio)
         if (keep is not None or ratio is not None) and not stage1:
@@ -71,7 +74,12 @@ class OccamToken(Method):
             raise UnsupportedMethodError("OccamToken needs stage1, stage2 or both enabled.")
         for name, value in (("lambda1", lambda1), ("lambda2", lambda2)):
             if value is not None and value < 0:
-                raise ValueError(f"{name} must be ≥ 0, got {value}.")
+                raise ArgumentError(f"occamtoken: {name}={value!r} is not allowed; {name} must be ≥ 0.")
+        if layer is not None and layer < 0:
+            raise ArgumentError(f"occamtoken: layer={layer!r} is not allowed; stage II reads a 0-based decoder layer ≥ 0.")
+        if isinstance(neurons, (str, os.PathLike)) and not Path(neurons).is_file():
+            raise ArgumentError(f"occamtoken: neurons={str(neurons)!r} is not a file; pass the JSON written by "
+                                f"`vtprune calibrate registers`, a list of (layer, neuron) pairs, or None.")
         self.lambda1, self.lambda2, self.layer = lambda1, float(lambda2), layer
         self.stage1, self.stage2 = stage1, stage2
         self.neurons, self.register_mode = neurons, register_mode

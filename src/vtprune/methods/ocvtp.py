@@ -30,10 +30,11 @@ default (``fill="slots"`` uses the slot-attention mass instead).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import torch
 
-from ..errors import UnsupportedMethodError
+from ..errors import ArgumentError, UnsupportedMethodError
 from .base import Method, Selection, Stage, register
 
 _CACHE: dict[tuple, object] = {}  # (path, device, mtime) → loaded pruner
@@ -56,12 +57,12 @@ class OCVTP(Method):
 
     def __init__(self, keep: int | None = None, ratio: float | None = None, seed: int = 0,
                  checkpoint: str | Path | None = None, layer: int | None = None, stochastic: bool = False,
-                 fill: str = "attention"):
+                 fill: Literal["attention", "slots"] = "attention"):
         super().__init__(keep=keep, ratio=ratio, seed=seed)
         if fill not in ("attention", "slots"):
-            raise ValueError(f"fill must be 'attention' or 'slots', got {fill!r}.")
+            raise ArgumentError(f"ocvtp: fill={fill!r} is not allowed; choose 'attention' or 'slots'.")
         if layer is not None and (not isinstance(layer, int) or isinstance(layer, bool) or layer <= 0):
-            raise ValueError(f"layer must be a positive hidden_states index, got {layer!r}.")
+            raise ArgumentError(f"ocvtp: layer={layer!r} is not allowed; layer is a positive hidden_states index.")
         self.checkpoint = Path(checkpoint) if checkpoint is not None else None
         self.layer_override = layer
         self.stochastic = bool(stochastic)

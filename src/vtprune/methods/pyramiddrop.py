@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import BudgetError
+from ..errors import ArgumentError, BudgetError
 from .base import Method, Selection, Stage, register, sorted_topk
 
 
@@ -35,7 +35,8 @@ class PyramidDrop(Method):
     name = "pyramiddrop"
     stages = (Stage.LLM,)
 
-    def __init__(self, keep=None, ratio=None, lam: float | None = None, layers: tuple[int, ...] = (8, 16, 24),
+    def __init__(self, keep: int | None = None, ratio: float | None = None,
+                 lam: float | None = None, layers: tuple[int, ...] = (8, 16, 24),
                  seed: int = 0):
         super().__init__(keep=keep, ratio=ratio, seed=seed)
         if lam is not None and (keep is not None or ratio is not None):
@@ -44,9 +45,10 @@ class PyramidDrop(Method):
             lam = 0.5
         if lam is not None and not 0.0 < lam < 1.0:
             raise BudgetError(f"lam must lie strictly between 0 and 1, got {lam}.")
-        layers = tuple(int(l) for l in layers)
+        layers = tuple(layers)
         if not layers or any(l < 1 for l in layers) or list(layers) != sorted(set(layers)):
-            raise ValueError(f"layers must be increasing decoder layers ≥ 1, got {layers}.")
+            raise ArgumentError(f"pyramiddrop: layers={layers!r} is not allowed; "
+                                f"give increasing decoder layers ≥ 1, e.g. layers=(8, 16, 24).")
         self.lam = lam
         self.llm_layers = layers
 

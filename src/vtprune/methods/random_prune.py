@@ -1,6 +1,8 @@
 """``random``: a seeded uniform random subset of each image's visual tokens (vision stage).
 
 The floor every method must beat. Per LLaVA-NeXT image the subset is drawn over all crops at once.
+Every image draws from a generator seeded with ``seed`` alone, so an image keeps the same tokens
+whatever else is in its batch (images with equal token counts keep the same positions).
 """
 from __future__ import annotations
 
@@ -16,6 +18,6 @@ class RandomPrune(Method):
 
     def select_vision(self, ctx):
         k = self.budget(ctx.num_tokens)
-        g = self.generator(offset=ctx.image_index)
+        g = self.generator()  # never the batch index: a sample's selection must not depend on its batch
         keep = torch.randperm(ctx.num_tokens, generator=g)[:k]
         return Selection(keep=torch.sort(keep).values.to(ctx.features.device))

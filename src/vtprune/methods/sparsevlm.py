@@ -45,10 +45,11 @@ Differences from the paper / official code:
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 
-from ..errors import BudgetError, UnsupportedMethodError
+from ..errors import ArgumentError, BudgetError, UnsupportedMethodError
 from .base import Method, Selection, Stage, register, sorted_topk
 
 #: the v1.5 code's per-layer kept counts for LLaVA-1.5 (576 visual tokens), layers 2 / 6 / 15
@@ -88,18 +89,20 @@ class SparseVLM(Method):
     name = "sparsevlm"
     stages = (Stage.LLM,)
 
-    def __init__(self, keep=None, ratio=None, layers: tuple[int, ...] = (2, 6, 15),
-                 schedule: tuple[float, ...] | str | None = None, scale: float = 13.5, bias: float = 0.0,
+    def __init__(self, keep: int | None = None, ratio: float | None = None, layers: tuple[int, ...] = (2, 6, 15),
+                 schedule: tuple[float, ...] | Literal["paper"] | None = None, scale: float = 13.5, bias: float = 0.0,
                  recycle: bool = True, recycle_ratio: float = 0.3, seed: int = 0):
         super().__init__(keep=keep, ratio=ratio, seed=seed)
-        layers = tuple(int(l) for l in layers)
+        layers = tuple(layers)
         if not layers or any(l < 1 for l in layers) or list(layers) != sorted(set(layers)):
-            raise ValueError(f"layers must be increasing decoder layers ≥ 1, got {layers}.")
+            raise ArgumentError(f"sparsevlm: layers={layers!r} is not allowed; "
+                                f"give increasing decoder layers ≥ 1, e.g. layers=(2, 6, 15).")
         if schedule == "paper":
             if keep not in PAPER_SCHEDULES:
                 raise BudgetError(f"schedule='paper' needs keep in {sorted(PAPER_SCHEDULES)}, got keep={keep}.")
             if len(layers) != 3:
-                raise ValueError("schedule='paper' is defined for three pruning layers.")
+                raise ArgumentError(f"sparsevlm: schedule='paper' is defined for three pruning layers, "
+                                    f"got layers={layers}.")
             schedule = tuple(c / PAPER_VISUAL for c in PAPER_SCHEDULES[keep])
         elif schedule is not None:
             schedule = tuple(float(f) for f in schedule)
@@ -107,7 +110,8 @@ class SparseVLM(Method):
                 raise BudgetError("Give either a schedule or a final budget (keep=N / ratio=r), not both.")
             if len(schedule) != len(layers) or any(not 0 < f <= 1 for f in schedule) or \
                     any(b > a for a, b in zip(schedule, schedule[1:])):
-                raise ValueError(f"schedule must give one non-increasing fraction in (0, 1] per layer, got {schedule}.")
+                raise ArgumentError(f"sparsevlm: schedule={schedule!r} is not allowed; "
+                                    f"give one non-increasing fraction in (0, 1] per layer.")
         self.schedule = schedule
         self.llm_layers = layers
         self.scale, self.bias = scale, bias

@@ -35,6 +35,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..errors import ArgumentError
 from .base import Method, Selection, Stage, register, sorted_topk, split_budget
 
 _QWEN_REASON = ("its tower has no [CLS] token, and merged vision-stage tokens cannot pass the 2×2 patch "
@@ -47,10 +48,11 @@ class VisionZip(Method):
     stages = (Stage.VISION,)
     unsupported = {"qwen2_5_vl": _QWEN_REASON, "qwen3_vl": _QWEN_REASON}
 
-    def __init__(self, keep=None, ratio=None, contextual_ratio: float = 10 / 64, seed: int = 0):
+    def __init__(self, keep: int | None = None, ratio: float | None = None,
+                 contextual_ratio: float = 10 / 64, seed: int = 0):
         super().__init__(keep=keep, ratio=ratio, seed=seed)
         if not 0.0 <= contextual_ratio < 1.0:
-            raise ValueError(f"contextual_ratio must lie in [0, 1), got {contextual_ratio}.")
+            raise ArgumentError(f"visionzip: contextual_ratio={contextual_ratio!r} is not allowed; it lies in [0, 1).")
         self.contextual_ratio = contextual_ratio
 
     def split(self, budget: int) -> tuple[int, int]:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..errors import ArgumentError
 from .base import Method, Selection, Stage, register, sorted_topk, split_budget
 
 QWEN = ("qwen2_5_vl", "qwen3_vl")
@@ -75,10 +76,11 @@ class VisPruner(Method):
     name = "vispruner"
     stages = (Stage.VISION,)
 
-    def __init__(self, keep=None, ratio=None, important_ratio: float = 0.5, seed: int = 0):
+    def __init__(self, keep: int | None = None, ratio: float | None = None,
+                 important_ratio: float = 0.5, seed: int = 0):
         super().__init__(keep=keep, ratio=ratio, seed=seed)
         if not 0.0 <= important_ratio <= 1.0:
-            raise ValueError(f"important_ratio must lie in [0, 1], got {important_ratio}.")
+            raise ArgumentError(f"vispruner: important_ratio={important_ratio!r} is not allowed; it lies in [0, 1].")
         self.important_ratio = important_ratio
 
     def select_vision(self, ctx):

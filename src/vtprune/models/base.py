@@ -89,6 +89,11 @@ class Adapter:
     def decoder_layers(self):
         return self.language_model.layers
 
+    @property
+    def vision_depth(self) -> int:
+        """Number of blocks of the vision tower."""
+        raise NotImplementedError
+
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model.get_input_embeddings()(ids)
 
@@ -138,6 +143,9 @@ class Adapter:
                 f"Put one '<image>' per image in the prompt (use the model's processor)."
             )
         return spans
+
+    def check_prefill_inputs(self, input_ids: torch.Tensor, image_inputs: dict, user_positions) -> None:
+        """Refuse, before anything runs, inputs on which a pruned run could not equal the plain model."""
 
     def check_inputs(self, pixel_values: torch.Tensor) -> None:
         param = next(self.model.parameters())

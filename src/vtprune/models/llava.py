@@ -29,6 +29,10 @@ class LlavaAdapter(Adapter):
         return self.vision_tower
 
     @property
+    def vision_depth(self) -> int:
+        return len(self.vision_blocks)
+
+    @property
     def vision_blocks(self):
         tower = self.vision_tower
         return getattr(tower, "vision_model", tower).encoder.layers

@@ -29,6 +29,10 @@ class Qwen25VLAdapter(Adapter):
         return self.visual
 
     @property
+    def vision_depth(self) -> int:
+        return len(self.visual.blocks)
+
+    @property
     def merge(self) -> int:
         return self.config.vision_config.spatial_merge_size
 
@@ -43,6 +47,16 @@ class Qwen25VLAdapter(Adapter):
 
     def expected_tokens(self, inputs: dict) -> list[int]:
         return (self.grids(inputs).prod(-1) // self.merge ** 2).tolist()
+
+    def check_prefill_inputs(self, input_ids, image_inputs, user_positions):
+        if user_positions is not None:
+            return
+        mm = image_inputs.get("mm_token_type_ids")
+        if mm is None or mm.shape != input_ids.shape:
+            raise InputError(
+                f"{type(self.model).__name__} inputs with images need mm_token_type_ids of the shape of input_ids: "
+                f"without them transformers places the image tokens at 1-D text positions instead of M-RoPE. "
+                f"Pass the processor's output unchanged (it includes mm_token_type_ids), or pass position_ids.")
 
     # -- positions --------------------------------------------------------------------------------
     def full_positions(self, input_ids, attention_mask, inputs, user_positions):
@@ -86,9 +100,12 @@ class Qwen25VLAdapter(Adapter):
         wants = method is not None and any(s in method.stages for s in (Stage.VISION, Stage.PROJECTED))
         watch = {len(blocks) - 1: blocks[-1].attn} if wants else {}
         outputs: dict[int, torch.Tensor] = {}
-        handles = [blk.register_forward_hook(lambda m, a, o, i=i: outputs.__setitem__(i, o)) for i, blk in enumerate(blocks)] if wants else []
-        patch = method.vision_tower_patch(self) if method is not None else None
-        try:
+        handles = []
+        try:  # every hook goes inside: a method that raises while patching the tower leaves none behind
+            if wants:
+                for i, blk in enumerate(blocks):
+                    handles.append(blk.register_forward_hook(lambda m, a, o, i=i: outputs.__setitem__(i, o)))
+            patch = method.vision_tower_patch(self) if method is not None else None
             with self.recording(watch) as recs, (patch if patch is not None else contextlib.nullcontext()):
                 out = self.visual(pixel_values.type(self.visual.dtype), grid_thw=grid, return_dict=True)
         finally:
