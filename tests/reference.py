@@ -23,11 +23,17 @@ def capture_language_model_inputs(model, **inputs) -> dict:
 
 
 def reference_logits(model, captured: dict, entering: list[int], kept: list[int], image_columns: list[int],
-                     prompt_len: int, prune_layer: int | None) -> tuple[torch.Tensor, list[int]]:
+                     prompt_len: int, prune_layer: int | None,
+                     stages: dict[int, list[int]] | None = None) -> tuple[torch.Tensor, list[int]]:
     """Logits of every remaining query column.
 
     entering: image columns whose tokens enter the LLM; kept: those left from ``prune_layer`` on.
-    Queries at columns ≥ prompt_len (generated tokens) never see dropped tokens (compacted cache)."""
+    ``stages`` ({layer: image columns left from that layer on}) replaces kept/prune_layer for
+    methods that prune at several layers. Queries at columns ≥ prompt_len (generated tokens) never
+    see dropped tokens (compacted cache)."""
+    if stages is None:
+        stages = {prune_layer: kept} if prune_layer is not None else {}
+    kept = stages[max(stages)] if stages else list(entering)
     lm = model.model.language_model
     embeds = captured["inputs_embeds"][0]
     positions = captured["position_ids"]
@@ -55,8 +61,9 @@ def reference_logits(model, captured: dict, entering: list[int], kept: list[int]
     mask, rope = masks_for(cols), rope_for(h, cols)
     with torch.no_grad():
         for i, layer in enumerate(lm.layers):
-            if prune_layer is not None and i == prune_layer:
-                keep_idx = [j for j, c in enumerate(cols) if c not in dropped_llm]
+            if i in stages:
+                gone = set(entering) - set(stages[i])
+                keep_idx = [j for j, c in enumerate(cols) if c not in gone]
                 cols = [cols[j] for j in keep_idx]
                 h = h[:, keep_idx]
                 mask, rope = masks_for(cols), rope_for(h, cols)

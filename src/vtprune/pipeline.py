@@ -37,6 +37,9 @@ class Session:
     compact_mask: torch.Tensor  # (B, Lc) mask of the compact prompt in the cache
     original_prompt_len: int  # columns of the caller's prompt attention mask
     original_seen: int  # original tokens seen so far (for default positions)
+    #: (B,) added to the caller's decoding positions when the prefill laid images out with another
+    #: token count than the caller's input (LLaVA-NeXT layout="flat"); None when the counts agree
+    position_shift: torch.Tensor | None = None
 
 
 @dataclass
@@ -149,6 +152,9 @@ class Pruner:
         if kwargs.get("position_ids") is None:
             kwargs["position_ids"] = self.adapter.format_positions(
                 self._as_rows(self.adapter.decode_positions(session, mask, q_len)))
+        if session.position_shift is not None:
+            shift = session.position_shift.to(kwargs["position_ids"].device)
+            kwargs["position_ids"] = kwargs["position_ids"] + shift.view(*([1] * (kwargs["position_ids"].dim() - 2)), -1, 1)
         if mask is not None:
             new_cols = mask[:, session.original_prompt_len:].to(session.compact_mask)
         else:
@@ -184,9 +190,13 @@ class Pruner:
         text_embeds = self._text_after_each_image(input_ids, attention_mask, spans)
         images = self.adapter.encode_images(image_inputs, self.method, text_embeds, stats.timer)
         full_ids, full_mask, span_units, rewritten = self._rewrite_spans(input_ids, attention_mask, spans, images)
+        position_shift = None
+        if rewritten:
+            user_positions, position_shift = _rewritten_positions(
+                attention_mask, full_mask, input_ids.shape[1], full_ids.shape[1], user_positions is not None)
         positions = self.adapter.full_positions(
             full_ids, full_mask, {**image_inputs, "mm_token_type_ids": None} if rewritten else image_inputs,
-            None if rewritten else self._as_rows_or_none(user_positions))
+            self._as_rows_or_none(user_positions))
         ids, mask, pos, layout = self._compact(call, full_ids, full_mask, positions, span_units, images)
         for im in images:
             newlines = _newline_count(im)
@@ -204,8 +214,9 @@ class Pruner:
         self._record_cells(stats, span_units, images)
         cache = getattr(out, "past_key_values", None)
         if cache is not None:
-            self.sessions[cache] = Session(compact_mask=final_layout.mask.to(mask), original_prompt_len=attention_mask.shape[1],
-                                           original_seen=input_ids.shape[1])
+            self.sessions[cache] = Session(compact_mask=final_layout.mask.to(mask),
+                                           original_prompt_len=attention_mask.shape[1],
+                                           original_seen=input_ids.shape[1], position_shift=position_shift)
         stats.total_seconds = time.perf_counter() - t_start
         self.stats_log.append(stats)
         return out
@@ -501,6 +512,18 @@ def _newline_count(im: EncodedImage) -> int:
         return 0
     units = im.keep[im.keep < im.n_units]
     return int((im.unit_cells[units, 0] < 0).sum())
+
+
+def _rewritten_positions(mask, full_mask, length: int, full_length: int, caller_positions: bool):
+    """1-D positions of a sequence whose image spans were rewritten (another token count), and the
+    per-sample shift that carries the caller's decoding positions onto them. A caller that passes
+    positions (``generate``) numbers each sample from its first real token, and so do we; otherwise
+    the model numbers columns (padding included), and so do we."""
+    if caller_positions:
+        positions = (full_mask.long().cumsum(-1) - 1).clamp(min=0)
+        return positions, (full_mask.sum(1) - mask.sum(1)).long()
+    positions = torch.arange(full_length, device=full_mask.device).expand(full_mask.shape[0], -1)
+    return positions, torch.full((full_mask.shape[0],), full_length - length, dtype=torch.long)
 
 
 def _first_real(mask: torch.Tensor) -> int:
