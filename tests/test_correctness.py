@@ -166,10 +166,8 @@ def test_a_method_failing_to_patch_the_tower_leaves_no_hook(family, name, kwargs
 
 # -- 4. a sample's selection never depends on its batch ----------------------------------------------
 def _run_args(name, family):
-    """Arguments for a budgeted run of ``name`` on the tiny ``family`` model, or None if refused."""
+    """Arguments for a budgeted run of ``name`` on the tiny ``family`` model."""
     cls = method_class(name)
-    if family in cls.unsupported or name in ("keep_all",):
-        return None
     kwargs = {"keep": 4}
     if name in ("pyramiddrop", "sparsevlm"):
         kwargs["layers"] = (1, 2, 3)
@@ -183,17 +181,17 @@ def _run_args(name, family):
     return dict(kwargs, layout=layout)
 
 
-METHODS = [m for m in available_methods() if not m.startswith("test_")]
+#: every (family, method) pair the method supports (refusals are tested in test_methods_e2e); keep_all
+#: has no budget and is tested against the plain model in test_core
+SUPPORTED = [(family, name) for name in available_methods() if not name.startswith("test_") and name != "keep_all"
+             for family in FAMILIES if family not in method_class(name).unsupported]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("family,name", SUPPORTED)
 def test_every_method_selects_the_same_tokens_batched_and_alone(family, name):
     """generate() numbers a left-padded sample's positions from its first real token, so a sample's
     tokens, positions and selection must not depend on what else is in the batch."""
     args = _run_args(name, family)
-    if args is None:
-        pytest.skip(f"{name} refuses {family} (tested in test_methods_e2e)")
     model = model_of(family)
     samples = [sample(family, 0, seed=0), sample(family, 1, seed=4)]
     with vtprune.pruned(model, name, **args) as handle:
@@ -228,12 +226,9 @@ def _mixed_inputs(model, family):
     return mixed, image, alone_text
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("family,name", SUPPORTED)
 def test_mixed_image_and_text_only_batch_equals_each_alone(family, name):
     args = _run_args(name, family)
-    if args is None:
-        pytest.skip(f"{name} refuses {family}")
     model = model_of(family)
     mixed, image, text = _mixed_inputs(model, family)
     with vtprune.pruned(model, name, **args) as handle:
@@ -285,7 +280,7 @@ def test_remove_restores_an_instance_forward():
 
 
 def test_pruning_a_model_with_an_offloaded_decoder(tmp_path):
-    accelerate = pytest.importorskip("accelerate")
+    import accelerate
     plain = tiny_model("llava")
     dispatched = tiny_model("llava")
     device_map = {"model.vision_tower": "cpu", "model.multi_modal_projector": "cpu",
@@ -302,3 +297,20 @@ def test_pruning_a_model_with_an_offloaded_decoder(tmp_path):
     assert torch.equal(results[0][0], results[1][0]) and results[0][2] == results[1][2]
     assert (results[0][1] - results[1][1]).abs().max() <= 1e-5
     assert dispatched.__dict__["forward"] is hook_forward
+
+
+def test_flat_layout_decoding_continues_the_rewritten_prompt():
+    """LLaVA-NeXT layout='flat' lays an image out with another token count than the processor's
+    placeholders: cached decoding must continue from the rewritten prompt, i.e. equal one prefill of
+    the prompt plus the generated tokens."""
+    model = model_of("llava_next")
+    inputs = make_inputs(model, [sample("llava_next", 1, seed=4)])
+    n = 4
+    with vtprune.pruned(model, "keep_all", stage="vision", layout="flat") as handle:
+        seq, step_logits = greedy(model, inputs, n=n)
+        rewritten = handle.last.images[0].after_pre_llm
+        placeholders = int((inputs["input_ids"] == model.config.image_token_id).sum())
+        assert rewritten != placeholders  # the layout really changed the token count
+        with torch.no_grad():
+            full = model(**dict(inputs, input_ids=seq, attention_mask=torch.ones_like(seq))).logits
+    assert (full[0, -(n + 1):-1] - step_logits[0]).abs().max() <= 1e-4

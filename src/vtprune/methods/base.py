@@ -94,6 +94,8 @@ class Method:
     attention_layers: tuple[int, ...] = ()
     #: True when the method needs each crop's full patch grid (LLaVA-NeXT: layout="flat" only)
     needs_full_grid: ClassVar[bool] = False
+    #: True when the method has no budget of its own: keep=N or ratio=r is then required
+    needs_budget: ClassVar[bool] = False
     #: families this method refuses, with the reason (e.g. {"qwen2_5_vl": "needs a CLS token"})
     unsupported: ClassVar[dict[str, str]] = {}
 
@@ -105,6 +107,8 @@ class Method:
     def __init__(self, keep: int | None = None, ratio: float | None = None, seed: int = 0):
         if keep is not None and ratio is not None:
             raise BudgetError("Give either keep=N or ratio=r, not both.")
+        if keep is None and ratio is None and self.needs_budget:
+            raise BudgetError(f"Method '{self.name}' needs a budget: pass keep=N or ratio=r.")
         if keep is not None and keep <= 0:
             raise BudgetError(f"keep must be a positive number of tokens, got {keep}.")
         if ratio is not None and not (0.0 < float(ratio) < 1.0):

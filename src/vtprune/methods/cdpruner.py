@@ -80,6 +80,7 @@ def relevance_scores(features: torch.Tensor, text: torch.Tensor, theta: float | 
 @register
 class CDPruner(Method):
     name = "cdpruner"
+    needs_budget = True
     stages = (Stage.PROJECTED,)
 
     def __init__(self, keep: int | None = None, ratio: float | None = None,

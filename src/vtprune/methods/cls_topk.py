@@ -16,6 +16,7 @@ from .base import Method, Selection, Stage, register, sorted_topk
 @register
 class ClsTopK(Method):
     name = "cls_topk"
+    needs_budget = True
     stages = (Stage.VISION,)
 
     def select_vision(self, ctx):

@@ -34,6 +34,7 @@ from .base import Method, Selection, Stage, register
 @register
 class DART(Method):
     name = "dart"
+    needs_budget = True
     stages = (Stage.LLM,)
 
     def __init__(self, keep: int | None = None, ratio: float | None = None,

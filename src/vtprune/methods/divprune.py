@@ -51,6 +51,7 @@ def max_min_greedy(dist: torch.Tensor, k: int) -> torch.Tensor:
 @register
 class DivPrune(Method):
     name = "divprune"
+    needs_budget = True
     stages = (Stage.PROJECTED,)
 
     def select_projected(self, ctx):

@@ -19,6 +19,7 @@ from .base import Method, Selection, Stage, register, sorted_topk
 @register
 class FastV(Method):
     name = "fastv"
+    needs_budget = True
     stages = (Stage.LLM,)
 
     def __init__(self, keep: int | None = None, ratio: float | None = None, layer: int = 2, seed: int = 0):

@@ -55,6 +55,7 @@ _QWEN_REASON = "the anchors need a middle vision layer's attention, which the Qw
 @register
 class HiPrune(Method):
     name = "hiprune"
+    needs_budget = True
     stages = (Stage.VISION,)
     needs_full_grid = True
     #: drop these entries once the Qwen adapter provides ``vision_attention``

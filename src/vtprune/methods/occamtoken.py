@@ -52,6 +52,20 @@ from ..errors import ArgumentError, UnsupportedMethodError
 from ._occam_scores import stage1_cls_scores, stage2_keep, stage2_scores, stage1_keep
 from .base import Method, Selection, Stage, register, sorted_topk
 
+def _check_neurons_argument(neurons) -> None:
+    from ..registers import _as_neurons
+
+    allowed = "pass the JSON written by `vtprune calibrate registers`, a list of (layer, neuron) pairs, or None"
+    if isinstance(neurons, (str, os.PathLike)):
+        if not Path(neurons).is_file():
+            raise ArgumentError(f"occamtoken: neurons={str(neurons)!r} is not a file; {allowed}.")
+        return
+    try:
+        _as_neurons(neurons)
+    except (TypeError, ValueError, IndexError, KeyError) as err:
+        raise ArgumentError(f"occamtoken: neurons={neurons!r} is not allowed ({err}); {allowed}.") from None
+
+
 DEFAULT_LAMBDA1 = {"llava": 0.015, "llava_next": 0.045, "qwen2_5_vl": 0.5, "qwen3_vl": 0.5}
 DEFAULT_LAYER = {"llava": 11, "llava_next": 11, "qwen2_5_vl": 10, "qwen3_vl": 10}
 REGISTER_FILE = "vtprune_registers.json"
@@ -77,9 +91,7 @@ class OccamToken(Method):
                 raise ArgumentError(f"occamtoken: {name}={value!r} is not allowed; {name} must be ≥ 0.")
         if layer is not None and layer < 0:
             raise ArgumentError(f"occamtoken: layer={layer!r} is not allowed; stage II reads a 0-based decoder layer ≥ 0.")
-        if isinstance(neurons, (str, os.PathLike)) and not Path(neurons).is_file():
-            raise ArgumentError(f"occamtoken: neurons={str(neurons)!r} is not a file; pass the JSON written by "
-                                f"`vtprune calibrate registers`, a list of (layer, neuron) pairs, or None.")
+        _check_neurons_argument(neurons)
         self.lambda1, self.lambda2, self.layer = lambda1, float(lambda2), layer
         self.stage1, self.stage2 = stage1, stage2
         self.neurons, self.register_mode = neurons, register_mode

@@ -53,6 +53,7 @@ def _load(path: Path, device: torch.device):
 @register
 class OCVTP(Method):
     name = "ocvtp"
+    needs_budget = True
     stages = (Stage.VISION,)
 
     def __init__(self, keep: int | None = None, ratio: float | None = None, seed: int = 0,

@@ -32,6 +32,7 @@ def pooled_grid(rows: int, cols: int, budget: int) -> tuple[int, int]:
 @register
 class Pooling(Method):
     name = "pooling"
+    needs_budget = True
     stages = (Stage.VISION,)
     needs_full_grid = True
 

@@ -14,6 +14,7 @@ from .base import Method, Selection, Stage, register
 @register
 class RandomPrune(Method):
     name = "random"
+    needs_budget = True
     stages = (Stage.VISION,)
 
     def select_vision(self, ctx):

@@ -45,6 +45,7 @@ _QWEN_REASON = ("its tower has no [CLS] token, and merged vision-stage tokens ca
 @register
 class VisionZip(Method):
     name = "visionzip"
+    needs_budget = True
     stages = (Stage.VISION,)
     unsupported = {"qwen2_5_vl": _QWEN_REASON, "qwen3_vl": _QWEN_REASON}
 

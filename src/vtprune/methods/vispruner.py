@@ -74,6 +74,7 @@ def remove_duplicates(x: torch.Tensor, score: torch.Tensor, target: int, chunk: 
 @register
 class VisPruner(Method):
     name = "vispruner"
+    needs_budget = True
     stages = (Stage.VISION,)
 
     def __init__(self, keep: int | None = None, ratio: float | None = None,
