@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
+
+from .errors import ArgumentError, VTPruneError
 
 
 def _methods(args) -> int:
@@ -12,20 +15,35 @@ def _methods(args) -> int:
     return 0
 
 
-def _parse_method_args(items: list[str]) -> dict:
+def parse_value(text: str) -> Any:
+    """A command-line value as Python: true/false, none, integers, floats, and comma-separated tuples
+    (``layers=2,6,15``); anything else stays a string."""
+    text = text.strip()
+    if "," in text:
+        return tuple(parse_value(part) for part in text.split(",") if part.strip())
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_method_args(items: list[str], what: str = "--arg") -> dict[str, Any]:
+    """``["keep=64", "layers=2,6,15", "stage2=false"]`` -> ``{"keep": 64, "layers": (2, 6, 15), ...}``."""
     out = {}
     for item in items or []:
-        if "=" not in item:
-            raise SystemExit(f"vtprune: method argument {item!r} must look like NAME=VALUE (e.g. keep=64)")
-        key, value = item.split("=", 1)
-        for cast in (int, float):
-            try:
-                value = cast(value)
-                break
-            except ValueError:
-                pass
-        out[key.replace("-", "_")] = value
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ArgumentError(f"{what} {item!r} must look like NAME=VALUE (e.g. keep=64 or layers=2,6,15).")
+        out[key.strip().replace("-", "_")] = parse_value(value)
     return out
+
 
 
 def add_method_arguments(parser: argparse.ArgumentParser, default: str) -> None:
@@ -36,6 +54,7 @@ def add_method_arguments(parser: argparse.ArgumentParser, default: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vtprune", description="Visual-token pruning for HF vision-language models.")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("methods", help="list the methods and the models each supports")
@@ -63,9 +82,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a command. A user's mistake (a library error: misspelt method, missing file, bad argument)
+    prints one line and exits with status 2; ``--debug`` shows the traceback instead."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except VTPruneError as err:
+        if args.debug:
+            raise
+        print(f"vtprune: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -44,13 +44,19 @@ def add_generate_cli(sub) -> None:
     p.set_defaults(func=run_generate)
 
 
+PREFILL_REPEATS = 5  # timed prefills per answer, after one warm-up; the median is shown
+
+
 def _timed_generate(model, inputs, max_new_tokens):
     with torch.no_grad():
-        start = time.perf_counter()
-        model(**inputs, use_cache=False)  # one prefill, timed on its own
-        prefill = time.perf_counter() - start
+        model(**inputs, use_cache=False)  # warm-up: the first call pays for allocations and lazy set-up
+        times = []
+        for _ in range(PREFILL_REPEATS):
+            start = time.perf_counter()
+            model(**inputs, use_cache=False)
+            times.append(time.perf_counter() - start)
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    return out[:, inputs["input_ids"].shape[1]:], prefill
+    return out[:, inputs["input_ids"].shape[1]:], sorted(times)[len(times) // 2]
 
 
 def compare(model, processor, inputs, method_name, method_args, max_new_tokens=8):
@@ -60,18 +66,21 @@ def compare(model, processor, inputs, method_name, method_args, max_new_tokens=8
     full_ids, prefill_full = _timed_generate(model, inputs, max_new_tokens)
     with vtprune.pruned(model, method_name, **method_args) as handle:
         pruned_ids, prefill_pruned = _timed_generate(model, inputs, max_new_tokens)
-        stats = handle.stats[-1]
+        stats = handle.stats[-1]  # the generate() prefill
     decode = processor.batch_decode if processor is not None else (lambda ids, **k: [str(i.tolist()) for i in ids])
     return (decode(full_ids, skip_special_tokens=True)[0].strip(), decode(pruned_ids, skip_special_tokens=True)[0].strip(),
             stats, prefill_full, prefill_pruned)
 
 
 def run_demo(args) -> int:
-    from .cli import _parse_method_args
+    from .cli import parse_method_args
 
     from .demo import MODEL_DIR
 
-    method_args = _parse_method_args(args.arg) or default_method_args(args.method, MODEL_DIR)
+    method_args = parse_method_args(args.arg) or default_method_args(args.method, MODEL_DIR)
+    import vtprune
+
+    vtprune.make_method(args.method, **method_args)  # a misspelt method or argument fails here, in one line
     try:
         from .demo import load_demo_model
         model, processor = load_demo_model()
@@ -107,6 +116,7 @@ def _final_tokens(stats) -> int:
 
 def _print_rows(rows) -> None:
     header = f"{'question':44} {'truth':8} {'full':8} {'pruned':8} {'tokens':>9} {'prefill ms':>15}"
+    print(f"prefill ms: median of {PREFILL_REPEATS} runs after a warm-up, without -> with pruning")
     print(header)
     print("-" * len(header))
     for q, truth, full, pruned, n, kept, t_full, t_pruned, path in rows:
@@ -137,10 +147,20 @@ def run_generate(args) -> int:
     from PIL import Image
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from .cli import _parse_method_args
+    from .cli import parse_method_args
     from .viz import save_overlay
 
-    method_args = _parse_method_args(args.arg) or default_method_args(args.method, args.model)
+    import vtprune
+
+    from .errors import InputError
+
+    method_args = parse_method_args(args.arg) or default_method_args(args.method, args.model)
+    vtprune.make_method(args.method, **method_args)  # a misspelt method or argument fails before loading
+    if not Path(args.image).is_file():
+        raise InputError(f"--image {args.image!r} is not a file; give the path of an image (PNG, JPEG, ...).")
+    if not Path(args.model).is_dir():
+        raise InputError(f"--model {args.model!r} is not a folder; give the local folder of a transformers "
+                         f"checkpoint (vtprune does not download models).")
     model = AutoModelForImageTextToText.from_pretrained(args.model).eval()
     processor = AutoProcessor.from_pretrained(args.model)
     image = Image.open(args.image).convert("RGB")

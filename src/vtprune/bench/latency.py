@@ -381,32 +381,28 @@ def method_takes_budget(name: str) -> bool:
 
 
 def parse_method_args(items: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """``["fastv:layer=3", "occamtoken:tau=0.5,stage2=false"]`` -> ``{"fastv": {"layer": 3}, ...}``."""
+    """``["fastv:layer=3", "pyramiddrop:layers=1,2,3,keep=4"]`` -> ``{"fastv": {"layer": 3}, ...}``.
+    Values are read as by every other command (``vtprune.cli.parse_value``); a comma followed by a piece
+    without ``=`` continues the previous value as a tuple."""
+    from ..cli import parse_value
+
     out: dict[str, dict[str, Any]] = {}
     for item in items or ():
         name, sep, rest = item.partition(":")
         if not sep or not name or not rest:
             raise BenchError(f"--method-args {item!r} must look like METHOD:KEY=VALUE[,KEY=VALUE] (e.g. fastv:layer=3)")
-        for pair in rest.split(","):
-            key, eq, value = pair.partition("=")
-            if not eq or not key:
-                raise BenchError(f"--method-args {item!r}: {pair!r} must look like KEY=VALUE")
-            out.setdefault(name.strip(), {})[key.strip().replace("-", "_")] = _cast(value.strip())
+        pairs: list[list[str]] = []
+        for piece in rest.split(","):
+            key, eq, value = piece.partition("=")
+            if eq and key:
+                pairs.append([key.strip(), value])
+            elif pairs and not eq:
+                pairs[-1][1] += "," + piece
+            else:
+                raise BenchError(f"--method-args {item!r}: {piece!r} must look like KEY=VALUE")
+        for key, value in pairs:
+            out.setdefault(name.strip(), {})[key.replace("-", "_")] = parse_value(value)
     return out
-
-
-def _cast(value: str) -> Any:
-    low = value.lower()
-    if low in ("true", "false"):
-        return low == "true"
-    if low in ("none", "null"):
-        return None
-    for cast in (int, float):
-        try:
-            return cast(value)
-        except ValueError:
-            pass
-    return value
 
 
 def _mean(xs: Sequence[float]) -> float | None:

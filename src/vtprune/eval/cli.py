@@ -75,10 +75,10 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
 def model_args_string(args) -> str:
     """lmms-eval ``--model_args`` for the ``vtprune`` model."""
-    from ..cli import _parse_method_args
+    from ..cli import parse_method_args
 
     parts = [f"pretrained={args.model}", f"method={args.method}"]
-    for key, value in _parse_method_args(args.arg).items():
+    for key, value in parse_method_args(args.arg).items():
         parts.append(f"{key}={value}")
     if args.layout != "model":
         parts.append(f"layout={args.layout}")
