@@ -67,7 +67,7 @@ def reference_logits(model, captured: dict, entering: list[int], kept: list[int]
                 cols = [cols[j] for j in keep_idx]
                 h = h[:, keep_idx]
                 mask, rope = masks_for(cols), rope_for(h, cols)
-            h = layer(h, attention_mask=mask, position_embeddings=rope, position_ids=None, past_key_values=None,
+            h = layer(h, attention_mask=mask, position_embeddings=rope, position_ids=None,
                       use_cache=False)
             if isinstance(h, tuple):
                 h = h[0]

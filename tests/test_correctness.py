@@ -314,3 +314,24 @@ def test_flat_layout_decoding_continues_the_rewritten_prompt():
         with torch.no_grad():
             full = model(**dict(inputs, input_ids=seq, attention_mask=torch.ones_like(seq))).logits
     assert (full[0, -(n + 1):-1] - step_logits[0]).abs().max() <= 1e-4
+
+
+# -- 9. no deprecation warning from vtprune's own calls into transformers ---------------------------
+@pytest.mark.parametrize("family", ["llava", "qwen3_vl"])
+def test_pruned_generate_uses_no_deprecated_transformers_argument(family, monkeypatch):
+    import warnings
+
+    import transformers.utils.generic as generic
+
+    logged = []
+    monkeypatch.setattr(generic.logger, "warning_once", lambda msg, *a, **k: logged.append(msg))
+    model = model_of(family)
+    inputs = make_inputs(model, [sample(family)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        warnings.simplefilter("error", DeprecationWarning)
+        with vtprune.pruned(model, "pyramiddrop", keep=4, layers=(1, 2)):
+            greedy(model, inputs, n=2)
+            with torch.no_grad():
+                model(**inputs, use_cache=False)
+    assert not [m for m in logged if "deprecated" in m]

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ._compat import cache_argument, output_cache
 from .attention import record_attention
 from .errors import InputError, UnsupportedMethodError
 from .methods.base import LLMContext, Method, Stage
@@ -136,7 +137,7 @@ class Pruner:
             kwargs["input_ids"] = args[0]
             if len(args) > 1:
                 raise TypeError("Call the pruned model with keyword arguments after input_ids.")
-        cache = kwargs.get("past_key_values")
+        cache = cache_argument(kwargs)
         if kwargs.get("mm_encoder_outputs"):
             raise InputError("A pruned model runs its vision tower itself: pass pixel_values, not mm_encoder_outputs.")
         if kwargs.get("pixel_values") is not None and kwargs.get("input_ids") is not None:
@@ -212,7 +213,7 @@ class Pruner:
         stats.entering_columns = self._visual_columns(call, layout)
         stats.kept_columns = self._visual_columns(call, final_layout)
         self._record_cells(stats, span_units, images)
-        cache = getattr(out, "past_key_values", None)
+        cache = output_cache(out)
         if cache is not None:
             self.sessions[cache] = Session(compact_mask=final_layout.mask.to(mask),
                                            original_prompt_len=attention_mask.shape[1],
@@ -362,7 +363,7 @@ class Pruner:
             call.recorders = {K: stack.enter_context(record_attention(layers[K - 1].self_attn))
                               for K in self.method.llm_layers}
             out = self._original_forward(**kwargs)
-        cache = getattr(out, "past_key_values", None)
+        cache = output_cache(out)
         if cache is not None and call.stage_layouts:
             self._compact_cache(call, cache)
         return out

@@ -445,6 +445,7 @@ def _run_config(model, inputs, **kwargs) -> dict:
 
 def _measure_config(model, inputs, *, handle, label: dict, warmup: int, repeats: int, new_tokens: int,
                     device: torch.device, meter: MemoryMeter, text_tokens: int, full_visual: int) -> dict:
+    from .._compat import output_cache
     from .flops import kv_cache_bytes
 
     num_layers = model.config.get_text_config().num_hidden_layers
@@ -455,7 +456,7 @@ def _measure_config(model, inputs, *, handle, label: dict, warmup: int, repeats:
         if handle is not None:
             handle.reset_stats()
         seconds, out, mem = time_prefill(model, inputs, device, meter)
-        kv, length = cache_bytes(out.past_key_values)
+        kv, length = cache_bytes(output_cache(out))
         del out
         st = handle.stats[-1] if handle is not None and handle.stats else None
         gen = time_generate(model, inputs, new_tokens, device) if new_tokens > 0 else None
