@@ -79,3 +79,12 @@ def test_double_apply_is_refused(llava):
     with vtprune.pruned(llava, "random", keep=4):
         with pytest.raises(RuntimeError, match="already pruned"):
             vtprune.apply(llava, "random", keep=4)
+
+
+def test_a_transformers_without_precomputed_image_features_is_refused(llava, monkeypatch):
+    import transformers
+
+    monkeypatch.setattr(transformers, "__version__", "5.17.0")
+    with pytest.raises(UnsupportedModelError, match="transformers >= 5.18"):
+        vtprune.apply(llava, "random", keep=4)
+    assert "forward" not in llava.__dict__

@@ -1,4 +1,4 @@
-"""What differs between the transformers versions vtprune supports (>= 5.17, < 6)."""
+"""What differs between the transformers versions vtprune supports (>= 5.18, < 6)."""
 from __future__ import annotations
 
 from typing import Any
@@ -23,3 +23,20 @@ def output_cache(out) -> Any:
         if name in fields:
             return getattr(out, name)
     return None
+
+
+#: 5.18 added ``mm_encoder_outputs`` to the VLMs' forward, through which the pipeline hands over the
+#: (pruned) image features
+MIN_TRANSFORMERS = (5, 18)
+
+
+def check_transformers() -> None:
+    import transformers
+
+    from .errors import UnsupportedModelError
+
+    version = tuple(int(p) for p in transformers.__version__.split(".")[:2] if p.isdigit())
+    if version < MIN_TRANSFORMERS:
+        raise UnsupportedModelError(
+            f"vtprune needs transformers >= {'.'.join(map(str, MIN_TRANSFORMERS))} (found {transformers.__version__}): "
+            f"older versions cannot take precomputed image features. Run `pip install -U 'transformers>=5.18,<6'`.")

@@ -8,6 +8,7 @@ from .methods.base import Method, Stage, make_method
 from .models.base import adapter_for, family_of
 from .pipeline import Pruner
 from .stats import CallStats
+from ._compat import check_transformers
 from .errors import AlreadyPrunedError, ArgumentError, UnsupportedMethodError
 
 LAYOUTS = ("model", "flat")
@@ -75,6 +76,7 @@ def apply(model, method: Method | str, *, layout: str = "model", **method_kwargs
     Every argument is checked here, before the model is touched: a wrong one raises a
     :class:`~vtprune.errors.VTPruneError` that names it.
     """
+    check_transformers()
     if layout not in LAYOUTS:
         raise ArgumentError(f"layout={layout!r} is not allowed; choose one of {', '.join(map(repr, LAYOUTS))}.")
     method = make_method(method, **method_kwargs)
