@@ -212,7 +212,8 @@ class Pruner:
         final_layout = call.layout if call.layout is not None else layout
         stats.entering_columns = self._visual_columns(call, layout)
         stats.kept_columns = self._visual_columns(call, final_layout)
-        self._record_cells(stats, span_units, images)
+        self._record_cells(stats, span_units, images, self._visual_columns(call, layout, registers=False),
+                           self._visual_columns(call, final_layout, registers=False))
         cache = output_cache(out)
         if cache is not None:
             self.sessions[cache] = Session(compact_mask=final_layout.mask.to(mask),
@@ -223,8 +224,10 @@ class Pruner:
         return out
 
     @staticmethod
-    def _record_cells(stats: CallStats, span_units, images: list[EncodedImage]) -> None:
-        """Per image, the (crop, row, col) cells of its patches that entered the LLM and that remained."""
+    def _record_cells(stats: CallStats, span_units, images: list[EncodedImage], entering, kept) -> None:
+        """Per image, the (crop, row, col) cells of its patches that entered the LLM and that remained
+        (``entering`` / ``kept``: per sample, the input columns of those patches, registers excluded:
+        a register shares its image's last column and must not count as that patch)."""
         k = 0
         for b, units in enumerate(span_units):
             for start, n_units in units:
@@ -232,17 +235,19 @@ class Pruner:
                 k += 1
                 if im.unit_cells is None:
                     continue
-                for attr, cols in (("entering_cells", stats.entering_columns[b]), ("kept_cells", stats.kept_columns[b])):
+                for attr, cols in (("entering_cells", entering[b]), ("kept_cells", kept[b])):
                     rel = [c - start for c in cols if start <= c < start + n_units]
                     cells = im.unit_cells[torch.tensor(rel, dtype=torch.long)] if rel else im.unit_cells[:0]
                     setattr(im_stats, attr, [tuple(c) for c in cells.tolist() if c[0] >= 0])
 
     @staticmethod
-    def _visual_columns(call: PrefillCall, layout: Layout) -> list[list[int]]:
-        """Per sample, the columns of the (full-layout) input sequence whose visual tokens remain."""
+    def _visual_columns(call: PrefillCall, layout: Layout, registers: bool = True) -> list[list[int]]:
+        """Per sample, the columns of the (full-layout) input sequence whose visual tokens remain
+        (a register shows as the column of its image's last unit)."""
         out = []
         for b, (pad, cols) in enumerate(call.source_columns):
-            compact = torch.cat([layout.candidates[b], layout.protected[b], layout.fixed[b]]).sort().values - pad
+            parts = [layout.candidates[b], layout.fixed[b]] + ([layout.protected[b]] if registers else [])
+            compact = torch.cat(parts).sort().values - pad
             out.append(cols[compact].tolist())
         return out
 
