@@ -40,6 +40,12 @@ class BudgetFit:
     def name(self) -> str:
         return "λ2" if self.stage == 2 else "λ1"
 
+    @property
+    def reached(self) -> bool:
+        """Whether the mean is within half a token of the target (the bisection's tolerance); a target
+        above what λ = 0 keeps, or below the registers alone, is not."""
+        return abs(self.mean_kept - self.target) <= 0.5
+
     def __str__(self) -> str:
         return (f"{self.name} = {self.lam:.4f}: mean kept {self.mean_kept:.2f} ± {self.std_kept:.2f} "
                 f"(min {self.min_kept}, max {self.max_kept}) tokens per sample "
@@ -256,9 +262,14 @@ def _budget_cli(args) -> int:
     fixed = ", ".join(f"{k}={v}" for k, v in settings.items()) or "the family defaults"
     print(f"{source}, {len(pairs)} samples; " + (f"OccamToken settings: {fixed}" if args.stage == 2 else "stage II off"))
     print(fits[0] if len(fits) == 1 else format_table(fits))
+    for fit in fits:
+        if not fit.reached:
+            print(f"note: target {fit.target:g} is out of reach on these samples; the closest mean is "
+                  f"{fit.mean_kept:.2f} ({fit.name} = {fit.lam:.4f}).")
     if args.out:
         record = {"model": args.model, "source": source, "stage": args.stage, "settings": settings,
-                  "fits": [{**asdict(f), "parameter": "lambda2" if f.stage == 2 else "lambda1"} for f in fits]}
+                  "fits": [{**asdict(f), "parameter": "lambda2" if f.stage == 2 else "lambda1", "reached": f.reached}
+                           for f in fits]}
         Path(args.out).write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n")
         print(f"wrote {args.out}")
     return 0
