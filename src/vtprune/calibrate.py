@@ -1,19 +1,28 @@
 """OccamToken budget calibration: fit λ2 (or λ1) so that the mean kept count hits a target.
 
-The paper picks λ2 on 50-100 calibration samples so the mean number of kept tokens (register
-included) matches a budget K̄ (Eq. 19). The kept count is monotone in λ, and the scores a threshold
-is compared with do not depend on λ itself: one pass with λ = 0 records every token's score ratio
-s(v)/s(r), after which count(λ) = #{ratio ≥ λ} + registers is exact arithmetic, so bisection needs
-no further model runs.
+The paper picks λ2 on 50-100 calibration samples of the target task, each an image with its question,
+so the mean number of kept tokens (register included) matches a budget K̄ (Eq. 19). Stage II scores a
+token by the attention the question's tokens pay it, so its kept count depends on the question: a λ2
+fitted on one fixed prompt misses the budget on the task's own questions. The kept count is monotone
+in λ, and the scores a threshold is compared with do not depend on λ itself: one pass with λ = 0
+records every token's score ratio s(v)/s(r), after which count(λ) = #{ratio ≥ λ} + registers is exact
+arithmetic, so bisection needs no further model runs and one pass serves every target.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Iterable
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
 
 import torch
 
+from .errors import ArgumentError, InputError
 from .methods._occam_scores import calibrate_lambda
+
+FIXED_PROMPT = "Describe the image."
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+PAIRS_FORMAT = 'one JSON object per line: {"image": PATH, "question": TEXT}'
 
 
 @dataclass
@@ -22,13 +31,33 @@ class BudgetFit:
     lam: float
     mean_kept: float  # register(s) included
     std_kept: float
+    min_kept: int
+    max_kept: int
     target: float
     samples: int
 
+    @property
+    def name(self) -> str:
+        return "λ2" if self.stage == 2 else "λ1"
+
+    @property
+    def reached(self) -> bool:
+        """Whether the mean is within half a token of the target (the bisection's tolerance); a target
+        above what λ = 0 keeps, or below the registers alone, is not."""
+        return abs(self.mean_kept - self.target) <= 0.5
+
     def __str__(self) -> str:
-        name = "λ2" if self.stage == 2 else "λ1"
-        return (f"{name} = {self.lam:.4f}: mean kept {self.mean_kept:.2f} ± {self.std_kept:.2f} tokens per sample "
-                f"(target {self.target}, {self.samples} samples, registers included)")
+        return (f"{self.name} = {self.lam:.4f}: mean kept {self.mean_kept:.2f} ± {self.std_kept:.2f} "
+                f"(min {self.min_kept}, max {self.max_kept}) tokens per sample "
+                f"(target {self.target:g}, {self.samples} samples, registers included)")
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A calibration sample: an image (a file, or a PIL image) and the question asked about it."""
+
+    image: Any
+    question: str
 
 
 def score_ratios(model, batches: Iterable[dict], stage: int = 2, **occam_kwargs) -> list[tuple[list[float], int]]:
@@ -69,14 +98,104 @@ def fit_lambda(ratios: list[tuple[list[float], int]], target: float, stage: int 
         return [int((t >= lam).sum()) + reg for t, reg in tensors]
 
     fit = calibrate_lambda(counts, target, lo=0.0, hi=top)
+    kept = counts(fit.lam)
     return BudgetFit(stage=stage, lam=float(fit.lam), mean_kept=float(fit.mean), std_kept=float(fit.std),
-                     target=target, samples=len(tensors))
+                     min_kept=min(kept), max_kept=max(kept), target=target, samples=len(tensors))
 
 
 def calibrate_budget(model, batches: Iterable[dict], target: float, stage: int = 2, **occam_kwargs) -> BudgetFit:
     """Fit λ2 (stage=2, λ1 fixed by ``occam_kwargs``) or λ1 (stage=1, stage II off) so that the mean
     kept count per sample, registers included, is ``target``."""
     return fit_lambda(score_ratios(model, batches, stage, **occam_kwargs), target, stage)
+
+
+def calibrate_pairs(model, processor, pairs: Sequence[Pair], targets: Sequence[float], stage: int = 2,
+                    progress: bool = False, **occam_kwargs) -> list[BudgetFit]:
+    """One fit per target on (image, question) pairs, each prompted through the model's chat template.
+    The model runs once per pair; the fits are arithmetic on the recorded ratios."""
+    from tqdm import tqdm
+
+    batches = (_processed(processor, load_image(p.image), p.question)
+               for p in tqdm(pairs, desc="calibration samples", disable=not progress))
+    ratios = score_ratios(model, batches, stage, **occam_kwargs)
+    return [fit_lambda(ratios, float(t), stage) for t in targets]
+
+
+def format_table(fits: Sequence[BudgetFit]) -> str:
+    """The fits as a table, one row per target."""
+    rows = [["target", fits[0].name, "mean kept", "std", "min", "max", "samples"]]
+    rows += [[f"{f.target:g}", f"{f.lam:.4f}", f"{f.mean_kept:.2f}", f"{f.std_kept:.2f}", str(f.min_kept),
+              str(f.max_kept), str(f.samples)] for f in fits]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows)
+
+
+# -- calibration samples ---------------------------------------------------------------------------
+def read_pairs(path) -> list[Pair]:
+    """The pairs of a JSONL file, one ``{"image": PATH, "question": TEXT}`` per line (blank lines
+    skipped); relative image paths resolve against the file's folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"--pairs {str(path)!r} is not a file; give a JSONL file, {PAIRS_FORMAT}.")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    pairs = [_parse_pair(line, number, path) for number, line in enumerate(lines, 1) if line.strip()]
+    if not pairs:
+        raise InputError(f"{path} holds no calibration pairs; write {PAIRS_FORMAT}.")
+    return pairs
+
+
+def _parse_pair(line: str, number: int, path: Path) -> Pair:
+    where = f"{path}, line {number}"
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise InputError(f"{where} is not valid JSON ({err.msg}); write {PAIRS_FORMAT}.") from None
+    if not isinstance(record, dict):
+        raise InputError(f"{where} is not a JSON object; write {PAIRS_FORMAT}.")
+    for key in ("image", "question"):
+        if not isinstance(record.get(key), str) or not record[key].strip():
+            raise InputError(f"{where} lacks {key!r} (a non-empty string); write {PAIRS_FORMAT}.")
+    image = Path(record["image"]).expanduser()
+    image = image if image.is_absolute() else path.parent / image
+    if not image.is_file():
+        raise InputError(f"{where}: the image {str(image)!r} is not a file.")
+    return Pair(image, record["question"])
+
+
+def folder_pairs(folder, prompt: str = FIXED_PROMPT) -> list[Pair]:
+    """Every image of ``folder`` (sorted by name) with the same prompt."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"--images {str(folder)!r} is not a folder.")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise InputError(f"--images {str(folder)!r} holds no images ({', '.join(IMAGE_SUFFIXES)}).")
+    return [Pair(f, prompt) for f in files]
+
+
+def scene_pairs(n: int) -> list[Pair]:
+    """``n`` validation scenes of the demo benchmark, each with its own question."""
+    from .demo.scenes import make_split
+
+    return [Pair(item.image(), item.question) for item in make_split("val", n)]
+
+
+def load_image(image):
+    """An RGB PIL image from a path, or the PIL image itself."""
+    if not isinstance(image, (str, Path)):
+        return image
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        return Image.open(image).convert("RGB")
+    except (OSError, UnidentifiedImageError) as err:
+        raise InputError(f"cannot read the image {str(image)!r} ({err}).") from None
+
+
+def _processed(processor, image, question) -> dict:
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    return dict(processor(images=image, text=prompt, return_tensors="pt"))
 
 
 # -- command line ----------------------------------------------------------------------------------
@@ -92,52 +211,89 @@ def add_cli(subparsers) -> None:
 
     budget = sub.add_parser("budget", help="fit λ2 (or λ1) so the mean kept count hits a target")
     budget.add_argument("--model", required=True, help="local path of a supported HF VLM")
-    budget.add_argument("--images", help="folder of calibration images (with --prompt)")
-    budget.add_argument("--prompt", default="Describe the image.", help="question asked about each image")
-    budget.add_argument("--scenes", type=int, default=0, help="use N scenes of the demo benchmark instead of --images")
-    budget.add_argument("--num", type=int, default=64, help="calibration samples (default 64)")
-    budget.add_argument("--target", type=float, required=True, help="target mean kept tokens per image, registers included")
+    source = budget.add_mutually_exclusive_group(required=True)
+    source.add_argument("--pairs", help='JSONL file, one {"image": PATH, "question": TEXT} per line: samples of '
+                                        "the target task (paths relative to the file's folder)")
+    source.add_argument("--images", help="folder of calibration images, all asked --prompt")
+    source.add_argument("--scenes", type=int, help="use N validation scenes of the demo benchmark, with their questions")
+    budget.add_argument("--prompt", default=FIXED_PROMPT, help=f"question asked about each --images image "
+                                                               f"(default {FIXED_PROMPT!r})")
+    budget.add_argument("--num", type=int, default=None, help="at most N samples (default: all pairs, 64 images)")
+    budget.add_argument("--target", required=True,
+                        help="target mean kept tokens per sample, registers included; several: 192,128,64")
     budget.add_argument("--stage", type=int, choices=(1, 2), default=2, help="2: fit λ2 (default); 1: fit λ1")
-    budget.add_argument("--lambda1", type=float, default=None, help="λ1 kept fixed while fitting λ2")
-    budget.add_argument("--layer", type=int, default=None, help="stage-II layer (default per family)")
+    budget.add_argument("--lambda1", type=float, default=None,
+                        help="λ1 kept fixed while fitting λ2 (default: the model's shipped setting, else the family's)")
+    budget.add_argument("--layer", type=int, default=None,
+                        help="stage-II layer (default: the model's shipped setting, else the family's)")
+    budget.add_argument("--out", default=None, help="also write the fits to this JSON file")
     budget.set_defaults(func=_budget_cli)
 
 
+def parse_targets(text: str) -> list[float]:
+    """``"192,128,64"`` -> ``[192.0, 128.0, 64.0]``."""
+    try:
+        targets = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        targets = []
+    if not targets or any(t <= 0 for t in targets):
+        raise ArgumentError(f"--target {text!r}: give one or more positive numbers, e.g. --target 64 or --target 192,128,64.")
+    return targets
+
+
 def _budget_cli(args) -> int:
-    from tqdm import tqdm
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    targets = parse_targets(args.target)
+    if args.num is not None and args.num < 1:
+        raise ArgumentError(f"--num {args.num}: give at least 1 sample.")
+    if not Path(args.model).is_dir():
+        raise InputError(f"--model {args.model!r} is not a folder; give the local folder of a transformers "
+                         f"checkpoint (vtprune does not download models).")
+    pairs, source = _calibration_pairs(args)
+    settings = _occam_settings(args) if args.stage == 2 else {}  # stage 1 runs without stage II
+    if args.stage == 2 and args.images:
+        print(f"note: stage II depends on the question, and every image here is asked {args.prompt!r}; "
+              f"the λ2 fitted may miss the budget on your task's questions. Calibrate with --pairs FILE.jsonl "
+              f"(images with their task's questions) for the paper's calibration.")
     model = AutoModelForImageTextToText.from_pretrained(args.model).eval()
     processor = AutoProcessor.from_pretrained(args.model)
-    batches = [_processed(processor, image, question) for image, question in
-               tqdm(_calibration_items(args), total=args.num, desc="calibration samples")]
-    kwargs = {k: v for k, v in (("lambda1", args.lambda1), ("layer", args.layer)) if v is not None}
-    fit = calibrate_budget(model, batches, args.target, stage=args.stage, **kwargs)
-    print(fit)
+    fits = calibrate_pairs(model, processor, pairs, targets, stage=args.stage, progress=True, **settings)
+    fixed = ", ".join(f"{k}={v}" for k, v in settings.items()) or "the family defaults"
+    print(f"{source}, {len(pairs)} samples; " + (f"OccamToken settings: {fixed}" if args.stage == 2 else "stage II off"))
+    print(fits[0] if len(fits) == 1 else format_table(fits))
+    for fit in fits:
+        if not fit.reached:
+            print(f"note: target {fit.target:g} is out of reach on these samples; the closest mean is "
+                  f"{fit.mean_kept:.2f} ({fit.name} = {fit.lam:.4f}).")
+    if args.out:
+        record = {"model": args.model, "source": source, "stage": args.stage, "settings": settings,
+                  "fits": [{**asdict(f), "parameter": "lambda2" if f.stage == 2 else "lambda1", "reached": f.reached}
+                           for f in fits]}
+        Path(args.out).write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n")
+        print(f"wrote {args.out}")
     return 0
 
 
-def _calibration_items(args):
-    if args.scenes:
-        from .demo.scenes import make_split
-
-        for item in make_split("val", min(args.scenes, args.num)):
-            yield item.image(), item.question
-        return
-    if not args.images:
-        raise SystemExit("vtprune calibrate budget: pass --images DIR (with --prompt) or --scenes N")
-    from pathlib import Path
-
-    from PIL import Image
-
-    files = sorted(p for p in Path(args.images).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
-    if not files:
-        raise SystemExit(f"vtprune calibrate budget: no images in {args.images}")
-    for path in files[: args.num]:
-        yield Image.open(path).convert("RGB"), args.prompt
+def _calibration_pairs(args) -> tuple[list[Pair], str]:
+    """The pairs to calibrate on, and a few words saying where they come from."""
+    if args.pairs:
+        pairs, source = read_pairs(args.pairs), f"pairs from {args.pairs}"
+    elif args.images:
+        pairs, source = folder_pairs(args.images, args.prompt)[: args.num or 64], f"images of {args.images}"
+    else:
+        if args.scenes < 1:
+            raise ArgumentError(f"--scenes {args.scenes}: give at least 1 scene.")
+        pairs, source = scene_pairs(args.scenes), "demo scenes"
+    return pairs[: args.num] if args.num else pairs, source
 
 
-def _processed(processor, image, question) -> dict:
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
-    return dict(processor(images=image, text=prompt, return_tensors="pt"))
+def _occam_settings(args) -> dict:
+    """λ1 and the stage-II layer to fit λ2 with: the flags, else the OccamToken settings shipped next to
+    the model's weights (what ``vtprune generate`` and ``vtprune demo`` run with), else none."""
+    from .demo_cli import default_method_args
+
+    shipped = default_method_args("occamtoken", args.model)
+    settings = {k: shipped[k] for k in ("lambda1", "layer") if k in shipped}
+    settings.update({k: v for k, v in (("lambda1", args.lambda1), ("layer", args.layer)) if v is not None})
+    return settings

@@ -17,7 +17,7 @@ scored in the same softmax, so the budget follows the image (stage I) and the qu
 
 Defaults: λ1 = 0.015 (LLaVA-1.5), 0.045 (LLaVA-NeXT) [paper]; λ2 = 1.0 [paper's range 0.6-1.3];
 l = 11 (LLaVA) / 10 (Qwen) [paper]. Calibrate λ2 to a target mean budget with
-``vtprune.calibrate.calibrate_lambda2`` / ``vtprune calibrate budget``.
+``vtprune.calibrate.calibrate_pairs`` / ``vtprune calibrate budget --pairs``.
 
 Fixed budget (not in the paper; what a host that fixes token counts in advance, such as vLLM, needs):
 ``keep=N`` or ``ratio=r`` replaces stage I's threshold by a ranking — the N candidates with the largest
