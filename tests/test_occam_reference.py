@@ -197,3 +197,19 @@ def test_stage2_equals_the_independent_reference(family, stage1):
     candidates = [c for c in entering[:len(entering) - registers]]
     expected = [c for c, keep in zip(candidates, (ratios >= lam).tolist()) if keep]
     assert handle.last.stage_columns[layer + 1][0][:len(expected)] == expected
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_when_no_patch_beats_the_register_only_the_register_enters(family):
+    """The paper's S1 = {v : s1(v) >= λ1·s1(r)} ∪ {r} may be the register alone; min_kept=N is our
+    optional floor (the N best ratios)."""
+    model = models(family)[0]
+    inputs = inputs_of(family)
+    layout = {"layout": "flat"} if family == "llava_next" else {}
+    for min_kept, patches in ((0, 0), (2, 2)):
+        with vtprune.pruned(model, "occamtoken", lambda1=1e6, layer=1, lambda2=0.0, min_kept=min_kept,
+                            neurons=[(0, 1)], **layout) as handle, torch.no_grad():
+            logits = model(**inputs).logits
+        image = handle.last.images[0]
+        assert image.after_pre_llm == patches and image.registers >= 1 and len(image.entering_cells) == patches
+        assert torch.isfinite(logits).all()

@@ -25,12 +25,10 @@ import torch
 
 __all__ = [
     "stage1_cls_scores",
-    "stage1_mutual_scores",
     "stage1_keep",
     "stage2_scores",
     "stage2_keep",
     "relative_keep",
-    "pool_groups",
     "calibrate_lambda",
     "LambdaFit",
 ]
@@ -72,52 +70,6 @@ def stage1_cls_scores(cls_attn: torch.Tensor, num_registers: int = 1,
         raise ValueError(f"need at least one patch column and num_registers >= 1 register column(s); "
                          f"got {a.shape[-1]} columns and num_registers={num_registers}")
     return a[:-num_registers], a[-num_registers:].mean()
-
-
-def pool_groups(scores: torch.Tensor, group: int | torch.Tensor | Sequence[Sequence[int]]) -> torch.Tensor:
-    """Mean of ``scores`` over groups of tokens.
-
-    group: an int ``m`` = consecutive blocks of m tokens (Qwen's patch order already lists the four
-    patches of each 2×2 merge group consecutively, so ``m = spatial_merge_size**2 = 4``), or a
-    ``(G, m)`` index tensor / nested list giving the members of each group.
-    """
-    if isinstance(group, int):
-        if group < 1 or scores.numel() % group:
-            raise ValueError(f"{scores.numel()} scores do not split into groups of {group}")
-        return scores.reshape(-1, group).mean(-1)
-    idx = torch.as_tensor(group, dtype=torch.long, device=scores.device)
-    if idx.dim() != 2:
-        raise ValueError(f"group indices must be (G, m), got shape {tuple(idx.shape)}")
-    return scores[idx].mean(-1)
-
-
-def stage1_mutual_scores(attn: torch.Tensor, group: int | torch.Tensor | Sequence[Sequence[int]] | None = None,
-                         num_registers: int = 1, heads: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stage-I "mutual" scores for towers without CLS (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) **[paper, Eq. 6 / 13]**:
-    the mean attention a token receives from all visual tokens and the register,
-    ``s1(v) = 1/(|V|+1) · Σ_{u ∈ V ∪ {r}} A[u→v]``, and the same for ``s1(r)``.
-
-    attn: ``(H, Q, K)`` (or ``(Q, K)`` head-averaged) attention of one image: rows = **all** tokens of
-        the image including the register row(s) (u ∈ V ∪ {r}), columns = the same tokens; the
-        register(s) are the last ``num_registers`` columns (Qwen: 4 copies that pass the 2×2 merger
-        as one merged token). Row count and column count must match (square self-attention).
-    group: optional pooling of the patch scores to merged tokens, mean over each group
-        **[decision: score at patch level, pool 2×2 by the mean, threshold merged tokens]**; see
-        :func:`pool_groups`. With several register copies ``s1(r)`` is the mean over the copies,
-        which is the same pooling applied to the register's own merge group **[decision]**.
-
-    Returns ``(scores of the patches or of the merged groups, s1(r) as a 0-d tensor)``.
-    """
-    a = _head_mean(attn, 2, heads)
-    if a.shape[0] != a.shape[1]:
-        raise ValueError(f"mutual scoring needs square attention over V ∪ {{r}}, got {tuple(a.shape)}")
-    if num_registers < 1 or a.shape[-1] <= num_registers:
-        raise ValueError(f"need patches plus num_registers >= 1 register columns, got {a.shape[-1]} columns")
-    received = a.mean(0)  # 1/(|V|+1) Σ_u A[u -> ·]  (mean over all rows, registers included)
-    patches, reg = received[:-num_registers], received[-num_registers:].mean()
-    if group is not None:
-        patches = pool_groups(patches, group)
-    return patches, reg
 
 
 def relative_keep(scores: torch.Tensor, reference: torch.Tensor | float, lam: float) -> torch.Tensor:

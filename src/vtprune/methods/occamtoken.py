@@ -24,9 +24,21 @@ Fixed budget (not in the paper; what a host that fixes token counts in advance, 
 s1(v) / s1(r), each against its own crop's register, are kept; λ1 is then unused.
 
 [decision]s, all configurable:
-- stage I reads the feature layer (LLaVA's ``vision_feature_layer``, −2) after the register was added;
-- Qwen: λ1 default 0.5 (the paper gives none; calibrate it); scores pooled 2×2 by the mean; the
-  register is four zero patch rows (one merge group), scored as their mean; on Qwen2.5-VL's windowed
+- stage I reads the feature layer (LLaVA's ``vision_feature_layer``, −2) after the register was added
+  (the paper says "the vision encoder after register construction", not which layer);
+- stage II layer (``layer=``, 0-based index of the decoder layer whose attention is read): the paper
+  writes "layer 11" (Fig. 5, App. A) and once "the 11th decoder layer" (App. A) for LLaVA, "layer 10"
+  for Qwen, without saying how layers are counted. We read "layer 11" as the index (the figure's
+  "Pruning Layer" axis names layers, not ordinals): ``layer=11``; ``layer=10`` is the 1-based reading;
+- when no patch beats the register, stage I keeps the register alone, as the paper's
+  ``S1 = {v : s1(v) ≥ λ1·s1(r)} ∪ {r}`` allows; ``min_kept=N`` keeps at least the N best ratios
+  (our option; the earlier versions kept the single best patch);
+- Qwen: λ1 default 0.5 is ours and unvalidated (the paper publishes no Qwen λ1; it reports Qwen3-VL
+  only at relative budgets 22.2 % / 11.1 %): calibrate it with ``vtprune calibrate budget --stage 1``.
+  Scores are pooled 2×2 by the mean. The register is four zero patch rows (one merge group) and is
+  scored as their mean; the mutual score averages the attention a token receives over all query rows,
+  the register's four among them — the same weight as one merged token's four patches, i.e. the
+  paper's Eq. 6 with the register counted once among the |V| + 1 tokens. On Qwen2.5-VL's windowed
   blocks the register is its own window (see ``vtprune.registers``);
 - LLaVA-NeXT: stage I per crop against the crop's own register; one register per crop reaches the
   LLM, stage II uses their mean as s2(r);
@@ -80,8 +92,11 @@ class OccamToken(Method):
     def __init__(self, lambda1: float | None = None, lambda2: float = 1.0, layer: int | None = None,
                  stage1: bool = True, stage2: bool = True, neurons=None,
                  register_mode: Literal["per_channel", "signed_max"] = "per_channel",
-                 keep: int | None = None, ratio: float | None = None):
+                 keep: int | None = None, ratio: float | None = None, min_kept: int = 0):
         super().__init__(keep=keep, ratio=ratio)
+        if min_kept < 0:
+            raise ArgumentError(f"occamtoken: min_kept={min_kept} is not allowed; it is a count of tokens ≥ 0.")
+        self.min_kept = min_kept
         if (keep is not None or ratio is not None) and not stage1:
             raise UnsupportedMethodError("OccamToken's keep=/ratio= budget applies to stage I; enable stage1.")
         if not (stage1 or stage2):
@@ -174,8 +189,8 @@ class OccamToken(Method):
         if self.ranked:  # a fixed budget: the register is the ranking key (comparable across crops)
             keep = sorted_topk(torch.tensor(ratios), self.budget(ctx.num_tokens)).to(keep.device)
             thresholds = []
-        elif keep.numel() == 0:  # every patch below the register: keep the best one rather than none
-            keep = ctx.received_attention.argmax().view(1)
+        elif keep.numel() < self.min_kept:  # our floor, not the paper's (its S1 may be the register alone)
+            keep = sorted_topk(torch.tensor(ratios), self.min_kept).to(keep.device)
         return Selection(keep=keep, info={"stage1_kept": int(keep.numel()), "stage1_thresholds": thresholds,
                                           "stage1_ratios": ratios})
 

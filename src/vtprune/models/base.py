@@ -193,7 +193,9 @@ class Adapter:
         with timer():
             selection = (method.select_vision if stage == Stage.VISION else method.select_projected)(ctx)
         if selection.keep.numel() == 0:
-            raise InputError(f"Method '{method.name}' kept no token of image {ctx.image_index}.")
+            if ctx.extra == 0:  # an image with registers still reaches the LLM through them
+                raise InputError(f"Method '{method.name}' kept no token of image {ctx.image_index}.")
+            return selection
         if int(selection.keep.max()) >= ctx.num_tokens or int(selection.keep.min()) < 0:
             raise InputError(f"Method '{method.name}' returned indices outside the {ctx.num_tokens} candidates.")
         return selection
