@@ -526,3 +526,38 @@ def test_cli_calibrates_a_tower_directory(tmp_path, capsys):
     assert set(rn.neurons) == RIGGED and rn.stats["num_images"] == 5
     assert len(list((tmp_path / "cache").glob("*.json"))) == 1
     assert "register neurons" in capsys.readouterr().out
+
+
+def test_latest_calibration_any_settings_this_tower_only(tmp_path, tower):
+    """OccamToken's cache lookup: the newest calibration of *this* tower whatever its settings; files
+    of other towers (newer, or renamed to this tower's name) and unreadable files are never used."""
+    import os
+
+    ident = R.tower_identity(tower)
+    assert R.latest_calibration(tower, tmp_path / "missing") is None
+    old = R.RegisterNeurons([(0, 5)], tower=ident, settings={"top_k": 10})
+    new = R.RegisterNeurons([(1, 17), (0, 5)], tower=ident, settings={"top_k": 2, "highest_layer": 1})
+    old_path = R.cache_path(ident, tmp_path)
+    new_path = R.cache_path(ident, tmp_path, top_k=2, highest_layer=1)
+    old.to_json(old_path)
+    new.to_json(new_path)
+    os.utime(old_path, ns=(10**18, 10**18))
+    os.utime(new_path, ns=(2 * 10**18, 2 * 10**18))
+    assert R.latest_calibration(tower, tmp_path) == new
+    os.utime(old_path, ns=(3 * 10**18, 3 * 10**18))  # recalibrated with the defaults: that one now
+    assert R.latest_calibration(tower, tmp_path) == old
+    # newer files of another tower: one under its own name, one renamed to look like this tower's
+    other = copy.deepcopy(tower)
+    with torch.no_grad():
+        other.embeddings.patch_embedding.weight.mul_(1.5)
+    stale = R.RegisterNeurons([(2, 1)], tower=R.tower_identity(other))
+    stale.to_json(R.cache_path(other, tmp_path))
+    renamed = R.cache_path(ident, tmp_path, top_k=7)
+    stale.to_json(renamed)
+    (tmp_path / f"{R.cache_path(ident, tmp_path, top_k=8).name}").write_text("{not json")
+    for path in tmp_path.glob("*.json"):
+        if path not in (old_path, new_path):
+            os.utime(path, ns=(4 * 10**18, 4 * 10**18))
+    assert R.latest_calibration(tower, tmp_path) == old
+    assert [p for p, _ in R.cached_calibrations(tower, tmp_path)] == [old_path, new_path]
+    assert R.latest_calibration(other, tmp_path) == stale

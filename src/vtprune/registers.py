@@ -54,6 +54,8 @@ __all__ = [
     "auto_outlier_threshold",
     "default_cache_dir",
     "cache_path",
+    "cached_calibrations",
+    "latest_calibration",
     "load_or_calibrate",
     "test_time_register",
     "redirect_activations",
@@ -774,8 +776,48 @@ def cache_path(tower_or_identity: nn.Module | str, cache_dir: str | os.PathLike 
     ident = tower_or_identity if isinstance(tower_or_identity, str) else tower_identity(tower_or_identity)
     settings = {**_CALIB_DEFAULTS, **{k: v for k, v in calibrate_kwargs.items() if k in _CALIB_DEFAULTS}}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", ident)
-    return (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / f"{slug}-{key}.json"
+    return _cache_dir(cache_dir) / f"{_slug(ident)}-{key}.json"
+
+
+def _cache_dir(cache_dir: str | os.PathLike | None) -> Path:
+    return Path(cache_dir) if cache_dir is not None else default_cache_dir()
+
+
+def _slug(ident: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", ident)
+
+
+def cached_calibrations(tower_or_identity: nn.Module | str,
+                        cache_dir: str | os.PathLike | None = None) -> list[tuple[Path, RegisterNeurons]]:
+    """Every calibration of this tower in the cache, whatever its settings, newest first.
+
+    Only files named ``<identity>-<settings hash>.json`` (:func:`cache_path`) whose content names the
+    same tower are listed: a file of another tower (other weights, or renamed) is never returned;
+    unreadable files are skipped. Newest = latest modification time (ties: file name).
+    """
+    ident = tower_or_identity if isinstance(tower_or_identity, str) else tower_identity(tower_or_identity)
+    name = re.compile(re.escape(_slug(ident)) + r"-[0-9a-f]{8}\.json")
+    found = []
+    for path in _cache_dir(cache_dir).glob("*.json"):
+        if not name.fullmatch(path.name):
+            continue
+        try:
+            rn = RegisterNeurons.from_json(path)
+        except InputError:
+            continue
+        if rn.tower == ident:
+            found.append((path.stat().st_mtime_ns, path.name, path, rn))
+    found.sort(key=lambda x: (x[0], x[1]), reverse=True)
+    return [(path, rn) for _, _, path, rn in found]
+
+
+def latest_calibration(tower_or_identity: nn.Module | str,
+                       cache_dir: str | os.PathLike | None = None) -> RegisterNeurons | None:
+    """The newest cached calibration of this tower (any settings; see :func:`cached_calibrations`), or
+    None. This is what OccamToken uses when no neurons are given: ``vtprune calibrate registers`` with
+    any options, then ``vtprune.apply(model, "occamtoken")``, runs with exactly those neurons."""
+    found = cached_calibrations(tower_or_identity, cache_dir)
+    return found[0][1] if found else None
 
 
 def load_or_calibrate(tower: nn.Module, images_fn: Callable[[], Iterable[Any]] | Iterable[Any] | None = None,
@@ -1163,10 +1205,20 @@ def add_calibrate_registers_arguments(parser: argparse.ArgumentParser) -> argpar
     parser.add_argument("--dtype", default="auto", help="float32, float16, bfloat16 (default: fp16 on GPU)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the image sample")
     parser.add_argument("--out", default=None, help="also write the neurons to this JSON file")
-    parser.add_argument("--cache-dir", default=None, help="cache directory (default ~/.cache/vtprune/registers)")
+    parser.add_argument("--cache-dir", default=None,
+                        help="cache directory (default $VTPRUNE_CACHE/registers or ~/.cache/vtprune/registers, "
+                             "the one apply(model, \"occamtoken\") reads)")
     parser.add_argument("--no-cache", action="store_true", help="do not write the user cache")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
+
+
+def _cache_note(path: Path) -> str:
+    """What the CLI says after a cache path that OccamToken will not read by default."""
+    if path.parent.resolve() == default_cache_dir().resolve():
+        return ""
+    return (f" (apply(model, \"occamtoken\") reads the default cache {default_cache_dir()}, not this one: "
+            "pass neurons=<this file>)")
 
 
 def calibrate_registers_cli(args: argparse.Namespace) -> int:
@@ -1189,7 +1241,7 @@ def calibrate_registers_cli(args: argparse.Namespace) -> int:
                           outlier_threshold=args.threshold, detection_layer=args.detection_layer,
                           sparsity=args.sparsity)
         rn.to_json(path)
-        written.append(str(path))
+        written.append(str(path) + _cache_note(path))
     thr = "none" if rn.threshold is None else f"{rn.threshold:.4g}"
     print(f"tower: {rn.tower}")
     print(f"outlier threshold: {thr} at block {rn.detection_layer}; images with outliers: "
