@@ -14,7 +14,9 @@ This module offers
 * :func:`calibrate_register_neurons` — find the register neurons of a tower from ~100–500 images;
 * :class:`RegisterNeurons` — the result, JSON round-trippable, keyed to the tower's weights through
   :func:`tower_identity`; :func:`load_or_calibrate` caches it under ``~/.cache/vtprune/registers/``
-  (``$VTPRUNE_CACHE/registers/`` when the environment variable ``VTPRUNE_CACHE`` is set);
+  (``$VTPRUNE_CACHE/registers/`` when the environment variable ``VTPRUNE_CACHE`` is set), one file per
+  tower and settings; :func:`latest_calibration` is the newest of a tower's, whatever its settings
+  (what OccamToken uses when given no neurons);
 * :func:`test_time_register` — a context manager that appends the register and redirects the neurons
   while the tower runs (hooks only; nothing in the model is changed);
 * :func:`effective_attended_tokens` / :func:`register_diagnostic` — the paper's sanity number
@@ -654,8 +656,8 @@ def calibrate_register_neurons(tower: nn.Module, images: Iterable[Any], top_k: i
         have outliers, exceeds the outlier threshold. This is the reference's rule (Jiang et al.'s
         ``register_neurons.ipynb``: "Start by setting [highest_layer] to the layer at which outliers
         appear", found from the plot of the average max patch norm per layer; "the attention sinks
-        usually show up at the layer after"); its configs are its results: 5 for CLIP ViT-B/16 (12
-        blocks), 17 for DINOv2-L (24 blocks) — no fixed share of the depth. Register neurons *cause*
+        usually show up at the layer after"); its configs hold the values it chose that way: 5 for CLIP
+        ViT-B/16 (12 blocks), 17 for DINOv2-L (24 blocks) — no fixed share of the depth. Register neurons *cause*
         the outliers, so they sit at or before that block; later neurons only read the outlier (and
         LLaVA's −2 feature layer never sees last-block neurons). The resolved value is in
         ``settings["highest_layer"]``, the per-block mean peak norms in ``stats["peak_patch_norms"]``.
@@ -812,9 +814,13 @@ _CALIB_DEFAULTS = dict(top_k=10, highest_layer=None, outlier_threshold=None, det
 def cache_path(tower_or_identity: nn.Module | str, cache_dir: str | os.PathLike | None = None,
                **calibrate_kwargs: Any) -> Path:
     """Where :func:`load_or_calibrate` keeps the neurons of this tower and these calibration settings:
-    ``<cache_dir>/<identity>-<8-hex hash of the settings>.json``."""
+    ``<cache_dir>/<identity>-<8-hex hash of the settings>.json``. [decision] the default
+    ``highest_layer`` is hashed as its rule's name, so files from before that rule (which searched
+    every block) are not taken for today's default by :func:`load_or_calibrate`."""
     ident = tower_or_identity if isinstance(tower_or_identity, str) else tower_identity(tower_or_identity)
     settings = {**_CALIB_DEFAULTS, **{k: v for k, v in calibrate_kwargs.items() if k in _CALIB_DEFAULTS}}
+    if settings["highest_layer"] is None:  # the default rule; files from before it searched every block
+        settings["highest_layer"] = "first_outlier_block"
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
     return _cache_dir(cache_dir) / f"{_slug(ident)}-{key}.json"
 
@@ -833,7 +839,8 @@ def cached_calibrations(tower_or_identity: nn.Module | str,
 
     Only files named ``<identity>-<settings hash>.json`` (:func:`cache_path`) whose content names the
     same tower are listed: a file of another tower (other weights, or renamed) is never returned;
-    unreadable files are skipped. Newest = latest modification time (ties: file name).
+    unreadable files are skipped. [decision] newest = latest file modification time (ties: file
+    name): calibrating again is how a user says which neurons they want, and the JSON has no clock.
     """
     ident = tower_or_identity if isinstance(tower_or_identity, str) else tower_identity(tower_or_identity)
     name = re.compile(re.escape(_slug(ident)) + r"-[0-9a-f]{8}\.json")
@@ -1239,7 +1246,8 @@ def add_calibrate_registers_arguments(parser: argparse.ArgumentParser) -> argpar
     parser.add_argument("--highest-layer", type=int, default=None,
                         help="only neurons of blocks <= this (0-based; default: the block at which the outliers "
                              "appear, i.e. the first block whose largest patch norm, averaged over the images "
-                             "with outliers, exceeds the threshold: the reference's rule, 5 on CLIP ViT-B/16)")
+                             "with outliers, exceeds the threshold: the reference's rule, which gave 5 on "
+                             "CLIP ViT-B/16)")
     parser.add_argument("--detection-layer", type=int, default=-1, help="block whose output marks outliers (-1)")
     parser.add_argument("--sparsity", type=float, default=0.5, help="sparse-neuron share (default 0.5)")
     parser.add_argument("--batch-size", type=int, default=8)
