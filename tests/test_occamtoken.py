@@ -156,3 +156,82 @@ def test_fixed_budget_keeps_the_best_ratios_exactly(family):
 def test_fixed_budget_needs_stage1():
     with pytest.raises(vtprune.errors.UnsupportedMethodError, match="stage1"):
         occam(keep=8, stage1=False)
+
+
+# -- register neurons calibrated by the CLI reach apply() -------------------------------------------
+def _llava_dir(tmp_path, seed=0):
+    """A tiny LLaVA saved as a user's model directory (weights + image processor) and 4 images."""
+    import numpy as np
+    from PIL import Image
+    from transformers import CLIPImageProcessor
+
+    model_dir = tmp_path / f"llava{seed}"
+    tiny_model("llava", seed=seed).save_pretrained(model_dir)
+    CLIPImageProcessor(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56}).save_pretrained(model_dir)
+    img_dir = tmp_path / "images"
+    img_dir.mkdir(exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (60, 64, 3), dtype=np.uint8)).save(img_dir / f"{i}.png")
+    return model_dir, img_dir
+
+
+def _calibrate_cli(model_dir, img_dir, *options):
+    from vtprune.cli import main
+
+    return main(["calibrate", "registers", "--model", str(model_dir), "--images", str(img_dir), "--quiet",
+                 "--device", "cpu", "--num-images", "0", *options])
+
+
+def _resolved_neurons(model):
+    """apply(model, "occamtoken") as a user would, one forward, then the neurons the method used;
+    plus the warnings raised on the way."""
+    from transformers import LlavaForConditionalGeneration
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with vtprune.pruned(model, "occamtoken", layer=1) as handle, torch.no_grad():
+            model(**make_inputs(model, samples("llava", (0,))))
+            resolved = list(handle.method._resolved.values())
+    assert isinstance(model, LlavaForConditionalGeneration) and len(resolved) == 1
+    return resolved[0], [str(w.message) for w in caught]
+
+
+@pytest.mark.parametrize("options", [["--highest-layer", "0", "--threshold", "0.5"],
+                                     ["--threshold", "0.5", "--top-k", "4"]])
+def test_cli_calibration_with_any_settings_is_used_by_apply(tmp_path, monkeypatch, options):
+    """Issue 17.1: `vtprune calibrate registers` with non-default settings, then apply(model,
+    "occamtoken"): the method uses exactly the neurons the command wrote, and does not warn."""
+    from transformers import LlavaForConditionalGeneration
+
+    monkeypatch.setenv("VTPRUNE_CACHE", str(tmp_path / "cache"))
+    model_dir, img_dir = _llava_dir(tmp_path)
+    out = tmp_path / "neurons.json"
+    assert _calibrate_cli(model_dir, img_dir, *options, "--out", str(out)) == 0
+    written = RegisterNeurons.from_json(out)
+    assert written.found
+    cached = list((tmp_path / "cache" / "registers").glob("*.json"))
+    assert len(cached) == 1 and RegisterNeurons.from_json(cached[0]) == written
+
+    model = LlavaForConditionalGeneration.from_pretrained(model_dir).eval()
+    used, messages = _resolved_neurons(model)
+    assert used == written
+    assert not [m for m in messages if "calibrated" in m]
+
+
+def test_a_newer_calibration_of_another_tower_is_never_used(tmp_path, monkeypatch):
+    from transformers import LlavaForConditionalGeneration
+
+    monkeypatch.setenv("VTPRUNE_CACHE", str(tmp_path / "cache"))
+    mine_dir, img_dir = _llava_dir(tmp_path, seed=0)
+    other_dir, _ = _llava_dir(tmp_path, seed=1)
+    assert _calibrate_cli(other_dir, img_dir, "--threshold", "0.5", "--out", str(tmp_path / "other.json")) == 0
+    mine = LlavaForConditionalGeneration.from_pretrained(mine_dir).eval()
+    used, messages = _resolved_neurons(mine)  # only the other tower is calibrated
+    assert used.neurons == [] and any("calibrated" in m for m in messages)
+    assert _calibrate_cli(mine_dir, img_dir, "--threshold", "0.5", "--highest-layer", "1",
+                          "--out", str(tmp_path / "mine.json")) == 0
+    assert _calibrate_cli(other_dir, img_dir, "--threshold", "0.4", "--top-k", "3") == 0  # newest, not mine
+    used, messages = _resolved_neurons(LlavaForConditionalGeneration.from_pretrained(mine_dir).eval())
+    assert used == RegisterNeurons.from_json(tmp_path / "mine.json") and used.found
+    assert not [m for m in messages if "calibrated" in m]

@@ -71,20 +71,29 @@ def tower():
 
 @pytest.fixture(scope="module")
 def neurons(tower):
-    return R.calibrate_register_neurons(tower, images(), top_k=3, progress=False)
+    """The three rigged neurons: blocks 0..1 by hand (the default stops at block 0, where the outliers
+    appear; (1, 17) and (1, 40) only amplify them)."""
+    return R.calibrate_register_neurons(tower, images(), top_k=3, highest_layer=1, progress=False)
 
 
 # -- calibration ---------------------------------------------------------------------------------
 def test_calibration_recovers_rigged_neurons(tower, neurons):
     assert set(neurons.neurons) == RIGGED
+    assert neurons.settings["highest_layer"] == 1 and neurons.settings["highest_layer_rule"] == "given"
     assert neurons.found and neurons.message == ""
     assert neurons.detection_layer == 2 and neurons.threshold is not None
     assert 10 < neurons.threshold < 400  # between the normal (~8) and the outlier (~460) norms
     assert neurons.stats["images_with_outliers"] == neurons.stats["num_images"] == 12
     assert neurons.tower == R.tower_identity(tower)
     assert len(neurons.scores) == 3 and all(s > 5 for s in neurons.scores)
+    # by default the search stops at block 0, where (0, 5) makes the outliers appear
+    auto = R.calibrate_register_neurons(tower, images(), top_k=3, progress=False)
+    assert auto.settings["highest_layer"] == 0 and auto.settings["highest_layer_rule"] == "first_outlier_block"
+    assert auto.neurons[0] == (0, 5) and {layer for layer, _ in auto.neurons} == {0}
+    assert len(auto.stats["peak_patch_norms"]) == 3 and auto.stats["peak_patch_norms"][0] > auto.threshold
     # a given threshold finds the same; the dense neuron never appears, even with a generous top_k
-    fixed = R.calibrate_register_neurons(tower, images(), top_k=10, outlier_threshold=100.0, progress=False)
+    fixed = R.calibrate_register_neurons(tower, images(), top_k=10, highest_layer=1, outlier_threshold=100.0,
+                                         progress=False)
     assert set(fixed.neurons[:3]) == RIGGED
     assert DENSE not in fixed.neurons
     assert fixed.settings["threshold_rule"] == "given"
@@ -94,8 +103,8 @@ def test_calibration_recovers_rigged_neurons(tower, neurons):
 
 
 def test_sparsity_filter_off_admits_dense_neuron(tower):
-    rn = R.calibrate_register_neurons(tower, images(1), top_k=4, outlier_threshold=100.0, sparsity=0.0,
-                                      progress=False)
+    rn = R.calibrate_register_neurons(tower, images(1), top_k=4, highest_layer=1, outlier_threshold=100.0,
+                                      sparsity=0.0, progress=False)
     assert DENSE in rn.neurons
 
 
@@ -132,6 +141,126 @@ def test_auto_threshold_rule():
     assert 9.0 < thr < 40.0  # the lowest wide gap, not the widest one (300 -> 2000)
     tail = torch.exp(torch.randn(5000, generator=g) * 0.3 + 2.0)  # unimodal log-normal: no outliers
     assert R.auto_outlier_threshold(tail) is None
+
+
+# -- a planted attention sink: the default search and the register, end to end --------------------
+SINK_CAUSES = {(1, 5), (1, 9)}  # block 1: fire on a flat bright patch and write the outlier
+SINK_READERS = {(3, 20), (3, 21)}  # block 3: fire on the outlier and amplify it (larger activations)
+SINK_PATCH, SINK_SIDE = 7, 56  # 8 x 8 = 64 patches
+
+
+def make_sink_tower(seed: int = 0) -> CLIPVisionModel:
+    """A 6-block CLIP tower (random weights) with a hand-planted outlier and attention sink:
+
+    * the patch embedding writes the mean of channel 0 over the patch into dim ``D_TRIGGER`` (a flat
+      bright patch: large, a noise patch: small);
+    * the causes, neurons 5 and 9 of block 1, fire on a large trigger and write into dim ``D_SINK``:
+      the bright patch leaves block 1 as a high-norm outlier token (norm ~110, the others ~8);
+    * the readers, neurons 20 and 21 of block 3, fire on a large ``D_SINK`` (only the outlier) and
+      amplify it (norm ~810); their activations are larger than the causes';
+    * blocks 2-5: in every head the key reads ``D_SINK`` and the query has a constant bias along it,
+      so every token, CLS included, attends to the outlier: the attention sink.
+    """
+    torch.manual_seed(seed)
+    m = CLIPVisionModel(_config(hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+                                image_size=SINK_SIDE, patch_size=SINK_PATCH)).eval()
+    with torch.no_grad():
+        trigger = m.embeddings.patch_embedding.weight[D_TRIGGER]
+        trigger.zero_()
+        trigger[0] = 1.5 / SINK_PATCH ** 2
+
+        def plant(layer, n, read, gain, bias, out):
+            mlp = m.encoder.layers[layer].mlp
+            mlp.fc1.weight[n].zero_()
+            mlp.fc1.weight[n, read], mlp.fc1.bias[n] = gain, bias
+            mlp.fc2.weight[:, n].zero_()
+            mlp.fc2.weight[D_SINK, n] = out
+
+        for layer, n in SINK_CAUSES:
+            plant(layer, n, D_TRIGGER, 3.0, -9.0, 10.0)
+        for layer, n in SINK_READERS:
+            plant(layer, n, D_SINK, 6.0, -30.0, 20.0)
+        for block in m.encoder.layers[2:]:
+            attn = block.self_attn
+            for head in range(attn.num_heads):
+                attn.k_proj.weight[head * attn.head_dim, D_SINK] = 1.0
+                attn.q_proj.bias[head * attn.head_dim] = 5.0
+    return m
+
+
+def sink_images(n: int, seed: int) -> tuple[torch.Tensor, list[int]]:
+    """Noise images with one flat bright patch each, at a random cell; and those cells (0-based patches)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, SINK_SIDE, SINK_SIDE, generator=g)
+    side = SINK_SIDE // SINK_PATCH
+    cells = torch.randint(0, side * side, (n,), generator=g).tolist()
+    for i, cell in enumerate(cells):
+        r, c = divmod(cell, side)
+        x[i, :, r * SINK_PATCH:(r + 1) * SINK_PATCH, c * SINK_PATCH:(c + 1) * SINK_PATCH] = 3.0
+    return x, cells
+
+
+@pytest.fixture(scope="module")
+def sink_tower():
+    return make_sink_tower()
+
+
+@pytest.fixture(scope="module")
+def sink_calibration():
+    return [sink_images(8, seed)[0] for seed in range(4)]
+
+
+def _participation(p: torch.Tensor) -> torch.Tensor:
+    """1 / Σp² of the head-mean distribution, per image (another effective number of attended tokens)."""
+    p = p.float().mean(1)
+    p = p / p.sum(-1, keepdim=True)
+    return 1.0 / (p ** 2).sum(-1)
+
+
+def test_planted_sink_tower_is_what_it_claims(sink_tower):
+    x, cells = sink_images(4, 100)
+    with torch.no_grad():
+        hidden = sink_tower(x, output_hidden_states=True).hidden_states
+    patches = [h[:, 1:].norm(dim=-1) for h in hidden]  # hidden[b + 1] = output of block b
+    assert patches[1].max() < 20  # block 0: no outlier
+    assert patches[2].argmax(1).tolist() == cells and patches[2].max(1).values.min() > 50  # block 1 makes it
+    cls = R.cls_attention_probs(sink_tower, x, layer=-2).mean(1)[:, 1:]  # the feature layer, over patches
+    assert cls.argmax(1).tolist() == cells and cls.max(1).values.min() > 0.9  # the sink
+
+
+def test_default_highest_layer_stops_where_the_outliers_appear(sink_tower, sink_calibration):
+    rn = R.calibrate_register_neurons(sink_tower, sink_calibration, progress=False)  # every default
+    assert rn.settings["highest_layer"] == 1 and rn.settings["highest_layer_rule"] == "first_outlier_block"
+    peaks = rn.stats["peak_patch_norms"]
+    assert len(peaks) == 6 and peaks[0] < rn.threshold < peaks[1]
+    assert set(rn.neurons[:2]) == SINK_CAUSES
+    assert all(layer <= 1 for layer, _ in rn.neurons)  # no reader of the outlier
+    # searching every block (the former default), the readers outrank the causes
+    every = R.calibrate_register_neurons(sink_tower, sink_calibration, highest_layer=-1, progress=False)
+    assert set(every.neurons[:2]) == SINK_READERS and SINK_CAUSES <= set(every.neurons)
+    assert R.first_outlier_block([8.0, 111.0, 111.0, 810.0], 99.0) == 1
+    assert R.first_outlier_block([8.0, 9.0], 99.0) == 1  # none above: the last block
+
+
+def test_register_absorbs_the_planted_sink(sink_tower, sink_calibration):
+    """OccamToken's sanity number on the planted tower: n_eff of the CLS attention over the patches at
+    the feature layer rises once the default-calibrated neurons move the outlier onto the register
+    (the paper: 42 -> 281 on LLaVA-1.5's CLIP); the register alone, nothing redirected, changes nothing."""
+    x, _ = sink_images(8, 200)
+    best_two = R.calibrate_register_neurons(sink_tower, sink_calibration, top_k=2, progress=False)
+    default = R.calibrate_register_neurons(sink_tower, sink_calibration, progress=False)
+    for neurons in (best_two, default):
+        d = R.register_diagnostic(sink_tower, x, neurons, layer=-2)
+        assert d["n_eff_without"] < 1.5 and d["n_eff_with"] > 25  # measured 1.07 -> 34.4 of 64 patches
+        assert d["register_attention"] > 0.9
+    nothing = R.register_diagnostic(sink_tower, x, [], layer=-2)
+    assert nothing["n_eff_with"] < 1.5 and nothing["register_attention"] < 0.01
+    # the same with 1 / Σp², computed here from the raw CLS attention rows
+    without = R.cls_attention_probs(sink_tower, x, layer=-2)
+    with R.test_time_register(sink_tower, best_two):
+        with_reg = R.cls_attention_probs(sink_tower, x, layer=-2)
+    assert _participation(without[..., 1:]).max() < 1.5
+    assert _participation(with_reg[..., 1:-1]).min() > 10
 
 
 # -- the intervention ----------------------------------------------------------------------------
@@ -478,8 +607,8 @@ def test_cache_load_or_calibrate(tmp_path, monkeypatch, tower, neurons):
         calls.append(1)
         return images()
 
-    first = R.load_or_calibrate(tower, images_fn, cache_dir=tmp_path, top_k=3, progress=False)
-    second = R.load_or_calibrate(tower, images_fn, cache_dir=tmp_path, top_k=3, progress=False)
+    first = R.load_or_calibrate(tower, images_fn, cache_dir=tmp_path, top_k=3, highest_layer=1, progress=False)
+    second = R.load_or_calibrate(tower, images_fn, cache_dir=tmp_path, top_k=3, highest_layer=1, progress=False)
     assert len(calls) == 1 and first == second and set(first.neurons) == RIGGED
     files = list(tmp_path.glob("*.json"))
     assert len(files) == 1 and files[0].name.startswith(R.tower_identity(tower))
@@ -519,10 +648,45 @@ def test_cli_calibrates_a_tower_directory(tmp_path, capsys):
     parser = R.add_calibrate_registers_arguments(argparse.ArgumentParser())
     out = tmp_path / "neurons.json"
     args = parser.parse_args(["--model", str(model_dir), "--images", str(tmp_path / "imgs"), "--num-images", "5",
-                              "--top-k", "3", "--batch-size", "2", "--out", str(out),
+                              "--top-k", "3", "--highest-layer", "1", "--batch-size", "2", "--out", str(out),
                               "--cache-dir", str(tmp_path / "cache"), "--quiet", "--device", "cpu"])
     assert R.calibrate_registers_cli(args) == 0
     rn = R.RegisterNeurons.from_json(out)
     assert set(rn.neurons) == RIGGED and rn.stats["num_images"] == 5
     assert len(list((tmp_path / "cache").glob("*.json"))) == 1
     assert "register neurons" in capsys.readouterr().out
+
+
+def test_latest_calibration_any_settings_this_tower_only(tmp_path, tower):
+    """OccamToken's cache lookup: the newest calibration of *this* tower whatever its settings; files
+    of other towers (newer, or renamed to this tower's name) and unreadable files are never used."""
+    import os
+
+    ident = R.tower_identity(tower)
+    assert R.latest_calibration(tower, tmp_path / "missing") is None
+    old = R.RegisterNeurons([(0, 5)], tower=ident, settings={"top_k": 10})
+    new = R.RegisterNeurons([(1, 17), (0, 5)], tower=ident, settings={"top_k": 2, "highest_layer": 1})
+    old_path = R.cache_path(ident, tmp_path)
+    new_path = R.cache_path(ident, tmp_path, top_k=2, highest_layer=1)
+    old.to_json(old_path)
+    new.to_json(new_path)
+    os.utime(old_path, ns=(10**18, 10**18))
+    os.utime(new_path, ns=(2 * 10**18, 2 * 10**18))
+    assert R.latest_calibration(tower, tmp_path) == new
+    os.utime(old_path, ns=(3 * 10**18, 3 * 10**18))  # recalibrated with the defaults: that one now
+    assert R.latest_calibration(tower, tmp_path) == old
+    # newer files of another tower: one under its own name, one renamed to look like this tower's
+    other = copy.deepcopy(tower)
+    with torch.no_grad():
+        other.embeddings.patch_embedding.weight.mul_(1.5)
+    stale = R.RegisterNeurons([(2, 1)], tower=R.tower_identity(other))
+    stale.to_json(R.cache_path(other, tmp_path))
+    renamed = R.cache_path(ident, tmp_path, top_k=7)
+    stale.to_json(renamed)
+    (tmp_path / f"{R.cache_path(ident, tmp_path, top_k=8).name}").write_text("{not json")
+    for path in tmp_path.glob("*.json"):
+        if path not in (old_path, new_path):
+            os.utime(path, ns=(4 * 10**18, 4 * 10**18))
+    assert R.latest_calibration(tower, tmp_path) == old
+    assert [p for p, _ in R.cached_calibrations(tower, tmp_path)] == [old_path, new_path]
+    assert R.latest_calibration(other, tmp_path) == stale

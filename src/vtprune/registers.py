@@ -14,7 +14,9 @@ This module offers
 * :func:`calibrate_register_neurons` — find the register neurons of a tower from ~100–500 images;
 * :class:`RegisterNeurons` — the result, JSON round-trippable, keyed to the tower's weights through
   :func:`tower_identity`; :func:`load_or_calibrate` caches it under ``~/.cache/vtprune/registers/``
-  (``$VTPRUNE_CACHE/registers/`` when the environment variable ``VTPRUNE_CACHE`` is set);
+  (``$VTPRUNE_CACHE/registers/`` when the environment variable ``VTPRUNE_CACHE`` is set), one file per
+  tower and settings; :func:`latest_calibration` is the newest of a tower's, whatever its settings
+  (what OccamToken uses when given no neurons);
 * :func:`test_time_register` — a context manager that appends the register and redirects the neurons
   while the tower runs (hooks only; nothing in the model is changed);
 * :func:`effective_attended_tokens` / :func:`register_diagnostic` — the paper's sanity number
@@ -52,8 +54,11 @@ __all__ = [
     "tower_identity",
     "calibrate_register_neurons",
     "auto_outlier_threshold",
+    "first_outlier_block",
     "default_cache_dir",
     "cache_path",
+    "cached_calibrations",
+    "latest_calibration",
     "load_or_calibrate",
     "test_time_register",
     "redirect_activations",
@@ -616,6 +621,22 @@ def _patch_norms(tower: _Tower, out: torch.Tensor, batch) -> list[torch.Tensor]:
     return [o.float().norm(dim=-1)[start:].cpu() for o in tower.split(out, batch)]
 
 
+def _peak_patch_norms(tower: _Tower, outs: dict[int, torch.Tensor], batch, blocks: Sequence[int]) -> torch.Tensor:
+    """(images, blocks): the largest patch-token output norm of each image at each block (CLS excluded)."""
+    return torch.stack([torch.stack([n.max() for n in _patch_norms(tower, outs[b], batch)]) for b in blocks], dim=1)
+
+
+def first_outlier_block(mean_peak_norms: Sequence[float] | torch.Tensor, threshold: float) -> int:
+    """The block at which the outliers appear: the first block whose mean peak patch norm (over the
+    images with outliers) exceeds the outlier threshold. The reference's rule for ``highest_layer``
+    (its ``register_neurons.ipynb``: "set it to the layer at which outliers appear", read off the plot
+    of the average max patch norm per layer). The last block if none does (cannot happen when the
+    norms include the detection block, where every counted image has a token above the threshold)."""
+    peaks = torch.as_tensor(mean_peak_norms, dtype=torch.float64)
+    above = torch.nonzero(peaks > threshold).flatten()
+    return int(above[0]) if above.numel() else int(peaks.numel()) - 1
+
+
 @torch.no_grad()
 def calibrate_register_neurons(tower: nn.Module, images: Iterable[Any], top_k: int = 10,
                                highest_layer: int | None = None, outlier_threshold: float | None = None,
@@ -629,8 +650,21 @@ def calibrate_register_neurons(tower: nn.Module, images: Iterable[Any], top_k: i
         (B, crops, 3, H, W) batch: every crop counts as an image) or dicts with ``pixel_values`` (and
         ``image_grid_thw`` for Qwen towers), as the model's image processor returns them.
     top_k: neurons kept (the paper: 10).
-    highest_layer: only neurons of blocks ``<= highest_layer`` (0-based; negative counts from the end;
-        None = all blocks). The reference uses 5 for CLIP ViT-B/16; LLaVA's CLIP-L has 24 blocks.
+    highest_layer: only neurons of blocks ``<= highest_layer`` (0-based; negative counts from the end).
+        None (default) = **the block at which the outliers appear** (:func:`first_outlier_block`): the
+        first block whose largest patch-token output norm, averaged over the calibration images that
+        have outliers, exceeds the outlier threshold. This is the reference's rule (Jiang et al.'s
+        ``register_neurons.ipynb``: "Start by setting [highest_layer] to the layer at which outliers
+        appear", found from the plot of the average max patch norm per layer; "the attention sinks
+        usually show up at the layer after"); its configs hold the values it chose that way: 5 for CLIP
+        ViT-B/16 (12 blocks), 17 for DINOv2-L (24 blocks) — no fixed share of the depth. Register neurons *cause*
+        the outliers, so they sit at or before that block; later neurons only read the outlier (and
+        LLaVA's −2 feature layer never sees last-block neurons). The resolved value is in
+        ``settings["highest_layer"]``, the per-block mean peak norms in ``stats["peak_patch_norms"]``.
+        [decision] "appear" = the mean peak norm crosses the same threshold that marks outliers at
+        ``detection_layer`` (the reference reads the crossing off a plot by eye; one threshold needs no
+        new parameter); the mean is over images with outliers only (as the scores are), so that rare
+        outliers still count; the block itself is included (its MLP writes the outlier).
     outlier_threshold: output-norm threshold at ``detection_layer`` above which a token is an outlier
         (the reference: 30 for CLIP ViT-B/16). None = automatic: the first ``auto_threshold_images``
         images are run once more to collect norms and :func:`auto_outlier_threshold` picks it.
@@ -638,7 +672,8 @@ def calibrate_register_neurons(tower: nn.Module, images: Iterable[Any], top_k: i
     sparsity: keep only neurons with activation < ``sparsity_activation`` on at least this share of
         the image's tokens (the reference's sparsity filter, 0.5 / 0.5).
     micro_batch: CLIP batches are run in chunks of this many images (the hooks keep one activation
-        tensor per block up to ``highest_layer``: memory ≈ chunk × blocks × tokens × intermediate).
+        tensor per block up to ``highest_layer``, or up to ``detection_layer`` while the default is being
+        found: memory ≈ chunk × blocks × tokens × intermediate).
 
     Scoring, per image with at least one outlier token: ``|act[outliers]|.mean(tokens) × sparse``
     for every (block, neuron); averaged over those images; images without outliers are skipped (as
@@ -651,12 +686,12 @@ def calibrate_register_neurons(tower: nn.Module, images: Iterable[Any], top_k: i
     if not -L <= detection_layer < L:
         raise InputError(f"detection_layer={detection_layer} is outside the tower's {L} blocks.")
     det = detection_layer % L
-    if highest_layer is None:
-        hl = L - 1
-    else:
-        if not -L <= highest_layer < L:
-            raise InputError(f"highest_layer={highest_layer} is outside the tower's {L} blocks.")
-        hl = highest_layer % L
+    auto_layer = highest_layer is None
+    if not auto_layer and not -L <= highest_layer < L:
+        raise InputError(f"highest_layer={highest_layer} is outside the tower's {L} blocks.")
+    hl = None if auto_layer else highest_layer % L
+    act_layers = range((det if auto_layer else hl) + 1)  # auto: cut after the pass, at most det
+    out_layers = range(det + 1) if auto_layer else (det,)
     if top_k < 1:
         raise InputError(f"top_k must be >= 1, got {top_k}.")
     if not 0.0 <= sparsity <= 1.0:
@@ -664,6 +699,7 @@ def calibrate_register_neurons(tower: nn.Module, images: Iterable[Any], top_k: i
     was_training = t.core.training
     t.core.eval()
     settings = dict(top_k=top_k, highest_layer=hl, detection_layer=det, sparsity=sparsity,
+                    highest_layer_rule="first_outlier_block" if auto_layer else "given",
                     sparsity_activation=sparsity_activation,
                     threshold_rule="given" if outlier_threshold is not None else "auto_lowest_wide_log_gap")
 
@@ -702,7 +738,7 @@ def calibrate_register_neurons(tower: nn.Module, images: Iterable[Any], top_k: i
                 return RegisterNeurons([], None, det, tower_identity(t), [], msg, settings,
                                        {"num_images": seen, "images_with_outliers": 0})
 
-        sums = None
+        sums = peak_sums = None
         n_images = n_with = n_outliers = 0
 
         def batches():
@@ -710,10 +746,11 @@ def calibrate_register_neurons(tower: nn.Module, images: Iterable[Any], top_k: i
             yield from stream
 
         for b in batches():
-            with _recording(t, range(hl + 1), (det,)) as (acts, outs):
+            with _recording(t, act_layers, out_layers) as (acts, outs):
                 t.run(b)
             masks = _outlier_masks(t, outs[det], b, float(threshold))
-            per_layer = {layer: t.split(acts[layer], b) for layer in range(hl + 1)}
+            per_layer = {layer: t.split(acts[layer], b) for layer in act_layers}
+            peaks = _peak_patch_norms(t, outs, b, out_layers) if auto_layer else None
             for i, mask in enumerate(masks):
                 n_images += 1
                 k = int(mask.sum())
@@ -721,8 +758,10 @@ def calibrate_register_neurons(tower: nn.Module, images: Iterable[Any], top_k: i
                     continue
                 n_with += 1
                 n_outliers += k
+                if peaks is not None:
+                    peak_sums = peaks[i] if peak_sums is None else peak_sums + peaks[i]
                 rows = []
-                for layer in range(hl + 1):
+                for layer in act_layers:
                     a = per_layer[layer][i].float()
                     sparse = (a < sparsity_activation).sum(0) >= sparsity * a.shape[0]
                     rows.append(a[mask].abs().mean(0) * sparse)
@@ -745,6 +784,11 @@ def calibrate_register_neurons(tower: nn.Module, images: Iterable[Any], top_k: i
         msg = (f"no outlier tokens: no image had a token with output norm > {threshold:.4g} at block {det}. "
                "The register is still appended, but no neurons are redirected.")
         return RegisterNeurons([], float(threshold), det, ident, [], msg, settings, stats)
+    if auto_layer:
+        mean_peaks = (peak_sums / n_with).tolist()
+        stats["peak_patch_norms"] = mean_peaks
+        hl = settings["highest_layer"] = first_outlier_block(mean_peaks, float(threshold))
+        sums = sums[:hl + 1]
     mean = (sums / n_with).flatten().cpu()
     order = torch.sort(mean, descending=True, stable=True).indices
     width = sums.shape[1]
@@ -770,12 +814,57 @@ _CALIB_DEFAULTS = dict(top_k=10, highest_layer=None, outlier_threshold=None, det
 def cache_path(tower_or_identity: nn.Module | str, cache_dir: str | os.PathLike | None = None,
                **calibrate_kwargs: Any) -> Path:
     """Where :func:`load_or_calibrate` keeps the neurons of this tower and these calibration settings:
-    ``<cache_dir>/<identity>-<8-hex hash of the settings>.json``."""
+    ``<cache_dir>/<identity>-<8-hex hash of the settings>.json``. [decision] the default
+    ``highest_layer`` is hashed as its rule's name, so files from before that rule (which searched
+    every block) are not taken for today's default by :func:`load_or_calibrate`."""
     ident = tower_or_identity if isinstance(tower_or_identity, str) else tower_identity(tower_or_identity)
     settings = {**_CALIB_DEFAULTS, **{k: v for k, v in calibrate_kwargs.items() if k in _CALIB_DEFAULTS}}
+    if settings["highest_layer"] is None:  # the default rule; files from before it searched every block
+        settings["highest_layer"] = "first_outlier_block"
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", ident)
-    return (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / f"{slug}-{key}.json"
+    return _cache_dir(cache_dir) / f"{_slug(ident)}-{key}.json"
+
+
+def _cache_dir(cache_dir: str | os.PathLike | None) -> Path:
+    return Path(cache_dir) if cache_dir is not None else default_cache_dir()
+
+
+def _slug(ident: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", ident)
+
+
+def cached_calibrations(tower_or_identity: nn.Module | str,
+                        cache_dir: str | os.PathLike | None = None) -> list[tuple[Path, RegisterNeurons]]:
+    """Every calibration of this tower in the cache, whatever its settings, newest first.
+
+    Only files named ``<identity>-<settings hash>.json`` (:func:`cache_path`) whose content names the
+    same tower are listed: a file of another tower (other weights, or renamed) is never returned;
+    unreadable files are skipped. [decision] newest = latest file modification time (ties: file
+    name): calibrating again is how a user says which neurons they want, and the JSON has no clock.
+    """
+    ident = tower_or_identity if isinstance(tower_or_identity, str) else tower_identity(tower_or_identity)
+    name = re.compile(re.escape(_slug(ident)) + r"-[0-9a-f]{8}\.json")
+    found = []
+    for path in _cache_dir(cache_dir).glob("*.json"):
+        if not name.fullmatch(path.name):
+            continue
+        try:
+            rn = RegisterNeurons.from_json(path)
+        except InputError:
+            continue
+        if rn.tower == ident:
+            found.append((path.stat().st_mtime_ns, path.name, path, rn))
+    found.sort(key=lambda x: (x[0], x[1]), reverse=True)
+    return [(path, rn) for _, _, path, rn in found]
+
+
+def latest_calibration(tower_or_identity: nn.Module | str,
+                       cache_dir: str | os.PathLike | None = None) -> RegisterNeurons | None:
+    """The newest cached calibration of this tower (any settings; see :func:`cached_calibrations`), or
+    None. This is what OccamToken uses when no neurons are given: ``vtprune calibrate registers`` with
+    any options, then ``vtprune.apply(model, "occamtoken")``, runs with exactly those neurons."""
+    found = cached_calibrations(tower_or_identity, cache_dir)
+    return found[0][1] if found else None
 
 
 def load_or_calibrate(tower: nn.Module, images_fn: Callable[[], Iterable[Any]] | Iterable[Any] | None = None,
@@ -1155,7 +1244,10 @@ def add_calibrate_registers_arguments(parser: argparse.ArgumentParser) -> argpar
                         help="outlier output-norm threshold (default: automatic, see auto_outlier_threshold)")
     parser.add_argument("--top-k", type=int, default=10, help="register neurons to keep (default 10)")
     parser.add_argument("--highest-layer", type=int, default=None,
-                        help="only neurons of blocks <= this (0-based; default: all blocks)")
+                        help="only neurons of blocks <= this (0-based; default: the block at which the outliers "
+                             "appear, i.e. the first block whose largest patch norm, averaged over the images "
+                             "with outliers, exceeds the threshold: the reference's rule, which gave 5 on "
+                             "CLIP ViT-B/16)")
     parser.add_argument("--detection-layer", type=int, default=-1, help="block whose output marks outliers (-1)")
     parser.add_argument("--sparsity", type=float, default=0.5, help="sparse-neuron share (default 0.5)")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -1163,10 +1255,20 @@ def add_calibrate_registers_arguments(parser: argparse.ArgumentParser) -> argpar
     parser.add_argument("--dtype", default="auto", help="float32, float16, bfloat16 (default: fp16 on GPU)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the image sample")
     parser.add_argument("--out", default=None, help="also write the neurons to this JSON file")
-    parser.add_argument("--cache-dir", default=None, help="cache directory (default ~/.cache/vtprune/registers)")
+    parser.add_argument("--cache-dir", default=None,
+                        help="cache directory (default $VTPRUNE_CACHE/registers or ~/.cache/vtprune/registers, "
+                             "the one apply(model, \"occamtoken\") reads)")
     parser.add_argument("--no-cache", action="store_true", help="do not write the user cache")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
+
+
+def _cache_note(path: Path) -> str:
+    """What the CLI says after a cache path that OccamToken will not read by default."""
+    if path.parent.resolve() == default_cache_dir().resolve():
+        return ""
+    return (f" (apply(model, \"occamtoken\") reads the default cache {default_cache_dir()}, not this one: "
+            "pass neurons=<this file>)")
 
 
 def calibrate_registers_cli(args: argparse.Namespace) -> int:
@@ -1189,7 +1291,7 @@ def calibrate_registers_cli(args: argparse.Namespace) -> int:
                           outlier_threshold=args.threshold, detection_layer=args.detection_layer,
                           sparsity=args.sparsity)
         rn.to_json(path)
-        written.append(str(path))
+        written.append(str(path) + _cache_note(path))
     thr = "none" if rn.threshold is None else f"{rn.threshold:.4g}"
     print(f"tower: {rn.tower}")
     print(f"outlier threshold: {thr} at block {rn.detection_layer}; images with outliers: "
@@ -1197,6 +1299,9 @@ def calibrate_registers_cli(args: argparse.Namespace) -> int:
     if "norm_quantiles" in rn.settings:
         q = ", ".join(f"q{float(k):g}={v:.4g}" for k, v in rn.settings["norm_quantiles"].items())
         print(f"patch output norms: {q}")
+    if rn.settings.get("highest_layer") is not None:
+        how = "given" if rn.settings.get("highest_layer_rule") == "given" else "where the outliers appear"
+        print(f"neurons searched in blocks 0..{rn.settings['highest_layer']} ({how})")
     if rn.found:
         print("register neurons (layer, neuron, score): " +
               ", ".join(f"({layer}, {n}, {s:.3g})" for (layer, n), s in zip(rn.neurons, rn.scores)))

@@ -47,8 +47,10 @@ s1(v) / s1(r), each against its own crop's register, are kept; λ1 is then unuse
 - the KV cache of layers 0..l is compacted to the kept tokens (the paper's KV figures imply it);
 - the register takes the position of its image's last patch.
 Where the register neurons come from: ``neurons=`` (a RegisterNeurons, JSON path or pairs), else a
-``vtprune_registers.json`` next to the model's weights, else the user cache written by
-``vtprune calibrate registers``; with none, the register is appended without redirected neurons (a
+``vtprune_registers.json`` next to the model's weights, else the newest calibration of this very
+tower (same ``tower_identity``) in the user cache written by ``vtprune calibrate registers`` — whatever
+options it was run with ([decision]: the newest, because calibrating again is how a user says which
+neurons they want; a file of another tower is never used); with none, the register is appended without redirected neurons (a
 warning says so) — the method keeps working, with a weaker reference.
 """
 from __future__ import annotations
@@ -152,7 +154,7 @@ class OccamToken(Method):
         return self._resolved[key]
 
     def _find_neurons(self, tower, model):
-        from ..registers import RegisterNeurons, cache_path, load_or_calibrate
+        from ..registers import RegisterNeurons, latest_calibration, load_or_calibrate
 
         if self.neurons is not None:
             return load_or_calibrate(tower, neurons=self.neurons)
@@ -160,9 +162,9 @@ class OccamToken(Method):
         shipped = Path(source) / REGISTER_FILE if source else None
         if shipped is not None and shipped.is_file():
             return load_or_calibrate(tower, neurons=shipped)
-        cached = cache_path(tower)
-        if cached.is_file():
-            return RegisterNeurons.from_json(cached)
+        cached = latest_calibration(tower)
+        if cached is not None:
+            return cached
         warnings.warn("OccamToken: no register neurons are calibrated for this vision tower; the register is "
                       "appended without redirected neurons. Run `vtprune calibrate registers --model PATH --images DIR` "
                       "for the full method.", stacklevel=3)
