@@ -52,7 +52,12 @@ def test_method_runs_and_meets_its_budget(family, name):
         averaged = stats.layer_averaged(layers)
         assert all(6 < a < n for a, n in zip(averaged, stats.tokens_entering_llm))
     else:
-        assert stats.tokens_entering_llm == [6, 6]
+        assert stats.patches_entering_llm == [6, 6]
+    # every visual token that reached the LLM is counted: patches, registers, LLaVA-NeXT newline tokens
+    assert stats.tokens_entering_llm == [im.after_pre_llm + im.registers + im.newlines for im in stats.images]
+    if family == "llava_next" and layout == "model" and Stage.LLM not in cls.stages:
+        assert all(im.newlines > 0 for im in stats.images)
+        assert stats.tokens_entering_llm == [6 + im.newlines for im in stats.images]
 
 
 def test_later_llm_stages_see_the_count_that_entered_the_llm():

@@ -213,3 +213,29 @@ def test_when_no_patch_beats_the_register_only_the_register_enters(family):
         image = handle.last.images[0]
         assert image.after_pre_llm == patches and image.registers >= 1 and len(image.entering_cells) == patches
         assert torch.isfinite(logits).all()
+
+
+def test_llava_next_follows_the_papers_accounting_by_default():
+    """OccamToken on LLaVA-NeXT counts like the paper: base + crops without unpadding or newline
+    tokens (5 crops of 2×2 patches here, as 5 × 576 = 2,880 there), and a budget fitted to K tokens
+    (registers included, as Eq. 18 counts r) is what reaches past stage II; the model's own layout,
+    newline tokens counted, is one argument away."""
+    from vtprune.calibrate import calibrate_budget
+
+    model = models("llava_next")[0]
+    inputs = make_inputs(model, [Sample([1, 7, 8], [9, 10, 11, 12, 13], 0, (56, 56))])
+    settings = dict(layer=1, lambda1=0.0, neurons=[(0, 1)])
+    with vtprune.pruned(model, "occamtoken", lambda2=0.0, **settings) as handle, torch.no_grad():
+        model(**inputs)
+    image = handle.last.images[0]
+    assert (image.candidates, image.newlines, image.registers) == (20, 0, 5)
+    assert handle.last.tokens_entering_llm == [25]  # every visual token that reached the LLM
+    fit = calibrate_budget(model, [inputs], target=12, **settings)
+    with vtprune.pruned(model, "occamtoken", lambda2=fit.lam, **settings) as handle, torch.no_grad():
+        model(**inputs)
+    final = handle.last.llm_stages[0][2] + handle.last.images[0].registers
+    assert final == fit.mean_kept == 12
+    with vtprune.pruned(model, "occamtoken", layout="model", lambda2=0.0, **settings) as handle, torch.no_grad():
+        model(**inputs)
+    image = handle.last.images[0]
+    assert image.newlines > 0 and handle.last.tokens_entering_llm == [image.after_pre_llm + image.newlines + 5]

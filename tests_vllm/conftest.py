@@ -112,7 +112,8 @@ class HFRunner:
         with torch.no_grad():
             if method is None:
                 return self.model.generate(**inputs, **kwargs)[0, length:].tolist(), 0
-            with vtprune.pruned(self.model, method, **method_args) as handle:
+            layout = {"layout": "model"} if self.model.config.model_type == "llava_next" else {}  # vLLM's layout
+            with vtprune.pruned(self.model, method, **layout, **method_args) as handle:
                 out = self.model.generate(**inputs, **kwargs)
                 pruned = sum(im.candidates - im.after_pre_llm - im.registers for im in handle.stats[0].images)
         return out[0, length:].tolist(), pruned

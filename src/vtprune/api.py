@@ -65,28 +65,29 @@ def _decoder_depth(model) -> int:
     return int(text.num_hidden_layers)
 
 
-def apply(model, method: Method | str, *, layout: str = "model", **method_kwargs) -> PruneHandle:
+def apply(model, method: Method | str, *, layout: str | None = None, **method_kwargs) -> PruneHandle:
     """Prune ``model``'s visual tokens with ``method`` from now on.
 
     ``method`` is a :class:`~vtprune.methods.Method` or a registered name with its arguments, e.g.
     ``apply(model, "fastv", keep=64)``. ``layout`` (LLaVA-NeXT only): "model" keeps the model's
-    unpad + newline layout, "flat" uses base + crops without newlines. Returns a handle with
+    unpad + newline layout, "flat" uses base + crops without newlines; by default the method's own
+    (OccamToken: "flat", the paper's accounting; every other method: "model"). Returns a handle with
     ``stats`` and ``remove()``; the model keeps its attention implementation.
 
     Every argument is checked here, before the model is touched: a wrong one raises a
     :class:`~vtprune.errors.VTPruneError` that names it.
     """
     check_transformers()
-    if layout not in LAYOUTS:
+    if layout is not None and layout not in LAYOUTS:
         raise ArgumentError(f"layout={layout!r} is not allowed; choose one of {', '.join(map(repr, LAYOUTS))}.")
     method = make_method(method, **method_kwargs)
     family = family_of(model)
+    if layout not in (None, "model") and family != "llava_next":
+        raise UnsupportedMethodError("layout= applies to LLaVA-NeXT only.")
     if getattr(model, "_vtprune_handle", None) is not None:
         raise AlreadyPrunedError("This model is already pruned; call handle.remove() before applying another method.")
     method.prepare(family, _decoder_depth(model))
-    options = {"layout": layout} if family == "llava_next" else {}
-    if layout != "model" and family != "llava_next":
-        raise UnsupportedMethodError("layout= applies to LLaVA-NeXT only.")
+    options = {"layout": layout or method.default_layout} if family == "llava_next" else {}
     adapter = adapter_for(model, **options)
     if not method.stages:
         raise UnsupportedMethodError(f"Method '{method.name}' declares no insertion point.")

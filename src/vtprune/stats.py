@@ -19,6 +19,11 @@ class ImageStats:
     entering_cells: list[tuple[int, int, int]] = field(default_factory=list)
     kept_cells: list[tuple[int, int, int]] = field(default_factory=list)
 
+    @property
+    def visual_tokens(self) -> int:
+        """Every visual token of the image that entered the LLM: patches, registers, newline tokens."""
+        return self.after_pre_llm + self.registers + self.newlines
+
 
 @dataclass
 class CallStats:
@@ -61,21 +66,29 @@ class CallStats:
 
     @property
     def tokens_entering_llm(self) -> list[int]:
-        """Visual tokens per image that entered the LLM (registers excluded)."""
+        """Visual tokens per image that entered the LLM: every one of them, registers and LLaVA-NeXT
+        newline tokens included (``images[i].after_pre_llm`` counts the patches alone)."""
+        return [im.visual_tokens for im in self.images]
+
+    @property
+    def patches_entering_llm(self) -> list[int]:
+        """Patch tokens per image that entered the LLM (no registers, no newline tokens)."""
         return [im.after_pre_llm for im in self.images]
 
     def layer_averaged(self, num_layers: int, sample_images: list[list[int]] | None = None) -> list[float]:
-        """Per sample: visual tokens averaged over the decoder's layers (equals the entering count
-        for pre-LLM methods). ``sample_images`` maps samples to their images (default: one each)."""
+        """Per sample: its visual tokens (registers and newline tokens included) averaged over the
+        decoder's layers (equals the entering count for pre-LLM methods). ``sample_images`` maps
+        samples to their images (default: one each)."""
         groups = sample_images or [[i] for i in range(len(self.images))]
         out = []
         for b, imgs in enumerate(groups):
-            entering = sum(self.images[i].after_pre_llm for i in imgs)
+            entering = sum(self.images[i].visual_tokens for i in imgs)
+            never_pruned = sum(self.images[i].registers + self.images[i].newlines for i in imgs)
             stages = sorted(self.llm_stages.get(b, {}).items())
             total, current, start = 0.0, entering, 0
             for layer, kept in stages:
                 total += current * (layer - start)
-                current, start = kept, layer
+                current, start = kept + never_pruned, layer
             total += current * (num_layers - start)
             out.append(total / num_layers)
         return out

@@ -52,7 +52,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
     p.add_argument("--dtype", default="auto", help="auto (checkpoint dtype on GPU, float32 on CPU), bfloat16, ...")
     p.add_argument("--attn-implementation", default=None, help="sdpa / flash_attention_2 / eager (default: the model's)")
-    p.add_argument("--layout", default="model", choices=("model", "flat"), help="LLaVA-NeXT token layout")
+    p.add_argument("--layout", default=None, choices=("model", "flat"),
+                   help="LLaVA-NeXT token layout (default: the method's own; OccamToken flat, the others model)")
     p.add_argument("--num-processes", type=int, default=1,
                    help="data-parallel processes; >1 re-runs this command under `accelerate launch`")
     p.add_argument("--include-path", action="append", default=[], help="extra lmms-eval task folder (repeatable)")
@@ -80,7 +81,7 @@ def model_args_string(args) -> str:
     parts = [f"pretrained={args.model}", f"method={args.method}"]
     for key, value in parse_method_args(args.arg).items():
         parts.append(f"{key}={value}")
-    if args.layout != "model":
+    if args.layout is not None:
         parts.append(f"layout={args.layout}")
     if args.device:
         parts.append(f"device={args.device}")
@@ -215,7 +216,9 @@ def run_eval(args, argv: list[str] | None = None) -> int:
 def _argv_from_args(args) -> list[str]:
     argv = ["--model", args.model, "--method", args.method, "--tasks", args.tasks,
             "--batch-size", str(args.batch_size), "--output", args.output, "--dtype", args.dtype,
-            "--layout", args.layout, "--scenes", str(args.scenes), "--verbosity", args.verbosity]
+            "--scenes", str(args.scenes), "--verbosity", args.verbosity]
+    if args.layout is not None:
+        argv += ["--layout", args.layout]
     for item in args.arg:
         argv += ["--arg", item]
     for path in args.include_path:

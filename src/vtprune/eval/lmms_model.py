@@ -13,7 +13,7 @@ Registered with lmms-eval through the ``lmms_eval.models`` entry point (see ``vt
 * ``method`` -- a vtprune method name (``vtprune methods``), or ``none`` (default) for the
   unmodified model. Every argument this class does not know is passed to the method, e.g.
   ``keep=64``, ``ratio=0.25``, ``layer=2``.
-* ``layout`` -- LLaVA-NeXT only: ``model`` (default) or ``flat`` (see ``vtprune.apply``).
+* ``layout`` -- LLaVA-NeXT only: ``model`` or ``flat`` (default: the method's own, see ``vtprune.apply``).
 * ``device`` (default ``cuda`` when available, else ``cpu``; under ``accelerate launch`` each
   process takes its own device), ``dtype`` (``auto``: the checkpoint's dtype on a GPU, float32 on
   the CPU; or ``float32``/``bfloat16``/``float16``), ``attn_implementation`` (default: the model's),
@@ -111,7 +111,7 @@ class VTPruneLMM(lmms):
 
     is_simple = True
 
-    def __init__(self, pretrained: str, method: str | None = "none", layout: str = "model",
+    def __init__(self, pretrained: str, method: str | None = "none", layout: str | None = None,
                  device: str | None = None, dtype: str = "auto", attn_implementation: str | None = None,
                  batch_size: int | str = 1, max_batch_size: int | None = None, max_new_tokens: int = 1024,
                  threads: int | None = None, stats_path: str | None = None, trust_remote_code: bool = False,
@@ -186,7 +186,7 @@ class VTPruneLMM(lmms):
         self.layout = layout
         self.handle = None
         if self.method_name is not None:
-            options = {"layout": layout} if layout != "model" else {}
+            options = {"layout": layout} if layout else {}
             self.handle = vtprune.apply(self._model, self.method_name, **options, **self.method_kwargs)
         elif self.method_kwargs:
             raise TypeError(f"Unexpected model arguments without a method: {sorted(self.method_kwargs)}")
@@ -270,7 +270,7 @@ class VTPruneLMM(lmms):
                 averaged = call.layer_averaged(self.num_layers, sample_images=groups)
                 for b, g in enumerate(groups):
                     if g:
-                        kept = sum(call.images[i].after_pre_llm for i in g)
+                        kept = sum(call.images[i].visual_tokens for i in g)
                         cand = sum(call.images[i].candidates for i in g)
                         prompt_len[b] = prompt_len[b] - placeholders[b] + kept
                         entering[b], candidates[b] = kept, cand

@@ -94,6 +94,8 @@ class Method:
     attention_layers: tuple[int, ...] = ()
     #: True when the method needs each crop's full patch grid (LLaVA-NeXT: layout="flat" only)
     needs_full_grid: ClassVar[bool] = False
+    #: LLaVA-NeXT layout when apply() is given none: "model" (unpadding + newline tokens) or "flat"
+    default_layout: ClassVar[str] = "model"
     #: True when the method has no budget of its own: keep=N or ratio=r is then required
     needs_budget: ClassVar[bool] = False
     #: families this method refuses, with the reason (e.g. {"qwen2_5_vl": "needs a CLS token"})

@@ -40,8 +40,12 @@ s1(v) / s1(r), each against its own crop's register, are kept; λ1 is then unuse
   the register's four among them — the same weight as one merged token's four patches, i.e. the
   paper's Eq. 6 with the register counted once among the |V| + 1 tokens. On Qwen2.5-VL's windowed
   blocks the register is its own window (see ``vtprune.registers``);
-- LLaVA-NeXT: stage I per crop against the crop's own register; one register per crop reaches the
-  LLM, stage II uses their mean as s2(r);
+- LLaVA-NeXT: by default the paper's accounting, base image + crops without unpadding or newline
+  tokens (5 × 576 = 2,880 tokens at 672×672; ``apply(..., layout="flat")`` is implied), so budgets
+  read as in the paper (320 / 160 / 40); ``layout="model"`` keeps the model's own unpadded layout with
+  its newline tokens (always kept, counted in ``tokens_entering_llm``). Stage I per crop against the
+  crop's own register; one register per crop reaches the LLM (counted in the budget, as the paper's
+  Eq. 18 counts r), stage II uses their mean as s2(r);
 - stage II: head-mean of full softmax rows (BOS sink included), text rows = all tokens after the last
   image; tokens dropped from the input of layer l+1;
 - the KV cache of layers 0..l is compacted to the kept tokens (the paper's KV figures imply it);
@@ -88,6 +92,7 @@ REGISTER_FILE = "vtprune_registers.json"
 @register
 class OccamToken(Method):
     name = "occamtoken"
+    default_layout = "flat"  # LLaVA-NeXT: the paper's 2,880-token base + crops accounting
     stages = (Stage.VISION, Stage.LLM)
     extra_tokens = 1
 
