@@ -80,10 +80,9 @@ def score_ratios(model, batches: Iterable[dict], stage: int = 2, **occam_kwargs)
             if stage == 1:
                 out += [(im.info["stage1_ratios"], im.registers) for im in stats.images]
             else:
-                registers = [im.registers for im in stats.images]  # one image per sample assumed
-                for b, layers in sorted(stats.llm_info.items()):
-                    info = next(iter(layers.values()))
-                    out.append((info["stage2_ratios"], registers[b] if b < len(registers) else 1))
+                for b, image in enumerate(stats.images):  # one image per sample assumed
+                    layers = stats.llm_info.get(b, {})  # none when stage I left no patch to score
+                    out.append((next(iter(layers.values()))["stage2_ratios"] if layers else [], image.registers))
     return out
 
 

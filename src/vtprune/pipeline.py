@@ -403,6 +403,8 @@ class Pruner:
             if len(layout.candidates[b]) == 0:  # a text-only sample (or nothing left): passes unpruned
                 keep_slots.append(valid)
                 new_hidden_rows.append(hidden[b, valid.to(hidden.device)])
+                if len(layout.protected[b]) or len(layout.fixed[b]):  # an image whose patches are all gone
+                    call.stats.add_llm_stage(b, K, 0)
                 continue
             local = {int(v): j for j, v in enumerate(valid.tolist())}
             cand_slots = torch.tensor([slot_of[int(c)] for c in layout.candidates[b]], dtype=torch.long)
