@@ -4,25 +4,11 @@ import torch
 
 import vtprune
 from vtprune.methods import Method, Selection, Stage, sorted_topk
-from vtprune.tiny import FAMILIES, Sample, make_inputs, tiny_model
+from vtprune.tiny import FAMILIES, Sample, make_inputs
 from reference import capture_language_model_inputs, reference_logits
+from tiny_models import model_of, size_of
 
 TOL = 1e-5
-_MODELS = {}
-
-
-def model_of(family):
-    if family not in _MODELS:
-        _MODELS[family] = tiny_model(family)
-    return _MODELS[family]
-
-
-def size_of(family, k=0):
-    if family.startswith("qwen"):
-        return [(112, 112), (84, 140)][k]
-    if family == "llava_next":
-        return [(56, 56), (28, 56)][k]
-    return (56, 56)
 
 
 def one(family, k=0, seed=0):

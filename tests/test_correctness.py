@@ -9,22 +9,7 @@ from vtprune.methods import Method, Selection, Stage, available_methods, method_
 from vtprune.ocvtp import checkpoint_dir
 from vtprune.tiny import FAMILIES, Sample, make_inputs, tiny_model
 from reference import capture_language_model_inputs, reference_logits
-
-_MODELS = {}
-
-
-def model_of(family):
-    if family not in _MODELS:
-        _MODELS[family] = tiny_model(family)
-    return _MODELS[family]
-
-
-def size_of(family, k=0):
-    if family.startswith("qwen"):
-        return [(112, 112), (84, 140)][k]
-    if family == "llava_next":
-        return [(56, 56), (28, 56)][k]
-    return (56, 56)
+from tiny_models import model_of, size_of
 
 
 def sample(family, k=0, seed=0):
