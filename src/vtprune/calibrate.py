@@ -91,7 +91,11 @@ def fit_lambda(ratios: list[tuple[list[float], int]], target: float, stage: int 
     if not ratios:
         raise ValueError("No calibration samples.")
     tensors = [(torch.tensor(r, dtype=torch.float64), reg) for r, reg in ratios]
-    top = hi if hi is not None else max(float(t.max()) for t, _ in tensors if t.numel()) * 1.01 + 1e-9
+    scored = [float(t.max()) for t, _ in tensors if t.numel()]
+    if hi is None and not scored:
+        raise InputError("No calibration sample has a token to score: stage I kept no patch of any image "
+                         "(lower λ1, or pass min_kept=N).")
+    top = hi if hi is not None else max(scored) * 1.01 + 1e-9
 
     def counts(lam: float) -> list[int]:
         return [int((t >= lam).sum()) + reg for t, reg in tensors]

@@ -188,7 +188,8 @@ class Pruner:
         image_inputs = {k: kwargs.pop(k) for k in _IMAGE_KWARGS if k in kwargs}
         self.adapter.check_prefill_inputs(input_ids, image_inputs, user_positions)
         spans = self.adapter.image_spans(input_ids, image_inputs)
-        text_embeds = self._text_after_each_image(input_ids, attention_mask, spans)
+        real = attention_mask.detach().to("cpu", torch.bool)  # sync: the inputs' padding, read once per call
+        text_embeds = self._text_after_each_image(input_ids, real, spans)
         images = self.adapter.encode_images(image_inputs, self.method, text_embeds, stats.timer)
         full_ids, full_mask, span_units, rewritten = self._rewrite_spans(input_ids, attention_mask, spans, images)
         position_shift = None
@@ -198,9 +199,11 @@ class Pruner:
         positions = self.adapter.full_positions(
             full_ids, full_mask, {**image_inputs, "mm_token_type_ids": None} if rewritten else image_inputs,
             self._as_rows_or_none(user_positions))
-        ids, mask, pos, layout = self._compact(call, full_ids, full_mask, positions, span_units, images)
-        for im in images:
-            newlines = _newline_count(im)
+        if rewritten:
+            real = full_mask.detach().to("cpu", torch.bool)  # sync: the rewritten sequence's padding
+        ids, mask, pos, layout, newline_counts = self._compact(call, full_ids, full_mask, real, positions, span_units,
+                                                               images)
+        for im, newlines in zip(images, newline_counts):
             stats.images.append(ImageStats(candidates=im.candidates, after_pre_llm=len(im.keep) - im.n_extra - newlines,
                                            registers=im.n_extra, newlines=newlines, info=dict(im.info)))
         kwargs.update(input_ids=ids, attention_mask=mask, position_ids=self.adapter.format_positions(pos),
@@ -254,15 +257,15 @@ class Pruner:
     def _as_rows_or_none(self, positions):
         return None if positions is None else self._as_rows(positions)
 
-    def _text_after_each_image(self, input_ids, attention_mask, spans) -> list[torch.Tensor]:
-        """Per image, the LLM embeddings of the text after it (up to the next image)."""
+    def _text_after_each_image(self, input_ids, real, spans) -> list[torch.Tensor]:
+        """Per image, the LLM embeddings of the text after it (up to the next image); ``real``: the
+        CPU mask of the non-padding columns."""
         out = []
         embed = self.adapter.embed_tokens
         for b, sample_spans in enumerate(spans):
             for k, (start, end) in enumerate(sample_spans):
                 stop = sample_spans[k + 1][0] if k + 1 < len(sample_spans) else input_ids.shape[1]
-                cols = torch.arange(end, stop, device=input_ids.device)
-                cols = cols[attention_mask[b, cols].bool()]
+                cols = _real_columns(real[b], end, stop).to(input_ids.device)
                 out.append(embed(input_ids[b, cols]).detach())
         return out
 
@@ -301,45 +304,44 @@ class Pruner:
         span_units = [[(s + p, n) for s, n in u] for u, p in zip(span_units, pad)]
         return ids, mask, span_units, True
 
-    def _compact(self, call: PrefillCall, ids, mask, positions, span_units, images):
-        """Drop pruned image units and insert registers; left-pad the result."""
-        rows_ids, rows_pos, source_cols, k = [], [], [], 0
-        kinds = {"candidate": [], "register": [], "newline": [], "text_after": []}
+    def _compact(self, call: PrefillCall, ids, mask, real, positions, span_units, images):
+        """Drop pruned image units and insert registers; left-pad the result. The bookkeeping runs on
+        small CPU index tensors, vectorised (no per-token Python); ``real``: the CPU mask of ``mask``."""
+        rows_cols, rows_kinds, newline_counts, k = [], [], [], 0
         for b, units in enumerate(span_units):
-            seq = []  # (column in the full sequence, kind) with kind in TEXT / one of `kinds`
-            cursor = 0
+            cols, kinds, cursor = [], [], 0
             for start, n_units in units:
                 im = images[k]
                 k += 1
-                seq += [(c, "text") for c in range(cursor, start)]
-                protected = set(im.protected.tolist()) if im.protected is not None else set()
-                for u in im.keep.tolist():
-                    column = start + min(u, n_units - 1)  # extras sit at the last unit's position
-                    is_newline = u < n_units and im.unit_cells is not None and int(im.unit_cells[u, 0]) < 0
-                    seq.append((column, "register" if u in protected else "newline" if is_newline else "candidate"))
+                text = _real_columns(real[b], cursor, start)
+                keep = im.keep.cpu()  # sync: the units the method kept (one per image)
+                unit_kinds = _unit_kinds(im, keep)
+                newline_counts.append(int((unit_kinds == _NEWLINE).sum()))  # CPU tensor: no sync
+                cols += [text, start + keep.clamp(max=n_units - 1)]  # extras sit at the last unit's position
+                kinds += [torch.full_like(text, _TEXT), unit_kinds]
                 cursor = start + n_units
-            seq += [(c, "text") for c in range(cursor, ids.shape[1])]
-            seq = [s for s in seq if mask[b, s[0]]]
-            col_t = torch.tensor([s[0] for s in seq], dtype=torch.long, device=ids.device)
-            source_cols.append(col_t)
-            rows_ids.append(ids[b, col_t])
-            rows_pos.append(positions[:, b if positions.shape[1] > 1 else 0, col_t].T)
-            for kind in ("candidate", "register", "newline"):
-                kinds[kind].append(torch.tensor([j for j, s in enumerate(seq) if s[1] == kind], dtype=torch.long))
-            last_visual = max((j for j, s in enumerate(seq) if s[1] != "text"), default=-1)
-            kinds["text_after"].append(torch.arange(last_visual + 1, len(seq)))
-        out_ids = _left_pad(rows_ids, 0)
-        out_mask = _left_pad([torch.ones(len(r), dtype=mask.dtype, device=mask.device) for r in rows_ids], 0)
-        out_pos = _left_pad(rows_pos, 0).permute(2, 0, 1)
-        pads = [out_ids.shape[1] - len(r) for r in rows_ids]
-        call.source_columns = [(p, cols.cpu()) for p, cols in zip(pads, source_cols)]
-        shifted = {kind: [c + p for c, p in zip(lists, pads)] for kind, lists in kinds.items()}
+            text = _real_columns(real[b], cursor, ids.shape[1])
+            rows_cols.append(torch.cat(cols + [text]))
+            rows_kinds.append(torch.cat(kinds + [torch.full_like(text, _TEXT)]))
+        lengths = [len(c) for c in rows_cols]
+        pads = [max(lengths) - n for n in lengths]
+        device_cols = [c.to(ids.device) for c in rows_cols]
+        out_ids = _left_pad([ids[b, c] for b, c in enumerate(device_cols)], 0)
+        out_mask = _left_pad([torch.ones(n, dtype=mask.dtype, device=mask.device) for n in lengths], 0)
+        out_pos = _left_pad([positions[:, b if positions.shape[1] > 1 else 0, c].T for b, c in enumerate(device_cols)],
+                            0).permute(2, 0, 1)
+        call.source_columns = list(zip(pads, rows_cols))
+
+        def slots(kind):
+            return [torch.nonzero(kd == kind).flatten() + p for kd, p in zip(rows_kinds, pads)]
+
+        last_visual = [int(torch.nonzero(kd != _TEXT).max()) if bool((kd != _TEXT).any()) else -1 for kd in rows_kinds]
         layout = Layout(
-            index=_left_pad([torch.arange(len(r)) + p for r, p in zip(rows_ids, pads)], -1),
-            candidates=shifted["candidate"], protected=shifted["register"], fixed=shifted["newline"],
-            text_after=shifted["text_after"],
+            index=_left_pad([torch.arange(n) + p for n, p in zip(lengths, pads)], -1),
+            candidates=slots(_CANDIDATE), protected=slots(_REGISTER), fixed=slots(_NEWLINE),
+            text_after=[torch.arange(lv + 1, n) + p for lv, n, p in zip(last_visual, lengths, pads)],
         )
-        return out_ids, out_mask, out_pos, layout
+        return out_ids, out_mask, out_pos, layout, newline_counts
 
     # -- in-LLM pruning -----------------------------------------------------------------------------
     def _install_llm_hooks(self):
@@ -396,51 +398,48 @@ class Pruner:
         stage = self.method.llm_layers.index(K)
         call.stage_layouts.append((K, layout))
         entering = call.stage_layouts[0][1]  # the layout the LLM started with (later stages see fewer)
-        keep_slots, new_hidden_rows = [], []
+        keep_slots, new_hidden_rows, new_candidates = [], [], []
         for b in range(hidden.shape[0]):
-            slot_of = {int(c): j for j, c in enumerate(layout.index[b].tolist()) if c >= 0}
-            valid = torch.nonzero(layout.index[b] >= 0).flatten()
+            valid = torch.nonzero(layout.index[b] >= 0).flatten()  # CPU; left-padded, so contiguous
+            offset = int(valid[0]) if len(valid) else 0
             if len(layout.candidates[b]) == 0:  # a text-only sample (or nothing left): passes unpruned
                 keep_slots.append(valid)
-                new_hidden_rows.append(hidden[b, valid.to(hidden.device)])
+                new_hidden_rows.append(hidden[b, offset:])
+                new_candidates.append(layout.candidates[b])
                 if len(layout.protected[b]) or len(layout.fixed[b]):  # an image whose patches are all gone
                     call.stats.add_llm_stage(b, K, 0)
                 continue
-            local = {int(v): j for j, v in enumerate(valid.tolist())}
-            cand_slots = torch.tensor([slot_of[int(c)] for c in layout.candidates[b]], dtype=torch.long)
-            text_slots = torch.tensor([slot_of[int(c)] for c in layout.text_after[b] if int(c) in slot_of],
-                                      dtype=torch.long)
-            register_slots = torch.tensor([slot_of[int(c)] for c in layout.protected[b] if int(c) in slot_of],
-                                          dtype=torch.long)
-            to_local = lambda slots: torch.tensor([local[int(s)] for s in slots], dtype=torch.long)
+            slot_of = torch.full((int(layout.index[b].max()) + 1,), -1, dtype=torch.long)
+            slot_of[layout.index[b, valid]] = valid
+            cand_slots = slot_of[layout.candidates[b]]
+            text_slots, register_slots = slot_of[layout.text_after[b]], slot_of[layout.protected[b]]
             ctx = LLMContext(
-                hidden=hidden[b, valid], visual=to_local(cand_slots), text_after=to_local(text_slots),
+                hidden=hidden[b, offset:], visual=cand_slots - offset, text_after=text_slots[text_slots >= 0] - offset,
                 layer=K, stage_index=stage, family=self.adapter.family,
-                original_visual=len(entering.candidates[b]), registers=to_local(register_slots),
-                providers={"attention": lambda rows, b=b, valid=valid: record.rows(b, valid[rows])[:, :, valid],
-                           "keys": lambda b=b, valid=valid: record.key[b][:, valid]})
+                original_visual=len(entering.candidates[b]), registers=register_slots[register_slots >= 0] - offset,
+                providers={"attention": lambda rows, b=b, o=offset: record.rows(b, torch.as_tensor(rows) + o)[:, :, o:],
+                           "keys": lambda b=b, o=offset: record.key[b][:, o:]})
             with call.stats.timer():
                 selection = self.method.select_llm(ctx)
-            kept_cands = cand_slots[selection.keep.to(cand_slots.device)]
-            drop = set(cand_slots.tolist()) - set(kept_cands.tolist())
-            slots = torch.tensor([int(s) for s in valid if int(s) not in drop], dtype=torch.long)
-            row = hidden[b, slots]
+            kept = selection.keep.cpu()  # sync: the kept tokens decide the new layout (one per sample and stage)
+            kept_cands = cand_slots[kept]
+            kept_mask = torch.ones(len(valid), dtype=torch.bool)
+            kept_mask[cand_slots - offset] = False
+            kept_mask[kept_cands - offset] = True
+            slots = valid[kept_mask]
+            row = hidden[b, slots.to(hidden.device)]
             if selection.values is not None:
-                pos_in_row = torch.searchsorted(slots, kept_cands)
                 row = row.clone()
-                row[pos_in_row] = selection.values.to(row.dtype)
+                row[torch.searchsorted(slots, kept_cands).to(row.device)] = selection.values.to(row.dtype)
             keep_slots.append(slots)
             new_hidden_rows.append(row)
+            new_candidates.append(layout.candidates[b][kept])
             call.stats.add_llm_stage(b, K, len(kept_cands), selection.info)
         new_hidden = _left_pad(new_hidden_rows, 0.0)
-        gather = _left_pad([s for s in keep_slots], -1)  # slots into the current layout
+        gather = _left_pad(keep_slots, -1)  # slots into the current layout
         new_index = torch.where(gather >= 0, layout.index.gather(1, gather.clamp(min=0)), -1)
-        kept_cols = [set(new_index[b][new_index[b] >= 0].tolist()) for b in range(len(keep_slots))]
-        call.layout = Layout(
-            index=new_index,
-            candidates=[torch.tensor([c for c in layout.candidates[b].tolist() if c in kept_cols[b]], dtype=torch.long)
-                        for b in range(len(keep_slots))],
-            protected=layout.protected, fixed=layout.fixed, text_after=layout.text_after)
+        call.layout = Layout(index=new_index, candidates=new_candidates, protected=layout.protected,
+                             fixed=layout.fixed, text_after=layout.text_after)
         call.stats.stage_columns[K] = self._visual_columns(call, call.layout)
         call.layer_kwargs = self._layer_inputs(kwargs, gather, new_hidden)
         return new_hidden
@@ -449,8 +448,8 @@ class Pruner:
         """Position embeddings, position ids and the causal mask for the new layout."""
         from transformers.masking_utils import create_causal_mask
 
-        idx = gather.clamp(min=0)
         cos, sin = kwargs["position_embeddings"]
+        idx = gather.clamp(min=0).to(cos.device)
 
         def take(t):
             # sequence is the second-to-last dim for (B, L, d) and (3, B, L, d)
@@ -460,7 +459,7 @@ class Pruner:
         out = {"position_embeddings": (take(cos), take(sin))}
         pos = kwargs.get("position_ids")
         if pos is not None:
-            out["position_ids"] = pos.expand(idx.shape[0], -1).gather(1, idx) if pos.dim() == 2 else pos
+            out["position_ids"] = pos.expand(idx.shape[0], -1).gather(1, idx.to(pos.device)) if pos.dim() == 2 else pos
         mask2d = (gather >= 0).long()
         # the cache argument goes by position: transformers renames it (past_key_values -> cache)
         attention_mask = create_causal_mask(self.adapter.text_config, new_hidden, mask2d.to(new_hidden.device), None)
@@ -479,7 +478,7 @@ class Pruner:
             if stage == len(bounds):
                 continue  # computed under the final layout already
             layout = call.stage_layouts[stage][1]
-            gather = _map_layout(layout.index, final.index)
+            gather = _map_layout(layout.index, final.index).to(cache_layer.keys.device)
             for name in ("keys", "values"):
                 t = getattr(cache_layer, name)
                 view = gather.view(gather.shape[0], 1, gather.shape[1], 1).expand(t.shape[0], t.shape[1], -1, t.shape[3])
@@ -496,8 +495,8 @@ class Pruner:
             layout = self._call.layout if self._call is not None else None
             if layout is not None and visual_pos_masks.shape[1] != hidden_states.shape[1]:
                 rank = visual_pos_masks.flatten().long().cumsum(0).view_as(visual_pos_masks) - 1
-                idx = layout.index.clamp(min=0)
-                new_mask = visual_pos_masks.gather(1, idx) & (layout.index >= 0)
+                idx = layout.index.clamp(min=0).to(visual_pos_masks.device)
+                new_mask = visual_pos_masks.gather(1, idx) & (layout.index >= 0).to(visual_pos_masks.device)
                 picked = rank.gather(1, idx)[new_mask]
                 return original(hidden_states, new_mask, visual_embeds[picked])
             return original(hidden_states, visual_pos_masks, visual_embeds)
@@ -512,14 +511,25 @@ class Pruner:
 
 
 _NOTHING = object()  # marks "no forward on the instance" (a forward of None is a value)
+_TEXT, _CANDIDATE, _REGISTER, _NEWLINE = range(4)  # what a column of the compact sequence holds
 
 
-def _newline_count(im: EncodedImage) -> int:
-    """Kept units that are LLaVA-NeXT newline tokens (no patch of their own)."""
-    if im.unit_cells is None:
-        return 0
-    units = im.keep[im.keep < im.n_units]
-    return int((im.unit_cells[units, 0] < 0).sum())
+def _real_columns(real_row: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """The columns in [start, stop) that are not padding (``real_row``: a CPU bool mask)."""
+    return torch.arange(start, stop)[real_row[start:stop]]
+
+
+def _unit_kinds(im: EncodedImage, keep: torch.Tensor) -> torch.Tensor:
+    """Per kept unit (``keep``: CPU indices into the image's units): candidate, register or newline."""
+    kinds = torch.full_like(keep, _CANDIDATE)
+    if im.unit_cells is not None:
+        inside = keep < im.n_units
+        newline = torch.zeros_like(keep, dtype=torch.bool)
+        newline[inside] = im.unit_cells.cpu()[keep[inside], 0] < 0
+        kinds[newline] = _NEWLINE
+    if im.protected is not None:
+        kinds[torch.isin(keep, im.protected.cpu())] = _REGISTER
+    return kinds
 
 
 def _rewritten_positions(mask, full_mask, length: int, full_length: int, caller_positions: bool):
@@ -535,16 +545,19 @@ def _rewritten_positions(mask, full_mask, length: int, full_length: int, caller_
 
 
 def _first_real(mask: torch.Tensor) -> int:
+    """The first non-padding column (LLaVA-NeXT flat layout only)."""
     nz = torch.nonzero(mask).flatten()
-    return int(nz[0]) if len(nz) else len(mask)
+    return int(nz[0]) if len(nz) else len(mask)  # sync: once per sample, only when the layout was rewritten
 
 
 def _map_layout(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Per row, the slot in ``source`` of each entry of ``target`` (both hold compact columns, -1 =
-    padding, ascending among valid entries). Padding maps to slot 0 (masked anyway)."""
+    padding, ascending among valid entries). Padding maps to slot 0 (masked anyway). CPU tensors."""
     out = torch.zeros_like(target)
     for b in range(target.shape[0]):
-        src = source[b]
-        pos = {int(c): j for j, c in enumerate(src.tolist()) if c >= 0}
-        out[b] = torch.tensor([pos.get(int(c), 0) if c >= 0 else 0 for c in target[b].tolist()])
+        src, tgt = source[b], target[b]
+        slot_of = torch.zeros(int(max(src.max(), tgt.max())) + 1, dtype=torch.long)
+        valid = torch.nonzero(src >= 0).flatten()
+        slot_of[src[valid]] = valid
+        out[b] = torch.where(tgt >= 0, slot_of[tgt.clamp(min=0)], 0)
     return out

@@ -275,7 +275,8 @@ class VTPruneLMM(lmms):
                         prompt_len[b] = prompt_len[b] - placeholders[b] + kept
                         entering[b], candidates[b] = kept, cand
                         stages = call.llm_stages.get(b, {})
-                        final[b] = stages[max(stages)] if stages else kept
+                        never_pruned = sum(call.images[i].registers + call.images[i].newlines for i in g)
+                        final[b] = stages[max(stages)] + never_pruned if stages else kept
                         registers[b] = sum(call.images[i].registers for i in g)
             else:  # should not happen: keep the request but say so
                 eval_logger.warning(f"vtprune: {len(call.images)} images in the stats for {start} in the batch")

@@ -16,7 +16,10 @@ import math
 import numbers
 import types
 import typing
+from collections.abc import Sequence
 from typing import Any, Callable, Literal, Union
+
+import numpy
 
 from ..errors import ArgumentError
 
@@ -92,6 +95,11 @@ def _allows_none(hint) -> bool:
     return hint is type(None) or _is_union(hint) and type(None) in typing.get_args(hint)
 
 
+def _is_array(value: Any) -> bool:
+    """A 1-d numpy array or torch tensor (their items are checked like a tuple's)."""
+    return getattr(value, "ndim", None) == 1 and hasattr(value, "tolist")
+
+
 def _matches(value: Any, hint: Any) -> bool:
     if hint is Any:
         return True
@@ -102,13 +110,16 @@ def _matches(value: Any, hint: Any) -> bool:
         return any(value == a and type(value) is type(a) for a in typing.get_args(hint))
     if origin is tuple:
         items = typing.get_args(hint)
-        if not isinstance(value, (tuple, list)) or not value:
+        if isinstance(value, (str, bytes)) or not isinstance(value, (Sequence, range)) and not _is_array(value):
+            return False
+        value = value.tolist() if _is_array(value) else list(value)
+        if not value:
             return False
         if len(items) == 2 and items[1] is Ellipsis:
             return all(_matches(v, items[0]) for v in value)
         return len(items) == len(value) and all(_matches(v, h) for v, h in zip(value, items))
     if hint is bool:
-        return isinstance(value, bool)
+        return isinstance(value, (bool, numpy.bool_))
     if hint is int:
         return isinstance(value, numbers.Integral) and not isinstance(value, bool)
     if hint is float:

@@ -113,6 +113,8 @@ class OccamToken(Method):
                 raise ArgumentError(f"occamtoken: {name}={value!r} is not allowed; {name} must be ≥ 0.")
         if layer is not None and layer < 0:
             raise ArgumentError(f"occamtoken: layer={layer!r} is not allowed; stage II reads a 0-based decoder layer ≥ 0.")
+        if neurons is not None and not isinstance(neurons, (str, os.PathLike, dict)) and not hasattr(neurons, "neurons"):
+            neurons = list(neurons) if hasattr(neurons, "__iter__") else neurons  # an iterator is read once
         _check_neurons_argument(neurons)
         self.lambda1, self.lambda2, self.layer = lambda1, float(lambda2), layer
         self.stage1, self.stage2 = stage1, stage2

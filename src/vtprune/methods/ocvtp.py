@@ -62,7 +62,7 @@ class OCVTP(Method):
         super().__init__(keep=keep, ratio=ratio, seed=seed)
         if fill not in ("attention", "slots"):
             raise ArgumentError(f"ocvtp: fill={fill!r} is not allowed; choose 'attention' or 'slots'.")
-        if layer is not None and (not isinstance(layer, int) or isinstance(layer, bool) or layer <= 0):
+        if layer is not None and layer <= 0:  # its type is checked from the annotation
             raise ArgumentError(f"ocvtp: layer={layer!r} is not allowed; layer is a positive hidden_states index.")
         self.checkpoint = Path(checkpoint) if checkpoint is not None else None
         self.layer_override = layer

@@ -108,35 +108,27 @@ class Adapter:
     def image_spans(self, input_ids: torch.Tensor, inputs: dict) -> list[list[tuple[int, int]]]:
         """Per sample, the (start, end) column ranges of its images, in order; checks the counts."""
         expected = self.expected_tokens(inputs)
-        is_image = (input_ids == self.image_token_id)
-        spans: list[list[tuple[int, int]]] = []
+        is_image = (input_ids == self.image_token_id).to(torch.int8)
+        edges = torch.diff(torch.nn.functional.pad(is_image, (1, 1)), dim=1)  # +1 where a run starts, -1 after it
+        starts, ends = torch.nonzero(edges > 0), torch.nonzero(edges < 0)
+        runs = torch.cat([starts, ends[:, 1:]], dim=1).tolist()  # sync: where the images are (once per call)
+        spans: list[list[tuple[int, int]]] = [[] for _ in range(input_ids.shape[0])]
         k = 0
-        for b in range(input_ids.shape[0]):
-            row = is_image[b].tolist()
-            spans.append([])
-            col = 0
-            while col < len(row):
-                if not row[col]:
-                    col += 1
-                    continue
-                end = col
-                while end < len(row) and row[end]:
-                    end += 1
-                while col < end:  # a run may hold several images back to back
-                    if k >= len(expected):
-                        raise InputError(
-                            f"input_ids hold more image placeholders than the {len(expected)} image(s) given. "
-                            f"Pass one image per '<image>' in the prompt (use the model's processor to build inputs)."
-                        )
-                    if end - col < expected[k]:
-                        raise InputError(
-                            f"Image {k} needs {expected[k]} placeholder tokens but input_ids hold a run of "
-                            f"{end - col}. Build the inputs with the model's processor so placeholders match images."
-                        )
-                    spans[b].append((col, col + expected[k]))
-                    col += expected[k]
-                    k += 1
-                col = end
+        for b, col, end in runs:  # (sample, first column, column after the run), in order
+            while col < end:  # a run may hold several images back to back
+                if k >= len(expected):
+                    raise InputError(
+                        f"input_ids hold more image placeholders than the {len(expected)} image(s) given. "
+                        f"Pass one image per '<image>' in the prompt (use the model's processor to build inputs)."
+                    )
+                if end - col < expected[k]:
+                    raise InputError(
+                        f"Image {k} needs {expected[k]} placeholder tokens but input_ids hold a run of "
+                        f"{end - col}. Build the inputs with the model's processor so placeholders match images."
+                    )
+                spans[b].append((col, col + expected[k]))
+                col += expected[k]
+                k += 1
         if k != len(expected):
             raise InputError(
                 f"{len(expected)} image(s) were given but input_ids hold placeholders for {k}. "

@@ -70,7 +70,7 @@ class LlavaNextAdapter(LlavaAdapter):
             cols = [present[(present >= k * n) & (present < (k + 1) * n)] - k * n for k in range(c)]
             ctx = self.crop_context(hidden_states, recs, rows, i, extra, [(side, side)] * c, keep_cols=cols)
             keep, embeds, info = self.select_and_project(ctx, method, timer, text_embeds[i])
-            kept_patches = present[keep]
+            kept_patches = present[keep.cpu()]  # sync: the unit table lives on the CPU
             # unit order: the layout's; kept units are newlines plus kept patches
             unit_is_kept = (table < 0) | torch.isin(table, kept_patches)
             keep_units = torch.nonzero(unit_is_kept).flatten()

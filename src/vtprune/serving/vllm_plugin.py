@@ -176,6 +176,8 @@ def _build_method(spec: PruneSpec, family: str, llm_layers: int) -> Method:
         kwargs["keep"] = spec.keep
     if spec.ratio is not None:
         kwargs["ratio"] = spec.ratio
+    if cls.needs_budget and spec.keep is None and spec.ratio is None:  # the vLLM reason, not the constructor's
+        raise ValueError(_in_llm_message(cls.name) if Stage.LLM in cls.stages else _budget_message(cls.name))
     try:
         method = cls(**kwargs)
     except (TypeError, ValueError, VTPruneError) as exc:
@@ -199,19 +201,26 @@ IN_LLM_REASON = (
     "transformers model for in-LLM methods.")
 
 
+def _in_llm_message(name: str) -> str:
+    hint = (" To serve OccamToken's stage I ranked to a fixed budget, set vtprune_args "
+            '{"occamtoken": {"stage2": false}} and vtprune_keep or vtprune_ratio.') if name == "occamtoken" else ""
+    return f"vtprune: method '{name}' cannot be served by vLLM: {IN_LLM_REASON}{hint}"
+
+
+def _budget_message(name: str) -> str:
+    return (f"vtprune: method '{name}' needs a budget fixed in advance inside vLLM: set vtprune_keep=N or "
+            f"vtprune_ratio=r (vLLM fixes placeholder counts before the model runs).")
+
+
 def check_servable(method: Method, family: str) -> None:
     """Raise ValueError if ``method`` cannot run inside vLLM on ``family``."""
     stages = set(method.stages)
     if not stages:
         raise ValueError(f"vtprune: method '{method.name}' declares no insertion point.")
     if Stage.LLM in stages:
-        hint = (" To serve OccamToken's stage I ranked to a fixed budget, set vtprune_args "
-                '{"occamtoken": {"stage2": false}} and vtprune_keep or vtprune_ratio.') if method.name == "occamtoken" else ""
-        raise ValueError(f"vtprune: method '{method.name}' cannot be served by vLLM: {IN_LLM_REASON}{hint}")
+        raise ValueError(_in_llm_message(method.name))
     if method.keep is None and method.ratio is None:
-        raise ValueError(
-            f"vtprune: method '{method.name}' needs a budget fixed in advance inside vLLM: set "
-            f"vtprune_keep=N or vtprune_ratio=r (vLLM fixes placeholder counts before the model runs).")
+        raise ValueError(_budget_message(method.name))
     if getattr(method, "extra_tokens", 0) and family not in REGISTER_FAMILIES:
         raise ValueError(f"vtprune: method '{method.name}' appends test-time registers inside the vision tower, "
                          f"which the vLLM plugin supports on CLIP towers ({', '.join(REGISTER_FAMILIES)}), not on "
