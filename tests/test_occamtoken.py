@@ -235,3 +235,18 @@ def test_a_newer_calibration_of_another_tower_is_never_used(tmp_path, monkeypatc
     used, messages = _resolved_neurons(LlavaForConditionalGeneration.from_pretrained(mine_dir).eval())
     assert used == RegisterNeurons.from_json(tmp_path / "mine.json") and used.found
     assert not [m for m in messages if "calibrated" in m]
+
+
+def test_one_instance_takes_each_familys_defaults():
+    """prepare() resolves the family defaults anew: an instance applied to LLaVA, then to Qwen, uses
+    Qwen's λ1 and layer, not LLaVA's."""
+    from vtprune.methods.occamtoken import DEFAULT_LAMBDA1, OccamToken
+
+    method = OccamToken()
+    method.prepare("llava", 32)
+    assert (method.lambda1, method.layer) == (DEFAULT_LAMBDA1["llava"], 11)
+    method.prepare("qwen2_5_vl", 28)
+    assert (method.lambda1, method.layer) == (DEFAULT_LAMBDA1["qwen2_5_vl"], 10)
+    chosen = OccamToken(lambda1=0.3, layer=4)
+    chosen.prepare("qwen3_vl", 36)
+    assert (chosen.lambda1, chosen.layer) == (0.3, 4)

@@ -117,6 +117,7 @@ class OccamToken(Method):
             neurons = list(neurons) if hasattr(neurons, "__iter__") else neurons  # an iterator is read once
         _check_neurons_argument(neurons)
         self.lambda1, self.lambda2, self.layer = lambda1, float(lambda2), layer
+        self._requested = (lambda1, layer)  # None = the family's default, resolved anew by each prepare()
         self.stage1, self.stage2 = stage1, stage2
         self.neurons, self.register_mode = neurons, register_mode
         self._resolved: dict[int, object] = {}
@@ -125,10 +126,9 @@ class OccamToken(Method):
     def prepare(self, family: str, num_layers: int) -> None:
         super().prepare(family, num_layers)
         self.family = family
-        if self.lambda1 is None:
-            self.lambda1 = DEFAULT_LAMBDA1[family]
-        if self.layer is None:
-            self.layer = min(DEFAULT_LAYER[family], num_layers - 2)
+        lambda1, layer = self._requested
+        self.lambda1 = DEFAULT_LAMBDA1[family] if lambda1 is None else lambda1
+        self.layer = min(DEFAULT_LAYER[family], num_layers - 2) if layer is None else layer
         if self.stage2 and not 0 <= self.layer < num_layers - 1:
             raise UnsupportedMethodError(
                 f"OccamToken stage II reads decoder layer {self.layer}, but the model has {num_layers} layers; "
