@@ -80,7 +80,8 @@ def model_args_string(args) -> str:
 
     parts = [f"pretrained={args.model}", f"method={args.method}"]
     for key, value in parse_method_args(args.arg).items():
-        parts.append(f"{key}={value}")
+        # lmms-eval splits model_args on commas outside brackets: a tuple travels as [a,b,c]
+        parts.append(f"{key}=[{','.join(map(str, value))}]" if isinstance(value, tuple) else f"{key}={value}")
     if args.layout is not None:
         parts.append(f"layout={args.layout}")
     if args.device:

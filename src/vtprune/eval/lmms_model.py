@@ -182,7 +182,7 @@ class VTPruneLMM(lmms):
         self.default_max_new_tokens = int(max_new_tokens)
         self.stats_path = stats_path
         self.method_name = None if method in NO_METHOD or str(method).lower() == "none" else str(method)
-        self.method_kwargs = dict(method_kwargs)
+        self.method_kwargs = {k: _bracketed_tuple(v) for k, v in method_kwargs.items()}
         self.layout = layout
         self.handle = None
         if self.method_name is not None:
@@ -475,3 +475,13 @@ class VTPruneLMM(lmms):
 
     def generate_until_multi_round(self, requests) -> list[str]:
         raise NotImplementedError("The vtprune lmms-eval model does not implement multi-round generation.")
+
+
+def _bracketed_tuple(value: Any) -> Any:
+    """``"[8,16,24]"`` (how ``vtprune eval`` passes a tuple through lmms-eval's comma-split model_args)
+    as ``(8, 16, 24)``; anything else unchanged."""
+    if isinstance(value, str) and value.startswith("[") and value.endswith("]"):
+        from ..cli import parse_value
+
+        return tuple(parse_value(part) for part in value[1:-1].split(",") if part.strip())
+    return value
