@@ -305,7 +305,7 @@ def test_hiprune_keeps_anchor_neighbours_without_wrapping():
     assert {corner, 1, 8} <= kept
     assert {right_edge, right_edge - 8, right_edge + 8, right_edge - 1} <= kept
     assert right_edge + 1 not in kept  # no wrap-around to the next row's first cell
-    assert sel.info["anchors_buffers_registers"] == [(3, 4 + 2 + 3, 20 - 12)]
+    assert sel.info["anchors_buffers_registers"].tolist() == [[3, 4 + 2 + 3, 20 - 12]]
     # registers: the top received-attention tokens among the rest (5 marked, then the lowest indices)
     anchors_buffers = {interior, interior - 8, interior + 8, interior - 1, interior + 1, corner, 1, 8,
                        right_edge, right_edge - 8, right_edge + 8, right_edge - 1}
