@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ArgumentError, UnsupportedMethodError
-from .base import Method, Selection, Stage, register
+from .base import Method, Selection, Stage, mask_indices, register, to_device
 
 
 @register
@@ -58,64 +58,78 @@ class DART(Method):
         keys = ctx.keys()  # (H_kv, L, hd)
         device = keys.device
         norms = keys.float().abs().sum(dim=(0, 2))  # (L,) L1 norm over all heads
-        visual = ctx.visual.to(device)
-        text = ctx.text_after.to(device)
+        visual = to_device(ctx.visual, device)
+        text = to_device(ctx.text_after, device)
         n_tp = min(self.pivot_text, len(text))
-        vis_order = torch.sort(norms[visual], descending=True, stable=True).indices.tolist()  # into visual
+        n_vp = min(self.pivot_visual, k)
+        if n_vp == 0 and n_tp == 0:  # (the first visual pivot is always found when there is one to find)
+            raise UnsupportedMethodError("Method 'dart' found no pivot token (no visual pivots and no text).")
+        vis_order = torch.sort(norms[visual], descending=True, stable=True).indices  # into visual
         txt_piv = text[torch.sort(norms[text], descending=True, stable=True).indices[:n_tp]]
 
         hidden = ctx.hidden.to(device).float()
         xv = F.normalize(hidden[visual], dim=-1)  # (V, D)
-        kept = [False] * v
-        kept_rows = torch.zeros(k, xv.shape[1], device=device)
-        n_kept = 0
-        deferred: list[int] = []  # exact duplicates of kept tokens, in the order they were passed over
-        is_deferred: set[int] = set()
+        # Everything below is tensor work of fixed shapes, one step per kept token; nothing is read back.
+        # blocked = kept, or an exact duplicate (cosine ≥ 1 - eps) of a kept token: never taken again
+        kept = torch.zeros(v, dtype=torch.bool, device=device)
+        blocked = torch.zeros(v, dtype=torch.bool, device=device)
+        positions = torch.arange(v, device=device)
+        threshold = 1.0 - self.duplicate_eps
 
-        def duplicate(i: int) -> bool:
-            return n_kept > 0 and float((kept_rows[:n_kept] @ xv[i]).max()) >= 1.0 - self.duplicate_eps
+        def take(i: torch.Tensor, active: torch.Tensor) -> None:
+            """Keep token ``i`` (a (1,) index) where ``active`` (a (1,) bool) holds."""
+            nonlocal kept, blocked
+            one = (positions == i) & active
+            duplicate = (xv @ xv.index_select(0, i).squeeze(0)) >= threshold
+            kept = kept | one
+            blocked = blocked | one | (duplicate & active)
 
-        def take(i: int) -> None:
-            nonlocal n_kept
-            kept[i] = True
-            kept_rows[n_kept] = xv[i]
-            n_kept += 1
+        def first_free(order: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            """(position in ``order`` of its first token not blocked, whether there is one), both (1,)."""
+            free = ~blocked.index_select(0, order)
+            pos = torch.argmax(free.to(torch.uint8)).view(1)  # the first maximum
+            return pos, free.index_select(0, pos)
 
         # visual pivots: largest key norm, skipping exact duplicates of pivots already taken
-        vis_piv = []
-        for i in vis_order:
-            if len(vis_piv) >= min(self.pivot_visual, k):  # (vis_piv indexes ctx.visual)
-                break
-            if not duplicate(i):
-                take(i)
-                vis_piv.append(i)
-        if not vis_piv and n_tp == 0:
-            raise UnsupportedMethodError("Method 'dart' found no pivot token (no visual pivots and no text).")
-        pivots = torch.cat([xv[vis_piv], F.normalize(hidden[txt_piv], dim=-1)])  # (P, D)
+        vis_piv, found = [], []
+        for _ in range(n_vp):
+            pos, ok = first_free(vis_order)
+            i = vis_order.index_select(0, pos)
+            take(i, ok)
+            vis_piv.append(i)
+            found.append(ok)
+        valid = torch.cat(found + [torch.ones(n_tp, dtype=torch.bool, device=device)])  # (P,) pivots that exist
+        vis_rows = xv[torch.cat(vis_piv)] if vis_piv else xv[:0]
+        pivots = torch.cat([vis_rows, F.normalize(hidden[txt_piv], dim=-1)])  # (P, D)
         sim = pivots @ xv.T  # (P, V)
-
-        rest = k - n_kept
         p = pivots.shape[0]
-        quota = [rest // p + (1 if j < rest % p else 0) for j in range(p)]
-        orders = torch.sort(sim, dim=1, stable=True).indices.tolist()  # ascending similarity per pivot
-        for j in range(p):
-            need, cursor, order = quota[j], 0, orders[j]
-            while need > 0 and cursor < v:
-                i = order[cursor]
-                cursor += 1
-                if kept[i] or i in is_deferred:
-                    continue
-                if duplicate(i):
-                    deferred.append(i)
-                    is_deferred.add(i)
-                    continue
-                take(i)
-                need -= 1
-        # a pivot runs out only when every token is kept or an exact duplicate of a kept one
-        for i in deferred:
-            if n_kept >= k:
-                break
-            take(i)
-        keep = torch.tensor([i for i in range(v) if kept[i]], dtype=torch.long)
-        info = {"visual_pivots": len(vis_piv), "text_pivots": int(n_tp)}
-        return Selection(keep=keep.to(ctx.visual.device), info=info)
+
+        # the non-pivot slots, split over the pivots that exist as evenly as possible, in pivot order
+        n_vis = torch.cat(found).sum() if found else torch.zeros((), dtype=torch.long, device=device)
+        rest, n_piv = k - n_vis, n_vis + n_tp
+        rank = torch.cumsum(valid, 0) - 1
+        quota = torch.where(valid, rest // n_piv + (rank < rest % n_piv).long(), 0)
+        ends = torch.cumsum(quota, 0)  # step s belongs to the first pivot whose end exceeds s
+        orders = torch.sort(sim, dim=1, stable=True).indices  # ascending similarity per pivot
+        # how far each pivot's cursor walked its order: past its last take, or to the end if it ran out
+        cursor = torch.zeros(p, dtype=torch.long, device=device)
+        for step in range(k - min(n_vp, 1)):  # rest ≤ k - 1 when there is a visual pivot
+            j = (ends <= step).sum().view(1)
+            active = j < p  # False once the quotas are used up (step ≥ rest)
+            j = j.clamp(max=p - 1)
+            order = orders.index_select(0, j).squeeze(0)
+            pos, ok = first_free(order)
+            take(order.index_select(0, pos), active & ok)
+            walked = torch.where(active & ok, pos + 1, torch.where(active, v, cursor.index_select(0, j)))
+            cursor.index_copy_(0, j, walked)
+        # tokens a cursor walked past without taking them were exact duplicates of kept ones: they are taken
+        # last, in the order they were passed over (pivot by pivot, then along the pivot's order), if needed
+        where = torch.empty_like(orders).scatter_(1, orders, positions.expand(p, v))  # position in each order
+        passed = (where < cursor[:, None]) & ~kept
+        first_pass = torch.where(passed, torch.arange(p, device=device)[:, None] * v + where, p * v).amin(0)
+        by_pass = torch.sort(first_pass, stable=True).indices
+        extra = torch.zeros(v, dtype=torch.bool, device=device).scatter_(
+            0, by_pass, positions < k - kept.sum()) & (first_pass < p * v)
+        keep = mask_indices(kept | extra, k)
+        info = {"visual_pivots": n_vis, "text_pivots": n_tp}
+        return Selection(keep=keep, info=info)
