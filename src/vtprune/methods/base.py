@@ -52,7 +52,7 @@ class Selection:
         if self.keep.numel() > 1:
             # Always sorted (a no-op order on sorted input): asking whether it is sorted would read a
             # device value back. Duplicates are refused where that check costs no synchronisation.
-            if self.keep.device.type == "cpu" and torch.unique(self.keep).numel() != self.keep.numel():
+            if self.keep.device.type == "cpu" and torch.unique(self.keep).numel() != self.keep.numel():  # cpu only: no device to wait for
                 raise ValueError("Selection.keep holds duplicate indices")
             self.keep, order = torch.sort(self.keep)
             if self.values is not None:

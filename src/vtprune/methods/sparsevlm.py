@@ -95,7 +95,7 @@ def _rater_rank(weight: torch.Tensor, p: torch.Tensor) -> int:
     the host: the rank rule's kept count must be known on the host anyway (and an SVD on a GPU waits
     for the device too), so the rows travel once."""
     host = torch.cat([weight[:, None], p], dim=1).double().cpu()  # sync: the rank rule decides how many tokens stay
-    return int(torch.linalg.matrix_rank(host[host[:, 0] > 0, 1:]))
+    return int(torch.linalg.matrix_rank(host[host[:, 0] > 0, 1:]))  # host: works on the copy made above
 
 
 @register
