@@ -69,8 +69,8 @@ ALLOWED_LINES = {
         "sizes = [sl.stop - sl.start for sl in ctx.crop_slices]",
     ],
     "dart.py": [
-        "for _ in range(n_vp):",  # the (≤ 4) visual pivots
-        "for step in range(k - min(n_vp, 1)):  # rest ≤ k - 1 when there is a visual pivot",  # one step per kept token
+        "vis_piv = [step(s, vis_order, True) for s in range(n_vp)]",  # the (≤ 4) visual pivots
+        "for s in range(n_b):",  # one step per kept token
     ],
     "divprune.py": [
         "for _ in range(1, k):",  # one step per kept token

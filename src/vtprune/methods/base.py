@@ -49,14 +49,18 @@ class Selection:
             raise ValueError(
                 f"Selection.values has {self.values.shape[0]} rows for {self.keep.numel()} kept tokens"
             )
-        if self.keep.numel() > 1:
-            # Always sorted (a no-op order on sorted input): asking whether it is sorted would read a
-            # device value back. Duplicates are refused where that check costs no synchronisation.
-            if self.keep.device.type == "cpu" and torch.unique(self.keep).numel() != self.keep.numel():  # cpu only: no device to wait for
+        if self.keep.numel() < 2:
+            return
+        if self.keep.device.type == "cpu":  # asking costs nothing here: sort only if needed, refuse duplicates
+            if bool((self.keep[1:] > self.keep[:-1]).all()):  # cpu only: no device to wait for
+                return
+            if torch.unique(self.keep).numel() != self.keep.numel():  # cpu only: no device to wait for
                 raise ValueError("Selection.keep holds duplicate indices")
-            self.keep, order = torch.sort(self.keep)
-            if self.values is not None:
-                self.values = self.values[order]
+        # on an accelerator asking whether keep is sorted would read a value back: always sort (a no-op
+        # order on sorted input; duplicates are not checked there)
+        self.keep, order = torch.sort(self.keep)
+        if self.values is not None:
+            self.values = self.values[order]
 
 
 def sorted_topk(scores: torch.Tensor, k: int) -> torch.Tensor:

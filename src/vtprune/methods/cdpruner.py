@@ -56,21 +56,20 @@ def greedy_dpp_map(kernel: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Te
     floor = d2.clamp(min=0) * _REL_EPS
     picked = []
     chosen = torch.zeros(n, dtype=torch.bool, device=L.device)
-    live = torch.ones(1, dtype=torch.bool, device=L.device)  # no gain has vanished yet
-    degenerate = torch.full((1,), k, dtype=torch.long, device=L.device)
+    updated = torch.zeros(k, dtype=torch.bool, device=L.device)  # True while no gain has vanished
+    ok = torch.ones(1, dtype=torch.bool, device=L.device)
     for t in range(k):
         j = torch.argmax(d2.masked_fill(chosen, -float("inf"))).view(1)  # ties: lower index
         picked.append(j)
         dj = d2.index_select(0, j)
-        ok = live & (dj > floor.index_select(0, j))
-        degenerate = torch.where(live & ~ok, t, degenerate)
-        live = ok
+        ok = ok & (dj > floor.index_select(0, j))  # once False, False for good
+        updated[t:t + 1] = ok
         e = (L.index_select(0, j).squeeze(0) - c[:t].index_select(1, j).squeeze(1) @ c[:t]) / torch.sqrt(dj)
         e = torch.where(ok, e, 0.0)  # frozen: c[t] = 0 and d2 unchanged
         c[t] = e
         d2 = d2 - e * e
         chosen.index_fill_(0, j, True)
-    return torch.cat(picked), degenerate.squeeze(0)
+    return torch.cat(picked), updated.sum()
 
 
 def relevance_scores(features: torch.Tensor, text: torch.Tensor, theta: float | None) -> torch.Tensor:

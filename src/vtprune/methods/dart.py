@@ -70,60 +70,56 @@ class DART(Method):
         hidden = ctx.hidden.to(device).float()
         xv = F.normalize(hidden[visual], dim=-1)  # (V, D)
         # Everything below is tensor work of fixed shapes, one step per kept token; nothing is read back.
-        # blocked = kept, or an exact duplicate (cosine ≥ 1 - eps) of a kept token: never taken again
-        kept = torch.zeros(v, dtype=torch.bool, device=device)
+        # blocked: kept, or an exact duplicate (cosine ≥ 1 - eps) of a kept token — never taken in a pass.
+        # Each step records its token, whether it took it, and where in the order it was found.
         blocked = torch.zeros(v, dtype=torch.bool, device=device)
-        positions = torch.arange(v, device=device)
         threshold = 1.0 - self.duplicate_eps
+        n_b = k - min(n_vp, 1)  # pass steps: the non-pivot slots, ≤ k - 1 when there is a visual pivot
+        toks = torch.zeros(n_vp + n_b, dtype=torch.long, device=device)
+        took = torch.zeros(n_vp + n_b, dtype=torch.bool, device=device)
+        found = torch.zeros(n_vp + n_b, dtype=torch.long, device=device)
 
-        def take(i: torch.Tensor, active: torch.Tensor) -> None:
-            """Keep token ``i`` (a (1,) index) where ``active`` (a (1,) bool) holds."""
-            nonlocal kept, blocked
-            one = (positions == i) & active
-            duplicate = (xv @ xv.index_select(0, i).squeeze(0)) >= threshold
-            kept = kept | one
-            blocked = blocked | one | (duplicate & active)
-
-        def first_free(order: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            """(position in ``order`` of its first token not blocked, whether there is one), both (1,)."""
-            free = ~blocked.index_select(0, order)
-            pos = torch.argmax(free.to(torch.uint8)).view(1)  # the first maximum
-            return pos, free.index_select(0, pos)
+        def step(s: int, order: torch.Tensor, active: torch.Tensor | bool) -> torch.Tensor:
+            """Take the first token of ``order`` not blocked, where ``active`` holds and one is left."""
+            is_blocked, pos = blocked.index_select(0, order).min(dim=0)  # the first free one, if any
+            tok = order.index_select(0, pos.view(1))
+            act = ~is_blocked & active
+            dup = (xv @ xv.index_select(0, tok).squeeze(0) >= threshold).index_fill_(0, tok, True)
+            blocked.logical_or_(dup & act)
+            toks[s:s + 1] = tok
+            took[s] = act
+            found[s] = pos
+            return tok
 
         # visual pivots: largest key norm, skipping exact duplicates of pivots already taken
-        vis_piv, found = [], []
-        for _ in range(n_vp):
-            pos, ok = first_free(vis_order)
-            i = vis_order.index_select(0, pos)
-            take(i, ok)
-            vis_piv.append(i)
-            found.append(ok)
-        valid = torch.cat(found + [torch.ones(n_tp, dtype=torch.bool, device=device)])  # (P,) pivots that exist
+        vis_piv = [step(s, vis_order, True) for s in range(n_vp)]
+        n_vis = took[:n_vp].sum()
+        valid = torch.cat([took[:n_vp], torch.ones(n_tp, dtype=torch.bool, device=device)])  # pivots that exist
         vis_rows = xv[torch.cat(vis_piv)] if vis_piv else xv[:0]
         pivots = torch.cat([vis_rows, F.normalize(hidden[txt_piv], dim=-1)])  # (P, D)
         sim = pivots @ xv.T  # (P, V)
         p = pivots.shape[0]
 
         # the non-pivot slots, split over the pivots that exist as evenly as possible, in pivot order
-        n_vis = torch.cat(found).sum() if found else torch.zeros((), dtype=torch.long, device=device)
         rest, n_piv = k - n_vis, n_vis + n_tp
         rank = torch.cumsum(valid, 0) - 1
         quota = torch.where(valid, rest // n_piv + (rank < rest % n_piv).long(), 0)
-        ends = torch.cumsum(quota, 0)  # step s belongs to the first pivot whose end exceeds s
+        steps = torch.arange(n_b, device=device)
+        pivot_of = torch.searchsorted(torch.cumsum(quota, 0), steps, right=True)  # = p once the quotas are used up
+        active = pivot_of < p
+        pivot_of = pivot_of.clamp(max=p - 1)
         orders = torch.sort(sim, dim=1, stable=True).indices  # ascending similarity per pivot
+        by_step = orders.index_select(0, pivot_of)  # (steps, V): the order each step walks
+        for s in range(n_b):
+            step(n_vp + s, by_step[s], active[s])
         # how far each pivot's cursor walked its order: past its last take, or to the end if it ran out
-        cursor = torch.zeros(p, dtype=torch.long, device=device)
-        for step in range(k - min(n_vp, 1)):  # rest ≤ k - 1 when there is a visual pivot
-            j = (ends <= step).sum().view(1)
-            active = j < p  # False once the quotas are used up (step ≥ rest)
-            j = j.clamp(max=p - 1)
-            order = orders.index_select(0, j).squeeze(0)
-            pos, ok = first_free(order)
-            take(order.index_select(0, pos), active & ok)
-            walked = torch.where(active & ok, pos + 1, torch.where(active, v, cursor.index_select(0, j)))
-            cursor.index_copy_(0, j, walked)
+        t_b, f_b = took[n_vp:], found[n_vp:]
+        walked = torch.where(t_b, f_b + 1, torch.where(active, v, 0))
+        cursor = torch.zeros(p, dtype=torch.long, device=device).scatter_reduce_(0, pivot_of, walked, "amax")
+        kept = torch.zeros(v, dtype=torch.long, device=device).scatter_add_(0, toks, took.long()) > 0
         # tokens a cursor walked past without taking them were exact duplicates of kept ones: they are taken
         # last, in the order they were passed over (pivot by pivot, then along the pivot's order), if needed
+        positions = torch.arange(v, device=device)
         where = torch.empty_like(orders).scatter_(1, orders, positions.expand(p, v))  # position in each order
         passed = (where < cursor[:, None]) & ~kept
         first_pass = torch.where(passed, torch.arange(p, device=device)[:, None] * v + where, p * v).amin(0)
