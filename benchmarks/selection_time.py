@@ -12,9 +12,12 @@ of 128-d keys; they are timed at their first pruning layer. Each method runs ``-
 ``--repeats`` timed runs; the table gives the median (and the 25th–75th percentiles in the JSON).
 
     python benchmarks/selection_time.py --out benchmarks/results/2026-12-02_cpu_selection-time.json \
-        [--before benchmarks/results/2026-12-02_cpu_selection-time_before.json]
+        [--compare-src /path/to/old/src --compare-label COMMIT] [--before OLD.json]
 
-With ``--before`` the table and the JSON carry both columns (before / after) and the speed-up.
+``--compare-src`` times the code of another source tree (e.g. ``git archive COMMIT src``) in a child
+process, alternating with this one configuration by configuration, so that both columns see the same
+machine state; ``--before`` copies the medians of an earlier JSON of this script instead. Either way
+the table and the JSON carry both columns (before / after) and the speed-up.
 """
 from __future__ import annotations
 
@@ -165,10 +168,49 @@ def time_one(factory, stage: str, crops: int, warmup: int, repeats: int, device:
             times.append(time.perf_counter() - start)
     finally:
         gc.enable()
-    times.sort()
-    q = statistics.quantiles(times, n=4)
-    return {"median_ms": 1e3 * statistics.median(times), "p25_ms": 1e3 * q[0], "p75_ms": 1e3 * q[2],
-            "repeats": repeats, "kept": int(sel.keep.numel())}
+    return {"times": times, "kept": int(sel.keep.numel())}
+
+
+def summary(times: list[float], prefix: str = "") -> dict:
+    q = statistics.quantiles(sorted(times), n=4)
+    return {f"{prefix}median_ms": 1e3 * statistics.median(times), f"{prefix}p25_ms": 1e3 * q[0],
+            f"{prefix}p75_ms": 1e3 * q[2], f"{prefix}repeats": len(times)}
+
+
+class Baseline:
+    """This script in a child process that imports vtprune from ``src`` (the code before a change), so
+    that both are timed in alternation on the same machine state (a shared machine drifts)."""
+
+    def __init__(self, src: str, threads: int, ckpt: str | None):
+        import subprocess
+
+        env = {**os.environ, "PYTHONPATH": src}
+        cmd = [sys.executable, __file__, "--serve", "--threads", str(threads)] + ([] if ckpt else ["--no-ocvtp"])
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self.source = self.ask({"what": "source"})["source"]
+
+    def ask(self, request: dict) -> dict:
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+def serve(args) -> int:
+    ckpt = None if args.no_ocvtp else ocvtp_checkpoint()
+    table = {name: (stage, factory) for name, stage, factory in methods(ckpt)}
+    for line in sys.stdin:
+        req = json.loads(line)
+        if req["what"] == "source":
+            out = {"source": str(Path(sys.modules["vtprune"].__file__).parent)}
+        else:
+            stage, factory = table[req["name"]]
+            out = time_one(factory, stage, req["crops"], req["warmup"], req["repeats"], args.device)
+        print(json.dumps(out), flush=True)
+    return 0
 
 
 def cpu_name() -> str:
@@ -184,37 +226,62 @@ def cpu_name() -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", required=True, help="JSON file to write")
-    p.add_argument("--before", help="an earlier JSON of this script: adds a 'before' column")
+    p.add_argument("--out", help="JSON file to write")
+    p.add_argument("--before", help="an earlier JSON of this script: adds its medians as a 'before' column")
+    p.add_argument("--compare-src", help="a source tree (its src/ folder) of the code before a change: timed in "
+                                         "alternation with this one, in a child process, for the 'before' column")
+    p.add_argument("--compare-label", default="before", help="what --compare-src is (e.g. a commit)")
+    p.add_argument("--rounds", type=int, default=2, help="with --compare-src: alternations per configuration")
     p.add_argument("--label", default="after", help="name of this run's column (default: after)")
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=20, help="timed runs per configuration (and side)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: a shared machine)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--only", nargs="*", help="row names (prefixes) to run")
     p.add_argument("--no-ocvtp", action="store_true", help="skip ocvtp (it builds a random pruner)")
+    p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     warnings.simplefilter("ignore")
     torch.set_num_threads(args.threads)
+    if args.serve:
+        return serve(args)
+    if not args.out:
+        p.error("--out is required")
     ckpt = None if args.no_ocvtp else ocvtp_checkpoint()
     sizes = {"576": 1, "2880": 5}
     before = json.loads(Path(args.before).read_text()) if args.before else None
+    baseline = Baseline(args.compare_src, args.threads, ckpt) if args.compare_src else None
+    rounds = max(1, args.rounds) if baseline else 1
+    per_round = -(-args.repeats // rounds)
     results: dict = {}
-    for name, stage, factory in methods(ckpt):
-        if args.only and not any(name.startswith(o) for o in args.only):
-            continue
-        results[name] = {}
-        for label, crops in sizes.items():
-            r = time_one(factory, stage, crops, args.warmup, args.repeats, args.device)
-            macs = similarity_macs(name, crops)
-            if macs is not None:
-                r["similarity_macs"] = macs
-            if before is not None and name in before["results"] and label in before["results"][name]:
-                b = before["results"][name][label]["median_ms"]
-                r["before_median_ms"] = b
-                r["speedup"] = b / r["median_ms"]
-            results[name][label] = r
-            print(f"  {name:34s} {label:>5s}: {r['median_ms']:9.2f} ms", file=sys.stderr, flush=True)
+    try:
+        for name, stage, factory in methods(ckpt):
+            if args.only and not any(name.startswith(o) for o in args.only):
+                continue
+            results[name] = {}
+            for label, crops in sizes.items():
+                mine, theirs = [], []
+                for _ in range(rounds):
+                    mine += time_one(factory, stage, crops, args.warmup, per_round, args.device)["times"]
+                    if baseline:
+                        theirs += baseline.ask({"what": "time", "name": name, "crops": crops, "warmup": args.warmup,
+                                                "repeats": per_round})["times"]
+                r = summary(mine)
+                macs = similarity_macs(name, crops)
+                if macs is not None:
+                    r["similarity_macs"] = macs
+                if theirs:
+                    r.update(summary(theirs, "before_"))
+                elif before is not None and name in before["results"] and label in before["results"][name]:
+                    r["before_median_ms"] = before["results"][name][label]["median_ms"]
+                if "before_median_ms" in r:
+                    r["speedup"] = r["before_median_ms"] / r["median_ms"]
+                results[name][label] = r
+                extra = f"  (before {r['before_median_ms']:9.2f} ms)" if "before_median_ms" in r else ""
+                print(f"  {name:34s} {label:>5s}: {r['median_ms']:9.2f} ms{extra}", file=sys.stderr, flush=True)
+    finally:
+        if baseline:
+            baseline.close()
     command = "python " + " ".join(["benchmarks/selection_time.py"] + (argv if argv is not None else sys.argv[1:]))
     if os.environ.get("PYTHONPATH"):
         command = f"PYTHONPATH={os.environ['PYTHONPATH']} {command}"
@@ -230,15 +297,22 @@ def main(argv=None) -> int:
         "setup": {"dim": DIM, "keep": KEEP, "576": "1 crop of 24x24", "2880": "5 crops of 24x24 (flat)",
                   "llm": f"BOS + visual (+1 register for occamtoken) + {TEXT} text tokens, {HEADS} heads of "
                          f"attention rows, 8x128-d keys",
-                  "warmup": args.warmup, "repeats": args.repeats, "statistic": "median (p25, p75) of repeats"},
+                  "warmup": args.warmup, "repeats": args.repeats, "statistic": "median (p25, p75) of repeats",
+                  "similarity_macs": "N²·D multiply-adds of the token-similarity matrices the method builds "
+                                     "(divprune: all crops together; cdpruner: per crop; vispruner: the "
+                                     "non-important tokens of each crop)"},
         "column": args.label,
         "results": results,
     }
-    if before is not None:
+    if baseline:
+        doc["before"] = {"source": baseline.source, "label": args.compare_label,
+                         "how": f"timed in a child process importing that source, alternating with this one "
+                                f"({rounds} rounds of {per_round} repeats per configuration and side)"}
+    elif before is not None:
         doc["before"] = {"command": before.get("command"), "git_commit": before.get("git_commit"),
                          "date": before.get("date")}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
+    Path(args.out).write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
     print(table(doc))
     return 0
 
