@@ -124,7 +124,7 @@ def test_stage1_equals_the_independent_reference(family):
     side = int(ratios.shape[1] ** 0.5)
     expected = [(c, int(i) // side, int(i) % side) for c in range(ratios.shape[0])
                 for i in torch.nonzero(ratios[c] >= lam).flatten()]
-    assert torch.allclose(torch.tensor(image.info["stage1_ratios"]), ratios.flatten(), rtol=1e-4, atol=1e-6)
+    assert torch.allclose(torch.as_tensor(image.info["stage1_ratios"]), ratios.flatten(), rtol=1e-4, atol=1e-6)
     assert image.entering_cells == expected
     assert 0 < len(expected) < ratios.numel()
 
@@ -187,7 +187,7 @@ def test_stage2_equals_the_independent_reference(family, stage1):
     stats, lm_input, ids = captured_llm_input(model, inputs, **occam)  # λ2 = 0: every ratio recorded
     registers = stats.images[0].registers
     ratios = reference_stage2_ratios(family, lm_input, ids, layer, registers)
-    recorded = torch.tensor(stats.llm_info[0][layer + 1]["stage2_ratios"])
+    recorded = torch.as_tensor(stats.llm_info[0][layer + 1]["stage2_ratios"])
     assert torch.allclose(recorded, ratios, rtol=1e-4, atol=1e-6)
     lam = threshold_between(ratios)
     with vtprune.pruned(model, "occamtoken", **dict(occam, lambda2=lam)) as handle, torch.no_grad():

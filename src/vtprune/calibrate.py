@@ -78,12 +78,19 @@ def score_ratios(model, batches: Iterable[dict], stage: int = 2, **occam_kwargs)
             model(**batch)
             stats = handle.last
             if stage == 1:
-                out += [(im.info["stage1_ratios"], im.registers) for im in stats.images]
+                out += [(_floats(im.info["stage1_ratios"]), im.registers) for im in stats.images]
             else:
                 for b, image in enumerate(stats.images):  # one image per sample assumed
                     layers = stats.llm_info.get(b, {})  # none when stage I left no patch to score
-                    out.append((next(iter(layers.values()))["stage2_ratios"] if layers else [], image.registers))
+                    ratios = _floats(next(iter(layers.values()))["stage2_ratios"]) if layers else []
+                    out.append((ratios, image.registers))
     return out
+
+
+def _floats(values) -> list[float]:
+    """The method records its ratios as a tensor on the model's device (reading them back during the
+    prefill would stall it); they become Python floats here, after the forward."""
+    return values.tolist() if torch.is_tensor(values) else list(values)
 
 
 def fit_lambda(ratios: list[tuple[list[float], int]], target: float, stage: int = 2, hi: float | None = None) -> BudgetFit:

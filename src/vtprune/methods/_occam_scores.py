@@ -23,8 +23,11 @@ from typing import Callable, NamedTuple, Sequence
 
 import torch
 
+from .base import to_device
+
 __all__ = [
     "stage1_cls_scores",
+    "stage1_columns",
     "stage1_keep",
     "stage2_scores",
     "stage2_keep",
@@ -72,12 +75,33 @@ def stage1_cls_scores(cls_attn: torch.Tensor, num_registers: int = 1,
     return a[:-num_registers], a[-num_registers:].mean()
 
 
-def relative_keep(scores: torch.Tensor, reference: torch.Tensor | float, lam: float) -> torch.Tensor:
-    """Sorted int64 indices of the tokens with ``score >= lam · reference`` (Eq. 3 of the paper)."""
+def stage1_columns(cls_attn: torch.Tensor, heads: bool | None = None) -> torch.Tensor:
+    """Head-mean CLS attention of every column of ``cls_attn`` ((H, K) or already (K,)): the patches'
+    ``s1(v)`` and the registers' ``s1(r)`` of several crops at once (the same per-column mean as
+    :func:`stage1_cls_scores`)."""
+    return _head_mean(cls_attn, 1, heads)
+
+
+def relative_threshold(reference: torch.Tensor | float, lam: float) -> torch.Tensor | float:
+    """``lam · reference`` as the float32 threshold the scores are compared with: the product in double
+    precision, then rounded to float32 (a tensor stays on its device: nothing is read back)."""
     if lam < 0 or not math.isfinite(float(lam)):
         raise ValueError(f"λ must be a finite number >= 0, got {lam}")
-    thr = float(lam) * float(reference)
-    return torch.nonzero(scores.float() >= thr, as_tuple=False).flatten().to(torch.long)
+    if torch.is_tensor(reference):
+        return (reference.double() * float(lam)).float()
+    return float(lam) * float(reference)
+
+
+def relative_mask(scores: torch.Tensor, reference: torch.Tensor | float, lam: float) -> torch.Tensor:
+    """Bool mask of the tokens with ``score >= lam · reference``; ``reference`` may hold one value per
+    token (e.g. each crop's register repeated over its tokens)."""
+    return scores.float() >= relative_threshold(reference, lam)
+
+
+def relative_keep(scores: torch.Tensor, reference: torch.Tensor | float, lam: float) -> torch.Tensor:
+    """Sorted int64 indices of the tokens with ``score >= lam · reference`` (Eq. 3 of the paper)."""
+    mask = relative_mask(scores, reference, lam)
+    return torch.nonzero(mask).flatten()  # sync: the kept count is data-dependent (the rule of Eq. 3)
 
 
 def stage1_keep(scores: torch.Tensor, register_score: torch.Tensor | float, lambda1: float) -> torch.Tensor:
@@ -116,13 +140,18 @@ def stage2_scores(attn_rows: torch.Tensor, visual_idx: torch.Tensor | Sequence[i
         a = a[torch.as_tensor(text_rows, dtype=torch.long, device=a.device)]
     if a.shape[0] == 0:
         raise ValueError("stage II needs at least one text query row")
-    vis = torch.as_tensor(visual_idx, dtype=torch.long, device=a.device).flatten()
-    reg = torch.as_tensor(register_idx, dtype=torch.long, device=a.device).flatten()
+    vis = _indices(visual_idx, a.device)
+    reg = _indices(register_idx, a.device)
     if reg.numel() == 0:
         raise ValueError("stage II needs at least one register position")
     s_v = a[:, vis].amax(0) if vis.numel() else a.new_zeros(0)
     s_r = a[:, reg].mean(0).mean()
     return s_v, s_r
+
+
+def _indices(idx, device) -> torch.Tensor:
+    """int64 1-d indices on ``device``; a host tensor is queued there without waiting for the stream."""
+    return to_device(torch.as_tensor(idx, dtype=torch.long).flatten(), device)
 
 
 def stage2_keep(scores: torch.Tensor, register_score: torch.Tensor | float, lambda2: float) -> torch.Tensor:

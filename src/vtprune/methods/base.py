@@ -29,10 +29,14 @@ class Stage(str, Enum):
 class Selection:
     """What a method keeps of one image's (or one sample's) candidate tokens.
 
-    keep:   int64 indices into the candidates, sorted ascending, unique.
+    keep:   int64 indices into the candidates, sorted ascending, unique (on the device the method
+            computed them on; the caller moves them where it needs them).
     values: optional (len(keep), D) replacement features for the kept tokens (merging methods);
             ``None`` means the kept tokens keep their own features.
-    info:   free-form per-image statistics (thresholds, scores) that end up in the stats.
+    info:   free-form per-image statistics (thresholds, scores) that end up in the stats. Values a
+            method computes on the device stay tensors there (reading one back to the host would
+            stall the GPU in the middle of the prefill); whoever reads them converts them
+            (``.tolist()``, ``float(...)``).
     """
 
     keep: torch.Tensor
@@ -45,12 +49,18 @@ class Selection:
             raise ValueError(
                 f"Selection.values has {self.values.shape[0]} rows for {self.keep.numel()} kept tokens"
             )
-        if self.keep.numel() > 1 and not bool((self.keep[1:] > self.keep[:-1]).all()):
-            if torch.unique(self.keep).numel() != self.keep.numel():
+        if self.keep.numel() < 2:
+            return
+        if self.keep.device.type == "cpu":  # asking costs nothing here: sort only if needed, refuse duplicates
+            if bool((self.keep[1:] > self.keep[:-1]).all()):  # cpu only: no device to wait for
+                return
+            if torch.unique(self.keep).numel() != self.keep.numel():  # cpu only: no device to wait for
                 raise ValueError("Selection.keep holds duplicate indices")
-            self.keep, order = torch.sort(self.keep)
-            if self.values is not None:
-                self.values = self.values[order]
+        # on an accelerator asking whether keep is sorted would read a value back: always sort (a no-op
+        # order on sorted input; duplicates are not checked there)
+        self.keep, order = torch.sort(self.keep)
+        if self.values is not None:
+            self.values = self.values[order]
 
 
 def sorted_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -59,6 +69,23 @@ def sorted_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
     # a tiny index-dependent offset would change values; use a stable sort instead
     order = torch.sort(scores.float().flatten(), descending=True, stable=True).indices
     return torch.sort(order[:k]).values if k < n else torch.arange(n, device=scores.device)
+
+
+def mask_indices(mask: torch.Tensor, count: int) -> torch.Tensor:
+    """Ascending indices of the True entries of the 1-d bool ``mask``, which the caller knows to hold
+    exactly ``count`` of them. Unlike ``torch.nonzero`` / ``x[mask]`` it needs no host
+    synchronisation: the output size is known without reading the mask back."""
+    return torch.sort((~mask).to(torch.uint8), stable=True).indices[:count]
+
+
+def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``t`` on ``device``. A host→accelerator copy is queued without waiting for the stream
+    (``non_blocking``; the driver stages pageable memory before returning, so ``t`` may be freed at
+    once); other moves are plain ``.to``."""
+    device = torch.device(device)
+    if t.device.type == "cpu" and device.type != "cpu":
+        return t.to(device, non_blocking=True)
+    return t.to(device)
 
 
 def split_budget(total: int, sizes: list[int]) -> list[int]:

@@ -22,7 +22,8 @@ Differences from the paper / official code:
 * An instruction with no text tokens makes the DPP unconditional (``info['relevance'] = 'none'``).
 * If the kernel's rank is exhausted before the budget is met (more tokens than independent directions),
   the remaining picks follow the largest residual gain without further updates, so the method always
-  returns exactly the budget (``info['degenerate_after']`` says after how many picks).
+  returns exactly the budget. ``info['degenerate_after']`` (a tensor, one entry per crop with a budget)
+  says after how many picks that happened; an entry equal to the crop's budget means never.
 * LLaVA-NeXT: the image budget is split over crops in proportion to their token counts
   (``split_budget``); the official code gives each crop the same budget.
 """
@@ -34,44 +35,49 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ArgumentError
-from .base import Method, Selection, Stage, register, split_budget
+from .base import Method, Selection, Stage, register, split_budget, to_device
 
 _REL_EPS = 1e-9  # a residual below this fraction of the item's own diagonal counts as zero
 
 
-def greedy_dpp_map(kernel: torch.Tensor, k: int) -> tuple[torch.Tensor, int | None]:
+def greedy_dpp_map(kernel: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy MAP of a DPP with PSD ``kernel`` (N, N): at every step add the item with the largest
     marginal gain ``det(L_{S+i}) / det(L_S)``, kept up to date by an incremental Cholesky
-    factorisation. Returns the picked indices in order and the step at which the gains vanished
-    (None if they never did)."""
+    factorisation. Returns the picked indices in order and, as a 0-d tensor, the number of picks made
+    before the gains vanished (``k`` if they never did).
+
+    One step per pick, tensor operations only: nothing is read back to the host, so the loop queues
+    its work on a GPU without waiting for it. Once a gain vanishes the factorisation is frozen (the
+    update is multiplied out by a mask rather than skipped by a Python ``if``)."""
     n = kernel.shape[0]
     L = kernel.double()
     c = torch.zeros(k, n, dtype=L.dtype, device=L.device)
     d2 = torch.diagonal(L).clone()
     floor = d2.clamp(min=0) * _REL_EPS
-    picked = torch.empty(k, dtype=torch.long, device=L.device)
+    picked = []
     chosen = torch.zeros(n, dtype=torch.bool, device=L.device)
-    degenerate = None
+    updated = torch.zeros(k, dtype=torch.bool, device=L.device)  # True while no gain has vanished
+    ok = torch.ones(1, dtype=torch.bool, device=L.device)
     for t in range(k):
-        j = torch.argmax(d2.masked_fill(chosen, -float("inf")))  # ties: lower index
-        picked[t] = j
-        dj = d2[j]
-        if degenerate is None and not bool(dj > floor[j]):
-            degenerate = t
-        if degenerate is None:
-            e = (L[j] - c[:t, j] @ c[:t]) / torch.sqrt(dj)
-            c[t] = e
-            d2 = d2 - e * e
-        chosen[j] = True
-    return picked, degenerate
+        j = torch.argmax(d2.masked_fill(chosen, -float("inf"))).view(1)  # ties: lower index
+        picked.append(j)
+        dj = d2.index_select(0, j)
+        ok = ok & (dj > floor.index_select(0, j))  # once False, False for good
+        updated[t:t + 1] = ok
+        e = (L.index_select(0, j).squeeze(0) - c[:t].index_select(1, j).squeeze(1) @ c[:t]) / torch.sqrt(dj)
+        e = torch.where(ok, e, 0.0)  # frozen: c[t] = 0 and d2 unchanged
+        c[t] = e
+        d2 = d2 - e * e
+        chosen.index_fill_(0, j, True)
+    return torch.cat(picked), updated.sum()
 
 
 def relevance_scores(features: torch.Tensor, text: torch.Tensor, theta: float | None) -> torch.Tensor:
     """Per-token instruction relevance in (0, 1] (or its exp-sharpened form)."""
-    sim = F.normalize(features.float(), dim=-1) @ F.normalize(text.float().to(features.device), dim=-1).T
+    sim = F.normalize(features.float(), dim=-1) @ F.normalize(to_device(text.float(), features.device), dim=-1).T
     r = sim.mean(dim=1)
     spread = r.max() - r.min()
-    r = (r - r.min() + 1e-6) / spread if float(spread) > 0 else torch.ones_like(r)
+    r = torch.where(spread > 0, (r - r.min() + 1e-6) / spread, torch.ones_like(r))
     if theta is not None:
         r = torch.exp(theta / (2 * (1 - theta)) * r)
     return r
@@ -110,17 +116,15 @@ class CDPruner(Method):
             if budget == 0:
                 continue
             picked, deg = greedy_dpp_map(self.kernel(ctx.features[sl], text), budget)
-            keeps.append(picked.to(ctx.features.device) + sl.start)
+            keeps.append(picked + sl.start)
             degenerate.append(deg)
         keep = torch.sort(torch.cat(keeps)).values
-        info = {"relevance": mode}
-        if any(d is not None for d in degenerate):
-            info["degenerate_after"] = degenerate
-        return Selection(keep=keep, info=info)
+        # per crop with a budget: the picks made before the gains vanished (= its budget if never)
+        return Selection(keep=keep, info={"relevance": mode, "degenerate_after": torch.stack(degenerate)})
 
 
 def log_det(kernel: torch.Tensor, subset: torch.Tensor) -> float:
     """log det of the kernel restricted to ``subset`` (a helper for tests and diagnostics)."""
     sub = kernel.double()[subset][:, subset]
     sign, value = torch.linalg.slogdet(sub)
-    return float(value) if float(sign) > 0 else -math.inf
+    return float(value) if float(sign) > 0 else -math.inf  # sync: a diagnostic returning a float, never called while pruning

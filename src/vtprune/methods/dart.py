@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ArgumentError, UnsupportedMethodError
-from .base import Method, Selection, Stage, register
+from .base import Method, Selection, Stage, mask_indices, register, to_device
 
 
 @register
@@ -58,64 +58,74 @@ class DART(Method):
         keys = ctx.keys()  # (H_kv, L, hd)
         device = keys.device
         norms = keys.float().abs().sum(dim=(0, 2))  # (L,) L1 norm over all heads
-        visual = ctx.visual.to(device)
-        text = ctx.text_after.to(device)
+        visual = to_device(ctx.visual, device)
+        text = to_device(ctx.text_after, device)
         n_tp = min(self.pivot_text, len(text))
-        vis_order = torch.sort(norms[visual], descending=True, stable=True).indices.tolist()  # into visual
+        n_vp = min(self.pivot_visual, k)
+        if n_vp == 0 and n_tp == 0:  # (the first visual pivot is always found when there is one to find)
+            raise UnsupportedMethodError("Method 'dart' found no pivot token (no visual pivots and no text).")
+        vis_order = torch.sort(norms[visual], descending=True, stable=True).indices  # into visual
         txt_piv = text[torch.sort(norms[text], descending=True, stable=True).indices[:n_tp]]
 
         hidden = ctx.hidden.to(device).float()
         xv = F.normalize(hidden[visual], dim=-1)  # (V, D)
-        kept = [False] * v
-        kept_rows = torch.zeros(k, xv.shape[1], device=device)
-        n_kept = 0
-        deferred: list[int] = []  # exact duplicates of kept tokens, in the order they were passed over
-        is_deferred: set[int] = set()
+        # Everything below is tensor work of fixed shapes, one step per kept token; nothing is read back.
+        # blocked: kept, or an exact duplicate (cosine ≥ 1 - eps) of a kept token — never taken in a pass.
+        # Each step records its token, whether it took it, and where in the order it was found.
+        blocked = torch.zeros(v, dtype=torch.bool, device=device)
+        threshold = 1.0 - self.duplicate_eps
+        n_b = k - min(n_vp, 1)  # pass steps: the non-pivot slots, ≤ k - 1 when there is a visual pivot
+        toks = torch.zeros(n_vp + n_b, dtype=torch.long, device=device)
+        took = torch.zeros(n_vp + n_b, dtype=torch.bool, device=device)
+        found = torch.zeros(n_vp + n_b, dtype=torch.long, device=device)
 
-        def duplicate(i: int) -> bool:
-            return n_kept > 0 and float((kept_rows[:n_kept] @ xv[i]).max()) >= 1.0 - self.duplicate_eps
-
-        def take(i: int) -> None:
-            nonlocal n_kept
-            kept[i] = True
-            kept_rows[n_kept] = xv[i]
-            n_kept += 1
+        def step(s: int, order: torch.Tensor, active: torch.Tensor | bool) -> torch.Tensor:
+            """Take the first token of ``order`` not blocked, where ``active`` holds and one is left."""
+            is_blocked, pos = blocked.index_select(0, order).min(dim=0)  # the first free one, if any
+            tok = order.index_select(0, pos.view(1))
+            act = ~is_blocked & active
+            dup = (xv @ xv.index_select(0, tok).squeeze(0) >= threshold).index_fill_(0, tok, True)
+            blocked.logical_or_(dup & act)
+            toks[s:s + 1] = tok
+            took[s] = act
+            found[s] = pos
+            return tok
 
         # visual pivots: largest key norm, skipping exact duplicates of pivots already taken
-        vis_piv = []
-        for i in vis_order:
-            if len(vis_piv) >= min(self.pivot_visual, k):  # (vis_piv indexes ctx.visual)
-                break
-            if not duplicate(i):
-                take(i)
-                vis_piv.append(i)
-        if not vis_piv and n_tp == 0:
-            raise UnsupportedMethodError("Method 'dart' found no pivot token (no visual pivots and no text).")
-        pivots = torch.cat([xv[vis_piv], F.normalize(hidden[txt_piv], dim=-1)])  # (P, D)
+        vis_piv = [step(s, vis_order, True) for s in range(n_vp)]
+        n_vis = took[:n_vp].sum()
+        valid = torch.cat([took[:n_vp], torch.ones(n_tp, dtype=torch.bool, device=device)])  # pivots that exist
+        vis_rows = xv[torch.cat(vis_piv)] if vis_piv else xv[:0]
+        pivots = torch.cat([vis_rows, F.normalize(hidden[txt_piv], dim=-1)])  # (P, D)
         sim = pivots @ xv.T  # (P, V)
-
-        rest = k - n_kept
         p = pivots.shape[0]
-        quota = [rest // p + (1 if j < rest % p else 0) for j in range(p)]
-        orders = torch.sort(sim, dim=1, stable=True).indices.tolist()  # ascending similarity per pivot
-        for j in range(p):
-            need, cursor, order = quota[j], 0, orders[j]
-            while need > 0 and cursor < v:
-                i = order[cursor]
-                cursor += 1
-                if kept[i] or i in is_deferred:
-                    continue
-                if duplicate(i):
-                    deferred.append(i)
-                    is_deferred.add(i)
-                    continue
-                take(i)
-                need -= 1
-        # a pivot runs out only when every token is kept or an exact duplicate of a kept one
-        for i in deferred:
-            if n_kept >= k:
-                break
-            take(i)
-        keep = torch.tensor([i for i in range(v) if kept[i]], dtype=torch.long)
-        info = {"visual_pivots": len(vis_piv), "text_pivots": int(n_tp)}
-        return Selection(keep=keep.to(ctx.visual.device), info=info)
+
+        # the non-pivot slots, split over the pivots that exist as evenly as possible, in pivot order
+        rest, n_piv = k - n_vis, n_vis + n_tp
+        rank = torch.cumsum(valid, 0) - 1
+        quota = torch.where(valid, rest // n_piv + (rank < rest % n_piv).long(), 0)
+        steps = torch.arange(n_b, device=device)
+        pivot_of = torch.searchsorted(torch.cumsum(quota, 0), steps, right=True)  # = p once the quotas are used up
+        active = pivot_of < p
+        pivot_of = pivot_of.clamp(max=p - 1)
+        orders = torch.sort(sim, dim=1, stable=True).indices  # ascending similarity per pivot
+        by_step = orders.index_select(0, pivot_of)  # (steps, V): the order each step walks
+        for s in range(n_b):
+            step(n_vp + s, by_step[s], active[s])
+        # how far each pivot's cursor walked its order: past its last take, or to the end if it ran out
+        t_b, f_b = took[n_vp:], found[n_vp:]
+        walked = torch.where(t_b, f_b + 1, torch.where(active, v, 0))
+        cursor = torch.zeros(p, dtype=torch.long, device=device).scatter_reduce_(0, pivot_of, walked, "amax")
+        kept = torch.zeros(v, dtype=torch.long, device=device).scatter_add_(0, toks, took.long()) > 0
+        # tokens a cursor walked past without taking them were exact duplicates of kept ones: they are taken
+        # last, in the order they were passed over (pivot by pivot, then along the pivot's order), if needed
+        positions = torch.arange(v, device=device)
+        where = torch.empty_like(orders).scatter_(1, orders, positions.expand(p, v))  # position in each order
+        passed = (where < cursor[:, None]) & ~kept
+        first_pass = torch.where(passed, torch.arange(p, device=device)[:, None] * v + where, p * v).amin(0)
+        by_pass = torch.sort(first_pass, stable=True).indices
+        extra = torch.zeros(v, dtype=torch.bool, device=device).scatter_(
+            0, by_pass, positions < k - kept.sum()) & (first_pass < p * v)
+        keep = mask_indices(kept | extra, k)
+        info = {"visual_pivots": n_vis, "text_pivots": n_tp}
+        return Selection(keep=keep, info=info)

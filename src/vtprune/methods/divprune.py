@@ -30,22 +30,22 @@ def cosine_distance(x: torch.Tensor) -> torch.Tensor:
 
 def max_min_greedy(dist: torch.Tensor, k: int) -> torch.Tensor:
     """Greedy max–min diversity selection on a (N, N) distance matrix; returns the k indices in the
-    order they were picked."""
+    order they were picked. One step per pick, a few tensor operations each, no host synchronisation
+    (the picks stay on the device)."""
     n = dist.shape[0]
-    picked = torch.empty(k, dtype=torch.long, device=dist.device)
     off_diag = dist.clone()
     off_diag.fill_diagonal_(float("inf"))
     nearest = off_diag.min(dim=1).values if n > 1 else torch.zeros(1, device=dist.device)
-    first = torch.argmax(nearest)  # first maximum: ties to the lower index
-    picked[0] = first
-    gap = dist[first].clone()  # distance of every token to its nearest selected token
-    gap[first] = -float("inf")
-    for t in range(1, k):
-        j = torch.argmax(gap)
-        picked[t] = j
-        gap = torch.minimum(gap, dist[j])
-        gap[j] = -float("inf")  # selected tokens stay at -inf: min(-inf, d) = -inf
-    return picked
+    j = torch.argmax(nearest).view(1)  # first maximum: ties to the lower index
+    picked = [j]
+    # distance of every token to its nearest selected token; selected tokens sit at -inf
+    # (min(-inf, d) = -inf), so argmax never picks one twice
+    gap = dist.index_select(0, j).squeeze(0).index_fill_(0, j, -float("inf"))
+    for _ in range(1, k):
+        j = torch.argmax(gap).view(1)
+        picked.append(j)
+        gap = torch.minimum(gap, dist.index_select(0, j).squeeze(0)).index_fill_(0, j, -float("inf"))
+    return torch.cat(picked)
 
 
 @register
@@ -60,4 +60,5 @@ class DivPrune(Method):
         order = max_min_greedy(dist, k)
         keep = torch.sort(order).values
         sub = dist[keep][:, keep] + torch.diag(torch.full((k,), float("inf"), device=dist.device))
-        return Selection(keep=keep, info={"min_pairwise_distance": float(sub.min()) if k > 1 else None})
+        # a 0-d tensor on the features' device (float(...) to read it)
+        return Selection(keep=keep, info={"min_pairwise_distance": sub.min() if k > 1 else None})

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import ArgumentError
-from .base import Method, Selection, Stage, register, sorted_topk
+from .base import Method, Selection, Stage, register, sorted_topk, to_device
 
 
 @register
@@ -31,6 +31,6 @@ class FastV(Method):
 
     def select_llm(self, ctx):
         k = self.budget(len(ctx.visual))
-        rows = torch.tensor([ctx.last])
+        rows = ctx.visual.new_full((1,), ctx.last)  # built where ctx.visual lives, not copied from the host
         attention = ctx.attention(rows).mean(0)[0]  # (L,) head mean
-        return Selection(keep=sorted_topk(attention[ctx.visual], k))
+        return Selection(keep=sorted_topk(attention[to_device(ctx.visual, attention.device)], k))

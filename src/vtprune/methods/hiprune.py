@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import ArgumentError, UnsupportedMethodError
-from .base import Method, Selection, Stage, register, sorted_topk, split_budget
+from .base import Method, Selection, Stage, register, split_budget
 
 
 PAPER_OBJECT_LAYER, PAPER_DEPTH = 9, 24  # CLIP ViT-L/14's 9th of 24 blocks
@@ -114,7 +114,8 @@ class HiPrune(Method):
                 continue
             if budget >= size:
                 keeps.append(torch.arange(sl.start, sl.stop, device=device))
-                counts.append((0, 0, size))
+                counts.append(torch.zeros(3, dtype=torch.long, device=device))
+                counts[-1][2] = size  # a fill from a Python int: nothing read back
                 continue
             glob = obj[k].float().mean(0).mean(0)  # (K,) mean over heads and queries
             offset = glob.shape[0] - size - ctx.extra  # 1 where the tower has a [CLS] token first
@@ -123,31 +124,26 @@ class HiPrune(Method):
             glob = glob[offset:offset + size].to(device)
             n_anchor = int(round(budget * self.alpha / 5))
             chosen = torch.zeros(size, dtype=torch.bool, device=device)
-            n_anchors = n_buffers = 0
+            n_anchors = n_buffers = torch.zeros((), dtype=torch.long, device=device)
             if n_anchor > 0:
                 order = torch.sort(glob, descending=True, stable=True).indices[:n_anchor]
                 nbrs = grid_neighbours(order, rows, cols)
                 seq = torch.cat([order[:, None], nbrs], dim=1).flatten()  # anchor, its 4 neighbours, ...
-                is_anchor = torch.zeros_like(seq, dtype=torch.bool).view(-1, 5)
-                is_anchor[:, 0] = True
-                is_anchor = is_anchor.flatten()
-                valid = seq >= 0
-                seq, is_anchor = seq[valid], is_anchor[valid]
-                # first occurrence of each cell, in anchor order
-                seen, first = set(), []
-                for t, cell in enumerate(seq.tolist()):
-                    if cell not in seen:
-                        seen.add(cell)
-                        first.append(t)
-                first = torch.tensor(first, dtype=torch.long, device=device)[:budget]
-                seq, is_anchor = seq[first], is_anchor[first]
-                chosen[seq] = True
-                n_anchors, n_buffers = int(is_anchor.sum()), int((~is_anchor).sum())
-            n_reg = budget - int(chosen.sum())
-            if n_reg > 0:
-                score = deep[sl].masked_fill(chosen, -float("inf"))
-                chosen[sorted_topk(score, n_reg)] = True
-            keeps.append(torch.nonzero(chosen).flatten() + sl.start)
-            counts.append((n_anchors, n_buffers, n_reg))
+                is_anchor = torch.arange(seq.numel(), device=device) % 5 == 0
+                # first occurrence of each cell on the grid, in anchor order, at most the budget
+                cells, pos = torch.sort(seq, stable=True)
+                new_cell = torch.ones_like(cells, dtype=torch.bool)
+                new_cell[1:] = cells[1:] != cells[:-1]
+                first = torch.zeros_like(new_cell).scatter_(0, pos, new_cell) & (seq >= 0)
+                taken = first & (torch.cumsum(first, 0) <= budget)
+                hit = torch.zeros(size + 1, dtype=torch.bool, device=device)  # the last slot: cells not taken
+                chosen = hit.index_fill_(0, torch.where(taken, seq, size), True)[:size]
+                n_anchors, n_buffers = (taken & is_anchor).sum(), (taken & ~is_anchor).sum()
+            # registers: the rest of the budget by deep attention, after the anchors and buffers
+            by_score = torch.sort(deep[sl], descending=True, stable=True).indices
+            ranked = by_score[torch.sort((~chosen[by_score]).to(torch.uint8), stable=True).indices]
+            keeps.append(torch.sort(ranked[:budget]).values + sl.start)
+            counts.append(torch.stack([n_anchors, n_buffers, budget - n_anchors - n_buffers]))
         keep = torch.sort(torch.cat(keeps)).values
-        return Selection(keep=keep, info={"anchors_buffers_registers": counts})
+        # (crops with a budget, 3) tensor: anchors, buffers, registers of each crop
+        return Selection(keep=keep, info={"anchors_buffers_registers": torch.stack(counts)})

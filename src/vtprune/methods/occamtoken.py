@@ -67,7 +67,7 @@ from typing import Literal
 import torch
 
 from ..errors import ArgumentError, UnsupportedMethodError
-from ._occam_scores import stage1_cls_scores, stage2_keep, stage2_scores, stage1_keep
+from ._occam_scores import relative_keep, stage1_columns, stage2_keep, stage2_scores
 from .base import Method, Selection, Stage, register, sorted_topk
 
 def _check_neurons_argument(neurons) -> None:
@@ -179,28 +179,29 @@ class OccamToken(Method):
 
     # -- stage I -----------------------------------------------------------------------------------
     def select_vision(self, ctx):
+        n = ctx.num_tokens
         if ctx.family in ("qwen2_5_vl", "qwen3_vl"):
             scores, reference = ctx.received_attention, ctx.register_received_attention.mean()
-            keep = stage1_keep(scores, reference, self.lambda1)
-            thresholds = [float(self.lambda1 * reference)]
-            ratios = (scores / reference.clamp_min(1e-12)).tolist()
-        else:
+            per_token = reference.expand(n)
+            references = reference.reshape(1)
+        else:  # every crop against its own register, all crops at once (one kept-count read-back, not one per crop)
             cls = ctx.cls_attention  # (H, candidates + one register column per crop)
-            n = ctx.num_tokens
-            keep, thresholds, ratios = [], [], []
-            for c, sl in enumerate(ctx.crop_slices):
-                columns = torch.cat([cls[:, sl], cls[:, n + c:n + c + 1]], dim=1)
-                scores, reference = stage1_cls_scores(columns, num_registers=1)
-                keep.append(sl.start + stage1_keep(scores, reference, self.lambda1).to(cls.device))
-                thresholds.append(float(self.lambda1 * reference))
-                ratios += (scores / reference.clamp_min(1e-12)).tolist()
-            keep = torch.cat(keep)
+            columns = stage1_columns(cls)  # head mean of every column
+            slices = ctx.crop_slices
+            scores = torch.cat([columns[sl] for sl in slices])
+            references = columns[n:n + len(slices)]
+            per_token = torch.cat([references[c].expand(sl.stop - sl.start) for c, sl in enumerate(slices)])
+        ratios = scores / per_token.clamp_min(1e-12)
         if self.ranked:  # a fixed budget: the register is the ranking key (comparable across crops)
-            keep = sorted_topk(torch.tensor(ratios), self.budget(ctx.num_tokens)).to(keep.device)
-            thresholds = []
-        elif keep.numel() < self.min_kept:  # our floor, not the paper's (its S1 may be the register alone)
-            keep = sorted_topk(torch.tensor(ratios), self.min_kept).to(keep.device)
-        return Selection(keep=keep, info={"stage1_kept": int(keep.numel()), "stage1_thresholds": thresholds,
+            keep = sorted_topk(ratios, self.budget(n))
+            thresholds = references[:0]
+        else:
+            keep = relative_keep(scores, per_token, self.lambda1)  # (the stage's one read-back: its kept count)
+            thresholds = self.lambda1 * references
+            if keep.numel() < self.min_kept:  # our floor, not the paper's (its S1 may be the register alone)
+                keep = sorted_topk(ratios, self.min_kept)
+        # ratios and thresholds stay tensors on the device; readers convert them (.tolist())
+        return Selection(keep=keep, info={"stage1_kept": keep.numel(), "stage1_thresholds": thresholds,
                                           "stage1_ratios": ratios})
 
     # -- stage II ----------------------------------------------------------------------------------
@@ -208,8 +209,8 @@ class OccamToken(Method):
         if ctx.registers.numel() == 0:
             raise UnsupportedMethodError("OccamToken stage II needs the register tokens in the LLM input.")
         rows = ctx.text_after
-        scores, reference = stage2_scores(ctx.attention(rows), ctx.visual.to(rows.device), ctx.registers)
-        keep = stage2_keep(scores, reference, self.lambda2)
-        ratios = (scores / reference.clamp_min(1e-12)).tolist()
-        return Selection(keep=keep, info={"stage2_kept": int(keep.numel()), "stage2_threshold": float(self.lambda2 * reference),
+        scores, reference = stage2_scores(ctx.attention(rows), ctx.visual, ctx.registers)
+        keep = stage2_keep(scores, reference, self.lambda2)  # (the stage's one read-back: its kept count)
+        ratios = scores / reference.clamp_min(1e-12)
+        return Selection(keep=keep, info={"stage2_kept": keep.numel(), "stage2_threshold": self.lambda2 * reference,
                                           "stage2_ratios": ratios})

@@ -154,7 +154,7 @@ class OCVTP(Method):
         from ..ocvtp.pruner import select_from_attention
 
         k = self.budget(ctx.num_tokens)
-        cfg = self._resolve(ctx.family, int(ctx.features.shape[-1]))
+        cfg = self._resolve(ctx.family, ctx.features.shape[-1])
         try:
             tokens = ctx.hidden(self.layer - 1)
         except (IndexError, KeyError):
@@ -173,7 +173,9 @@ class OCVTP(Method):
         with torch.no_grad():
             _, attn = pruner(tokens.float().unsqueeze(0), k, seed=self.seed, stochastic=self.stochastic)
             keep = select_from_attention(attn, k, fill_scores)[0]
-        nominated = int(torch.unique(attn[0].argmax(dim=1)).numel())
+        # tokens some slot nominated, counted on the device (torch.unique would read its size back)
+        nominated = torch.zeros(attn.shape[-1], dtype=torch.bool, device=attn.device).index_fill_(
+            0, attn[0].argmax(dim=1), True).sum()
         return Selection(keep=keep, info={"slots": k, "nominated": nominated, "filled": k - nominated,
                                           "layer": self.layer})
 

@@ -54,10 +54,10 @@ class Pooling(Method):
             grids.append((r, c))
             grid = ctx.features[sl].T.reshape(1, -1, rows, cols)
             values.append(F.adaptive_avg_pool2d(grid.float(), (r, c)).to(grid.dtype).reshape(-1, r * c).T)
-            centre_r = ((torch.arange(r) + 0.5) * rows / r).floor().long().clamp(max=rows - 1)
-            centre_c = ((torch.arange(c) + 0.5) * cols / c).floor().long().clamp(max=cols - 1)
+            device = ctx.features.device  # built there: a host-built index would be copied (and waited for)
+            centre_r = ((torch.arange(r, device=device) + 0.5) * rows / r).floor().long().clamp(max=rows - 1)
+            centre_c = ((torch.arange(c, device=device) + 0.5) * cols / c).floor().long().clamp(max=cols - 1)
             keeps.append(sl.start + (centre_r[:, None] * cols + centre_c[None, :]).flatten())
-        return Selection(keep=torch.cat(keeps).to(ctx.features.device), values=torch.cat(values),
-                         info={"pooled_grid": grids})
+        return Selection(keep=torch.cat(keeps), values=torch.cat(values), info={"pooled_grid": grids})
 
     select_projected = select_vision

@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import ArgumentError, BudgetError
-from .base import Method, Selection, Stage, register, sorted_topk
+from .base import Method, Selection, Stage, register, sorted_topk, to_device
 
 
 @register
@@ -86,6 +86,7 @@ class PyramidDrop(Method):
         info = {"stage": ctx.stage_index, "kept": target}
         if target >= n:
             return Selection(keep=torch.arange(n, device=ctx.visual.device), info=info)
-        rows = torch.tensor([ctx.last], device=ctx.visual.device)
+        rows = ctx.visual.new_full((1,), ctx.last)  # built where ctx.visual lives, not copied from the host
         attention = ctx.attention(rows).float().mean(0)[0]  # (L,) head mean of the last token's row
-        return Selection(keep=sorted_topk(attention[ctx.visual.to(attention.device)], target).to(ctx.visual.device), info=info)
+        # keep stays on the attention's device (the pipeline moves it where it needs it)
+        return Selection(keep=sorted_topk(attention[to_device(ctx.visual, attention.device)], target), info=info)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Method, Selection, Stage, register
+from .base import Method, Selection, Stage, register, to_device
 
 
 @register
@@ -20,5 +20,5 @@ class RandomPrune(Method):
     def select_vision(self, ctx):
         k = self.budget(ctx.num_tokens)
         g = self.generator()  # never the batch index: a sample's selection must not depend on its batch
-        keep = torch.randperm(ctx.num_tokens, generator=g)[:k]
-        return Selection(keep=torch.sort(keep).values.to(ctx.features.device))
+        keep = torch.randperm(ctx.num_tokens, generator=g)[:k]  # on the host: the same draw on every device
+        return Selection(keep=to_device(torch.sort(keep).values, ctx.features.device))

@@ -41,6 +41,12 @@ Differences from the paper / official code:
 * Attention is that of layer K−1 for the rater rows only (the code prunes the output of layer K with
   layer K's attention — the same hidden states, one layer earlier).
 * No text tokens after the image: ``UnsupportedMethodError`` (there is nothing to rate with).
+
+On a GPU a stage reads one thing back to the host, and only where the rank rule sets its kept count
+(adaptive, or an intermediate layer of a ``keep`` / ``ratio`` budget): the rater rows of ``P``, whose
+rank is then computed on the host. The raters themselves are picked by a mask over all text rows (their
+attention is requested for every text token after the image). ``info['rank']`` is None at a stage whose
+count does not depend on it (a schedule, a budget's last layer); ``info['raters']`` is a 0-d tensor.
 """
 from __future__ import annotations
 
@@ -50,7 +56,7 @@ from typing import Literal
 import torch
 
 from ..errors import ArgumentError, BudgetError, UnsupportedMethodError
-from .base import Method, Selection, Stage, register, sorted_topk
+from .base import Method, Selection, Stage, mask_indices, register, sorted_topk, to_device
 
 #: the v1.5 code's per-layer kept counts for LLaVA-1.5 (576 visual tokens), layers 2 / 6 / 15
 PAPER_SCHEDULES = {192: (300, 200, 110), 128: (303, 110, 36), 96: (238, 48, 26), 64: (66, 30, 17)}
@@ -82,6 +88,14 @@ def dpc_knn(x: torch.Tensor, clusters: int, k: int = 5) -> tuple[torch.Tensor, t
     assign = d[:, centres].argmin(dim=1)  # nearest centre (lowest on ties)
     assign[centres] = torch.arange(len(centres), device=x.device)
     return centres, assign
+
+
+def _rater_rank(weight: torch.Tensor, p: torch.Tensor) -> int:
+    """Rank of the rater rows of ``p`` (T, V) (``weight`` (T,) 1 for a rater, 0 otherwise), computed on
+    the host: the rank rule's kept count must be known on the host anyway (and an SVD on a GPU waits
+    for the device too), so the rows travel once."""
+    host = torch.cat([weight[:, None], p], dim=1).double().cpu()  # sync: the rank rule decides how many tokens stay
+    return int(torch.linalg.matrix_rank(host[host[:, 0] > 0, 1:]))  # host: works on the copy made above
 
 
 @register
@@ -118,40 +132,51 @@ class SparseVLM(Method):
         self.recycle, self.recycle_ratio = recycle, recycle_ratio
 
     # -- how many stay -----------------------------------------------------------------------------
-    def target(self, ctx, rank: int) -> int:
+    def uses_rank(self, ctx) -> bool:
+        """Whether this stage's kept count follows the rank rule (else it is fixed in advance)."""
+        last = ctx.stage_index == len(self.llm_layers) - 1
+        return self.schedule is None and (self.keep is None and self.ratio is None or not last)
+
+    def target(self, ctx, rank: int | None) -> int:
         n = len(ctx.visual)
         last = ctx.stage_index == len(self.llm_layers) - 1
         if self.schedule is not None:
             return max(1, min(n, int(round(self.schedule[ctx.stage_index] * ctx.original_visual))))
+        if self.keep is not None or self.ratio is not None:
+            final = self.budget(ctx.original_visual)
+            if last:
+                return min(final, n)
         adaptive = min(int(rank * self.scale + self.bias), n - 1) if rank < n else n
         if self.keep is None and self.ratio is None:
             return max(1, adaptive)
-        final = self.budget(ctx.original_visual)
-        return min(final, n) if last else max(min(final, n), min(adaptive, n))
+        return max(min(final, n), min(adaptive, n))
 
     # -- the stage ---------------------------------------------------------------------------------
     def select_llm(self, ctx):
         device = ctx.hidden.device
-        visual = ctx.visual.to(device)
-        text = ctx.text_after.to(device)
+        visual = to_device(ctx.visual, device)
+        text = to_device(ctx.text_after, device)
         n = len(visual)
         if len(text) == 0:
             raise UnsupportedMethodError("Method 'sparsevlm' needs text tokens after the image to rate visual tokens.")
         h = ctx.hidden.float()
         hv, ht = h[visual], h[text]
         relevance = torch.softmax(hv @ ht.T / math.sqrt(h.shape[1]), dim=1).mean(dim=0)  # (T,)
-        raters = text[relevance > relevance.mean()]
-        if len(raters) == 0:  # all equally relevant (e.g. one text token)
-            raters = text
-        att = ctx.attention(raters.to(ctx.visual.device)).float().mean(0)  # (R, L) head mean
-        p = att[:, visual.to(att.device)]  # (R, V)
-        rank = int(torch.linalg.matrix_rank(p.double()))
-        score = p.mean(dim=0).to(device)
+        is_rater = relevance > relevance.mean()
+        is_rater = is_rater | ~is_rater.any()  # all equally relevant (e.g. one text token): every one rates
+        # the attention of every text row (their number is known), the raters picked by a mask
+        att = ctx.attention(ctx.text_after).float().mean(0)  # (T, L) head mean
+        p_all = att[:, to_device(ctx.visual, att.device)]  # (T, V)
+        weight = to_device(is_rater, p_all.device).to(p_all.dtype)
+        n_raters = weight.sum()
+        score = ((p_all * weight[:, None]).sum(dim=0) / n_raters).to(device)  # mean over the raters
+        rank = _rater_rank(weight, p_all) if self.uses_rank(ctx) else None
         target = self.target(ctx, rank)
-        info = {"stage": ctx.stage_index, "raters": int(len(raters)), "rank": rank, "kept": target}
+        # rank: None where the kept count does not depend on it (a schedule, a budget's last stage)
+        info = {"stage": ctx.stage_index, "raters": n_raters, "rank": rank, "kept": target}
         if target >= n:
             info["recycled"] = 0
-            return Selection(keep=torch.arange(n, device=ctx.visual.device), info=info)
+            return Selection(keep=torch.arange(n, device=device), info=info)
 
         clusters = 0
         if self.recycle and target > 1:
@@ -160,20 +185,21 @@ class SparseVLM(Method):
         by_score = sorted_topk(score, target - clusters)
         info["recycled"] = clusters
         if clusters == 0:
-            return Selection(keep=by_score.to(ctx.visual.device), info=info)
+            return Selection(keep=by_score, info=info)
 
-        deleted_mask = torch.ones(n, dtype=torch.bool, device=device)
-        deleted_mask[by_score] = False
-        deleted = torch.nonzero(deleted_mask).flatten()
-        n_rec = min(len(deleted), int(len(deleted) * self.recycle_ratio) + 1)
+        deleted_mask = torch.ones(n, dtype=torch.bool, device=device).index_fill_(0, by_score, False)
+        n_deleted = n - by_score.numel()
+        deleted = mask_indices(deleted_mask, n_deleted)
+        n_rec = min(n_deleted, int(n_deleted * self.recycle_ratio) + 1)
         recycled = deleted[sorted_topk(score[deleted], n_rec)]
         centres, assign = dpc_knn(hv[recycled], clusters)
         sums = torch.zeros(len(centres), h.shape[1], device=device)
         sums.index_add_(0, assign, hv[recycled])
-        counts = torch.bincount(assign, minlength=len(centres)).clamp(min=1).to(sums.dtype)
+        counts = torch.zeros(len(centres), device=device).index_add_(  # bincount would read the max back
+            0, assign, torch.ones(assign.numel(), device=device)).clamp(min=1)
         merged = sums / counts[:, None]
 
         keep = torch.cat([by_score, recycled[centres]])
         values = torch.cat([hv[by_score], merged]).to(ctx.hidden.dtype)
         order = torch.argsort(keep)
-        return Selection(keep=keep[order].to(ctx.visual.device), values=values[order], info=info)
+        return Selection(keep=keep[order], values=values[order], info=info)

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ArgumentError
-from .base import Method, Selection, Stage, register, sorted_topk, split_budget
+from .base import Method, Selection, Stage, mask_indices, register, sorted_topk, split_budget
 
 _QWEN_REASON = ("its tower has no [CLS] token, and merged vision-stage tokens cannot pass the 2×2 patch "
                 "merger")
@@ -80,10 +80,10 @@ class VisionZip(Method):
                 splits.append((size, 0))
                 continue
             n_dom, n_ctx = self.split(budget)
-            dominant = idx[sorted_topk(cls[sl], n_dom)]
-            is_dom = torch.zeros(size, dtype=torch.bool, device=feats.device)
-            is_dom[dominant - sl.start] = True
-            remaining = idx[~is_dom]  # ascending
+            local = sorted_topk(cls[sl], n_dom)
+            dominant = idx[local]
+            is_dom = torch.zeros(size, dtype=torch.bool, device=feats.device).index_fill_(0, local, True)
+            remaining = idx[mask_indices(~is_dom, size - n_dom)]  # ascending
             keeps.append(dominant)
             values.append(feats[dominant])
             if n_ctx > 0:
@@ -104,9 +104,8 @@ class VisionZip(Method):
         r = remaining.numel()
         step = max(1, r // n_ctx)
         pick = torch.arange(0, r, step, device=feats.device)[:n_ctx]
-        is_target = torch.zeros(r, dtype=torch.bool, device=feats.device)
-        is_target[pick] = True
-        targets, others = remaining[is_target], remaining[~is_target]
+        is_target = torch.zeros(r, dtype=torch.bool, device=feats.device).index_fill_(0, pick, True)
+        targets, others = remaining[pick], remaining[mask_indices(~is_target, r - pick.numel())]
         x = feats.float()
         sums = x[targets].clone()
         counts = torch.ones(targets.numel(), device=feats.device)

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ArgumentError
-from .base import Method, Selection, Stage, register, sorted_topk, split_budget
+from .base import Method, Selection, Stage, mask_indices, register, sorted_topk, split_budget
 
 QWEN = ("qwen2_5_vl", "qwen3_vl")
 
@@ -39,36 +39,76 @@ def importance(ctx) -> torch.Tensor:
     return ctx.cls_attention[:, : ctx.num_tokens].float().mean(0)
 
 
-def remove_duplicates(x: torch.Tensor, score: torch.Tensor, target: int, chunk: int = 1 << 16) -> torch.Tensor:
+_INT64_MAX = torch.iinfo(torch.int64).max
+
+
+def _pair_keys(x: torch.Tensor) -> torch.Tensor:
+    """(R, R) int64 keys of the pairs {i, j} of rows of ``x``, symmetric, ordered as the walk visits the
+    pairs: by decreasing cosine similarity sim[i, j] (i < j, the upper triangle of ``xn @ xn.T``), ties
+    by the row-major position i·R + j. Key = (descending float bits) << b | (i·R + j)."""
+    r = x.shape[0]
+    shift = max(1, (r * r - 1).bit_length())
+    if 32 + shift > 63:
+        raise ValueError(f"vispruner: {r} tokens in one crop are too many for the duplicate removal")
+    xn = F.normalize(x.float(), dim=-1)
+    sim = xn @ xn.T
+    idx = torch.arange(r, device=x.device)
+    upper = idx[:, None] < idx[None, :]
+    sim = torch.where(upper, sim, sim.T) + 0.0  # the upper triangle's value for both orders; -0.0 → +0.0
+    bits = sim.view(torch.int32).to(torch.int64)
+    ordered = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # increases with the float value
+    flat = torch.minimum(idx[:, None], idx[None, :]) * r + torch.maximum(idx[:, None], idx[None, :])
+    return ((2 ** 31 - 1 - ordered) << shift) | flat
+
+
+def remove_duplicates_batch(xs: list[torch.Tensor], scores: list[torch.Tensor], targets: list[int]) -> list[torch.Tensor]:
+    """:func:`remove_duplicates` of several crops at once (one loop for all of them)."""
+    out: list[torch.Tensor | None] = [None] * len(xs)
+    work = []
+    for c, (x, target) in enumerate(zip(xs, targets)):
+        if target >= x.shape[0]:
+            out[c] = torch.arange(x.shape[0], device=x.device)
+        elif target <= 0:
+            out[c] = torch.zeros(0, dtype=torch.long, device=x.device)
+        else:
+            work.append(c)
+    if not work:
+        return out
+    device = xs[work[0]].device
+    sizes = [xs[c].shape[0] for c in work]
+    rmax = max(sizes)
+    # Strength: the higher score wins a pair, equal scores → the lower position. Token t dies at the first
+    # pair (walk order) joining it to a stronger token still alive then; a token's fate depends on the
+    # stronger ones only, so one pass in strength order settles everyone ("death" = that pair's key).
+    keys = torch.full((len(work), rmax, rmax), _INT64_MAX, dtype=torch.int64, device=device)
+    strength = []
+    for b, c in enumerate(work):
+        r = sizes[b]
+        order = torch.sort(scores[c].float(), descending=True, stable=True).indices
+        keys[b, :r, :r] = _pair_keys(xs[c])[order][:, order]  # rows / columns in strength order
+        strength.append(order)
+    death = torch.full((len(work), rmax), _INT64_MAX, dtype=torch.int64, device=device)
+    for s in range(1, rmax):  # the strongest token never dies
+        row = keys[:, s, :s]
+        # its pairs with stronger tokens still alive when the pair comes up (they die later)
+        death[:, s] = row.masked_fill(death[:, :s] <= row, _INT64_MAX).amin(dim=1)
+    for b, c in enumerate(work):
+        # the walk stops after r - target drops: the target tokens that die last remain (deaths are distinct)
+        last = torch.topk(death[b, :sizes[b]], targets[c]).indices
+        out[c] = torch.sort(strength[b][last]).values
+    return out
+
+
+def remove_duplicates(x: torch.Tensor, score: torch.Tensor, target: int) -> torch.Tensor:
     """Greedy de-duplication. ``x`` (R, D) features, ``score`` (R,) importance; returns the sorted
     positions of the ``target`` rows that remain after repeatedly dropping, from the most similar
     pair still present, the member with the lower score (ties: the higher position).
 
     Equivalent one-pass form: walk all pairs (i < j) in decreasing similarity (ties in (i, j) order);
-    whenever both members of a pair are still present, drop one."""
-    r = x.shape[0]
-    if target >= r:
-        return torch.arange(r, device=x.device)
-    if target <= 0:
-        return torch.zeros(0, dtype=torch.long, device=x.device)
-    xn = F.normalize(x.float(), dim=-1)
-    sim = (xn @ xn.T).masked_fill(~torch.ones(r, r, dtype=torch.bool, device=x.device).triu(1), -float("inf"))
-    order = torch.sort(sim.flatten(), descending=True, stable=True).indices
-    scores = score.float().tolist()
-    alive = [True] * r
-    to_drop = r - target
-    for start in range(0, order.numel(), chunk):
-        for flat in order[start:start + chunk].tolist():
-            i, j = divmod(flat, r)
-            if alive[i] and alive[j]:
-                drop = i if (scores[i] < scores[j]) else j  # equal scores: the higher position j
-                alive[drop] = False
-                to_drop -= 1
-                if to_drop == 0:
-                    break
-        if to_drop == 0:
-            break
-    return torch.tensor([p for p in range(r) if alive[p]], dtype=torch.long, device=x.device)
+    whenever both members of a pair are still present, drop one. Computed without walking the pairs:
+    one step per token in decreasing strength, each a few vector operations (see
+    :func:`remove_duplicates_batch`), nothing read back to the host."""
+    return remove_duplicates_batch([x], [score], [target])[0]
 
 
 @register
@@ -90,24 +130,24 @@ class VisPruner(Method):
         score = importance(ctx)
         feats = ctx.features
         sizes = [sl.stop - sl.start for sl in ctx.crop_slices]
-        keeps, counts = [], []
+        keeps, counts, residuals, targets = [], [], [], []
         for sl, budget in zip(ctx.crop_slices, split_budget(total, sizes)):
             size = sl.stop - sl.start
             if budget == 0:
                 continue
-            idx = torch.arange(sl.start, sl.stop, device=feats.device)
             if budget >= size:
-                keeps.append(idx)
+                keeps.append(torch.arange(sl.start, sl.stop, device=feats.device))
                 counts.append((size, 0))
                 continue
             n_imp = int(budget * self.important_ratio)
             important = (sorted_topk(score[sl], n_imp) if n_imp > 0
                          else torch.zeros(0, dtype=torch.long, device=feats.device))
-            rest = torch.ones(size, dtype=torch.bool, device=feats.device)
-            rest[important] = False
-            residual = idx[rest]
-            diverse = residual[remove_duplicates(feats[residual], score[residual], budget - n_imp)]
-            keeps += [important + sl.start, diverse]
+            rest = torch.ones(size, dtype=torch.bool, device=feats.device).index_fill_(0, important, False)
+            residuals.append(mask_indices(rest, size - n_imp) + sl.start)
+            targets.append(budget - n_imp)
+            keeps.append(important + sl.start)
             counts.append((n_imp, budget - n_imp))
+        diverse = remove_duplicates_batch([feats[r] for r in residuals], [score[r] for r in residuals], targets)
+        keeps += [r[d] for r, d in zip(residuals, diverse)]
         keep = torch.sort(torch.cat(keeps)).values
         return Selection(keep=keep, info={"important_diverse": counts})
