@@ -57,18 +57,20 @@ def test_every_method_runs_and_the_reference_equals_the_pruned_call(overhead):
 def test_in_llm_reference_with_deepstack_merging_and_several_stages(overhead):
     """Qwen3-VL: a stage before a DeepStack layer, three stages, and SparseVLM's recycled token (a row
     whose values the method replaced) — the reference still equals the pruned call."""
-    from vtprune.methods.base import make_method
+    import torch
+
+    import vtprune
 
     model = overhead.build_tiny("qwen3_vl")
+    twin = overhead.make_twin(model)
+    assert twin.lm_head.weight is model.lm_head.weight  # shared, not copied
     inputs = overhead.make_inputs(model, tiny=True)
     for config in overhead.method_plan("qwen3_vl", 4, keep=4, methods=["pyramiddrop", "sparsevlm"]):
-        method = make_method(config.name, **config.kwargs)
-        cap = overhead.capture(model, method, {}, inputs)
+        with vtprune.pruned(model, config.name, **config.kwargs) as handle:
+            cap = overhead.capture(model, handle, inputs)
         assert sorted(cap.stages) == [1, 2, 3]
-        import torch
-
         with torch.no_grad():
-            logits = overhead.reference_llm(model, cap, logits_to_keep=0)
+            logits = overhead.reference_llm(twin, cap, logits_to_keep=0)
         assert logits.shape == cap.pruned_logits.shape
         assert (logits - cap.pruned_logits).abs().max() <= 1e-4
         if config.name == "sparsevlm":
