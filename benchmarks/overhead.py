@@ -7,18 +7,21 @@
     python benchmarks/overhead.py --summarize RESULT.json ...   # the method × model matrix of results
     python benchmarks/overhead.py --render RESULT.json ...      # rewrite RESULT.md from RESULT.json
 
-What is compared, per method and model, in interleaved rounds (a then b, b then a, ... so that
-background load on a shared machine hits both alike; ``--warmup`` rounds are discarded):
+What is compared, per method and model, in interleaved rounds: each round runs one (a, b) pair of
+every configuration of the model (a first in even rounds, b first in odd ones; configurations in an
+order rotated every round), so that background load on a shared machine hits a and b alike and
+every configuration's rounds spread over the whole run; ``--warmup`` rounds are discarded.
 
-(b) the pruned call: ``model(**inputs, use_cache=True, logits_to_keep=1)`` (a prefill, as ``generate``
-    makes it) with ``vtprune.apply(model, method)`` in force for the whole configuration, as in real
-    use (whatever the pipeline caches across calls keeps working; ``handle.reset_stats()`` between
-    calls, untimed).
+(b) the pruned call: ``pruned(**inputs, use_cache=True, logits_to_keep=1)`` (a prefill, as
+    ``generate`` makes it), where ``pruned`` is a *twin* of the model — a second module tree sharing
+    the same parameter and buffer tensors (no copy of the weights; ``make_twin``) — with
+    ``vtprune.apply(pruned, method)`` in force for the whole run, as in real use (whatever the
+    pipeline caches across calls keeps working; ``handle.reset_stats()`` between calls, untimed).
+    Each configuration has its own twin.
 
-(a) the reference: what the pruned call ends up computing, done by the unmodified model with nothing
-    else. It runs on a *twin* of the model — a second module tree sharing the same parameter and buffer
-    tensors (no copy of the weights; ``make_twin``) that vtprune never touches. It is built from one
-    pruned call run first with observing hooks (the *capture*):
+(a) the reference: what the pruned call ends up computing, done by the unmodified model (the
+    original module tree, which vtprune never touches) with nothing else. It is built from one pruned
+    call run first with observing hooks (the *capture*):
 
     * the vision side: the unmodified modules on the same pixels. LLaVA / LLaVA-NeXT: the CLIP tower
       (``output_hidden_states=True``, as ``get_image_features`` runs it) on all crops, then the
@@ -510,9 +513,8 @@ def _stage_kind(method) -> str:
 
 def make_twin(model):
     """A second module tree of ``model`` that shares its parameters and buffers (no copy of the
-    weights): the reference runs on it, untouched by vtprune, while ``apply`` stays in force on
-    ``model`` for a whole configuration, as in real use (anything the pipeline caches across calls
-    keeps working)."""
+    weights): a configuration's method is applied to it and stays in force for the whole run, while
+    the reference runs on ``model`` itself, untouched by vtprune."""
     import copy
     import itertools
 
@@ -520,9 +522,24 @@ def make_twin(model):
     return copy.deepcopy(model, memo).eval()
 
 
-def measure_config(model, twin, inputs: dict, config: Config, repeats: int, warmup: int = 3) -> dict:
-    """Interleaved rounds of (a) the reference on ``twin`` and (b) the pruned call on ``model`` for
-    one configuration."""
+@dataclass
+class Slot:
+    """One configuration under measurement: its own twin with the method applied, the capture, the
+    times of the rounds so far."""
+
+    row: dict
+    pruned: Any  # a twin of the model (shared weights) with the method applied
+    handle: Any
+    cap: Capture
+    a: list = field(default_factory=list)
+    b: list = field(default_factory=list)
+    m: list = field(default_factory=list)
+
+
+def prepare_config(model, inputs: dict, config: Config) -> Slot | dict:
+    """Apply ``config`` to a fresh twin of ``model``, capture one pruned call and check that the
+    reference (on ``model`` itself, which vtprune never touches) reproduces its logits. Returns the
+    slot, or the row of a configuration that cannot run (unsupported method, bad budget)."""
     import vtprune
     from vtprune.errors import VTPruneError
     from vtprune.methods.base import make_method
@@ -532,63 +549,60 @@ def measure_config(model, twin, inputs: dict, config: Config, repeats: int, warm
     row: dict[str, Any] = {"method": config.label, "name": config.name,
                            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in config.kwargs.items()}}
     options = {"layout": config.layout} if config.layout and family == "llava_next" else {}
+    pruned = make_twin(model)
     try:
         method = make_method(config.name, **config.kwargs)
-        handle = vtprune.apply(model, method, **options)
+        handle = vtprune.apply(pruned, method, **options)
     except (VTPruneError, TypeError, ValueError) as e:
         return {**row, "status": "error", "error": f"{type(e).__name__}: {e}"}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            try:
-                cap = capture(model, handle, inputs)
-            except (VTPruneError, TypeError, ValueError) as e:
-                return {**row, "status": "error", "error": f"{type(e).__name__}: {e}"}
-        return _measure(model, twin, inputs, handle, cap, row, family, options, repeats, warmup)
-    finally:
+            cap = capture(pruned, handle, inputs)
+    except (VTPruneError, TypeError, ValueError) as e:
         handle.remove()
-
-
-def _measure(model, twin, inputs, handle, cap, row, family, options, repeats, warmup) -> dict:
-    method = handle.method
+        return {**row, "status": "error", "error": f"{type(e).__name__}: {e}"}
     kind = _stage_kind(method)
     row.update(status="ok", kind=kind, describe=method.describe(),
                layout=(options.get("layout") or method.default_layout) if family == "llava_next" else None,
                llm_layers=list(cap.stages), tokens=cap.tokens, target_ms=TARGET_MS[kind])
     with torch.no_grad():
-        ref_logits = reference_llm(twin, cap, logits_to_keep=0)
+        ref_logits = reference_llm(model, cap, logits_to_keep=0)
     row["max_abs_logit_diff"] = float((ref_logits - cap.pruned_logits).abs().max()) \
         if ref_logits.shape == cap.pruned_logits.shape else math.inf
     row["logit_scale"] = float(cap.pruned_logits.abs().max())
+    return Slot(row=row, pruned=pruned, handle=handle, cap=cap)
+
+
+def run_round(model, inputs: dict, slot: Slot, first: str) -> tuple[float, float, float]:
+    """One round of a configuration: (a) the reference on ``model`` and (b) the pruned call on the
+    slot's twin, in the order ``first`` ("a" or "b"). Returns (a seconds, b seconds, method seconds)."""
 
     def run_a():
         start = time.perf_counter()
-        reference_vision(twin, cap)
-        reference_llm(twin, cap, logits_to_keep=1)
+        reference_vision(model, slot.cap)
+        reference_llm(model, slot.cap, logits_to_keep=1)
         return time.perf_counter() - start
 
     def run_b():
-        handle.reset_stats()
+        slot.handle.reset_stats()
         start = time.perf_counter()
-        model(**inputs, use_cache=True, logits_to_keep=1)
-        return time.perf_counter() - start, handle.last.method_seconds
+        slot.pruned(**inputs, use_cache=True, logits_to_keep=1)
+        return time.perf_counter() - start, slot.handle.last.method_seconds
 
-    a, b, m = [], [], []
-    with torch.no_grad(), warnings.catch_warnings(), _gc_paused():
-        warnings.simplefilter("ignore")
-        for r in range(warmup + repeats):
-            if r and r % 50 == 0:
-                gc.collect()  # outside the clocks; bounds what cyclic garbage can pile up
-            if r % 2 == 0:
-                ta = run_a()
-                tb, tm = run_b()
-            else:
-                tb, tm = run_b()
-                ta = run_a()
-            if r >= warmup:
-                a.append(ta)
-                b.append(tb)
-                m.append(tm)
+    if first == "a":
+        ta = run_a()
+        tb, tm = run_b()
+    else:
+        tb, tm = run_b()
+        ta = run_a()
+    return ta, tb, tm
+
+
+def finish_config(slot: Slot) -> dict:
+    """The statistics of a slot's rounds; removes its method."""
+    slot.handle.remove()
+    a, b, m, row = slot.a, slot.b, slot.m, slot.row
     over, lo, hi = bootstrap_diff(b, a)
     pipe, plo, phi = bootstrap_diff([x - y for x, y in zip(b, m)], a)
     ref = statistics.median(a)
@@ -605,7 +619,7 @@ def _measure(model, twin, inputs, handle, cap, row, family, options, repeats, wa
     return row
 
 
-def loop_check(model, twin, inputs: dict, repeats: int, warmup: int = 3) -> dict:
+def loop_check(model, inputs: dict, repeats: int, warmup: int = 3) -> dict:
     """The model's own forward with the written-out decoder body (no drop) against the model's own
     forward, on the compact inputs of keep_all at the vision stage: equal logits, and the time
     difference with its interval (negative: the in-LLM reference is that much faster than the model's
@@ -616,14 +630,15 @@ def loop_check(model, twin, inputs: dict, repeats: int, warmup: int = 3) -> dict
     import vtprune
 
     family = family_of(model)
-    with vtprune.pruned(model, make_method("keep_all", stage="vision")) as handle, warnings.catch_warnings():
+    twin = make_twin(model)
+    with vtprune.pruned(twin, make_method("keep_all", stage="vision")) as handle, warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        cap = capture(model, handle, inputs)
-    own = lambda k: twin(**cap.lm_kwargs, use_cache=True, logits_to_keep=k).logits
+        cap = capture(twin, handle, inputs)
+    own = lambda k: model(**cap.lm_kwargs, use_cache=True, logits_to_keep=k).logits
 
     def body(k):
-        with dropping_body(twin, family, {}):
-            return twin(**cap.lm_kwargs, use_cache=True, logits_to_keep=k).logits
+        with dropping_body(model, family, {}):
+            return model(**cap.lm_kwargs, use_cache=True, logits_to_keep=k).logits
 
     with torch.no_grad():
         diff = float((own(0) - body(0)).abs().max())
@@ -678,32 +693,68 @@ def unavoidable_work(model, inputs: dict, repeats: int) -> dict:
 
 def measure_model(model, inputs: dict, plan: list[Config], repeats: int, warmup: int = 3,
                   progress=None, check_repeats: int | None = None) -> dict:
-    """Every configuration of ``plan`` on one model; the core of the script (the test calls it)."""
+    """Every configuration of ``plan`` on one model; the core of the script (the test calls it).
+
+    The configurations are measured round-robin: round r runs one (a, b) pair of every configuration
+    (a first in even rounds, b first in odd ones; the configurations in an order rotated by r), so
+    that each configuration's rounds spread over the whole run and bursts of load on a shared machine
+    fall on all of them alike instead of on whichever was being measured."""
     from vtprune.models import family_of
 
     say = progress or (lambda msg: None)
-    twin = make_twin(model)
+    family = family_of(model)
     load_before = _loadavg()
-    rows = []
+    results: list[dict | Slot] = []
     for config in plan:
-        say(f"{family_of(model)}: {config.label} {config.kwargs}")
-        t0 = time.perf_counter()
-        rows.append(measure_config(model, twin, inputs, config, repeats, warmup))
-        say(f"  ... {time.perf_counter() - t0:.1f} s: " + (_row_line(rows[-1]) if rows[-1]["status"] == "ok"
-                                                             else rows[-1]["error"]))
+        say(f"{family}: prepare {config.label} {config.kwargs}")
+        results.append(prepare_config(model, inputs, config))
+    slots = [x for x in results if isinstance(x, Slot)]
+    t0 = time.perf_counter()
+    with torch.no_grad(), warnings.catch_warnings(), _gc_paused():
+        warnings.simplefilter("ignore")
+        for r in range(warmup + repeats):
+            if r and r % 50 == 0:
+                gc.collect()  # outside the clocks; bounds what cyclic garbage can pile up
+            if r % 20 == 0:
+                say(f"{family}: round {r}/{warmup + repeats} ({time.perf_counter() - t0:.0f} s)")
+            k = r % len(slots) if slots else 0
+            for slot in slots[k:] + slots[:k]:
+                ta, tb, tm = run_round(model, inputs, slot, "a" if r % 2 == 0 else "b")
+                if r >= warmup:
+                    slot.a.append(ta)
+                    slot.b.append(tb)
+                    slot.m.append(tm)
+    rows = [finish_config(x) if isinstance(x, Slot) else x for x in results]
+    for row in rows:
+        say(f"  {row['method']}: " + (_row_line(row) if row["status"] == "ok" else row["error"]))
     n_check = repeats if check_repeats is None else check_repeats
     check, unavoidable = None, {}
     if n_check > 0:
-        say(f"{family_of(model)}: loop check")
-        check = loop_check(model, twin, inputs, n_check, warmup)
+        say(f"{family}: loop check")
+        check = loop_check(model, inputs, n_check, warmup)
         unavoidable = unavoidable_work(model, inputs, n_check)
     ids = inputs["input_ids"][0]
-    return {"family": family_of(model), "sequence_tokens": int(ids.shape[0]),
+    return {"family": family, "sequence_tokens": int(ids.shape[0]),
             "visual_tokens": int((ids == model.config.image_token_id).sum()),
             "num_layers": model.config.get_text_config().num_hidden_layers,
-            "hidden_size": model.config.get_text_config().hidden_size,
+            "hidden_size": model.config.get_text_config().hidden_size, "schedule": "round-robin",
             "rows": rows, "loop_check": check, "unavoidable_ms": unavoidable,
             "loadavg_before_after": [load_before, _loadavg()]}
+
+
+def _git_state() -> str | None:
+    """``<commit>`` of the checkout the script runs in, ``+dirty`` when it has uncommitted changes."""
+    import subprocess
+
+    try:
+        here = Path(__file__).resolve().parent
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return commit + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
 
 
 def _loadavg() -> list[float] | None:
@@ -930,6 +981,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
         del model
         gc.collect()
     payload = {"command": "python benchmarks/overhead.py " + " ".join(shlex.quote(a) for a in argv),
+               "git": _git_state(),
                "environment": environment(torch.device("cpu")),
                "args": {k: v for k, v in vars(args).items()}, "targets_ms": TARGET_MS, "results": results}
     return payload
