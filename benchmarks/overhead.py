@@ -743,15 +743,18 @@ def measure_model(model, inputs: dict, plan: list[Config], repeats: int, warmup:
 
 
 def _git_state() -> str | None:
-    """``<commit>`` of the checkout the script runs in, ``+dirty`` when it has uncommitted changes."""
+    """``<commit>`` of the checkout the script runs in, ``+dirty`` when this script or ``src/`` has
+    uncommitted changes (edits to docs or results do not count)."""
     import subprocess
 
     try:
         here = Path(__file__).resolve().parent
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, check=True).stdout.strip()
+        run = lambda *a: subprocess.run(["git", *a], cwd=here, capture_output=True, text=True,
+                                         check=True).stdout.strip()
+        top = Path(run("rev-parse", "--show-toplevel"))
+        commit = run("rev-parse", "HEAD")
+        dirty = run("status", "--porcelain", "--untracked-files=no", "--", str(Path(__file__).resolve()),
+                    str(top / "src"))
         return commit + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return None
@@ -861,7 +864,7 @@ def format_markdown(payload: dict) -> str:
              "median(reference); intervals: 95 % paired bootstrap over the rounds. Targets: pipeline ≤ 1 ms "
              "(pre-LLM), ≤ 2 ms (in-LLM); verdict by the interval: meets (all of it ≤ target), misses (all of "
              "it above; by point estimate − target), unresolved (it spans the target). pipe/ref: pipeline ms / "
-             "reference ms, which varies less with the shared machine's load than the milliseconds do.", "",
+             "reference ms. The JSON has every round's times, the load average and the code's git commit.", "",
              "| " + " | ".join(h.strip() for h in HEADER) + " |", "|" + "---|" * len(HEADER)]
     for r in table_rows(payload):
         lines.append("| " + " | ".join(c.replace("|", "/") for c in r) + " |")
