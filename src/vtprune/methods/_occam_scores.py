@@ -10,7 +10,7 @@ OccamToken: "Efficient VLM Inference with Training-Free and Budget-Adaptive Toke
 
 Nothing here knows about models: the method class (``occamtoken.py``) extracts the attention rows
 and calls these functions. Tags: **[paper]** = stated in the paper; **[decision]** = a project choice
-where the paper is silent (see ``/work/shared/specs/occamtoken.md``); every decision is an argument.
+where the paper is silent (listed in ``vtprune.methods.occamtoken``); every decision is an argument.
 
 Conventions: attention tensors are probabilities of the *full* softmax rows (nothing renormalised),
 ``(H, ...)`` with heads first, or already head-averaged without the head axis (pass ``heads=False``
