@@ -99,6 +99,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from vtprune.bench.latency import gc_paused
+
 TARGET_MS = {"pre-LLM": 1.0, "in-LLM": 2.0}
 LOGIT_TOLERANCE = 1e-4
 MIN_ROUNDS = 5  # fewer rounds give no usable interval: the verdict is "unresolved"
@@ -489,18 +491,6 @@ def bootstrap_diff(b: list[float], a: list[float], n: int = 2000, seed: int = 0)
     return point, float(lo), float(hi)
 
 
-@contextlib.contextmanager
-def _gc_paused():
-    gc.collect()
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
 # --------------------------------------------------------------------------------------------------
 # the measurement
 
@@ -643,7 +633,7 @@ def loop_check(model, inputs: dict, repeats: int, warmup: int = 3) -> dict:
     with torch.no_grad():
         diff = float((own(0) - body(0)).abs().max())
     t_own, t_body = [], []
-    with torch.no_grad(), _gc_paused():
+    with torch.no_grad(), gc_paused():
         for r in range(warmup + repeats):
             for which in ((0, 1) if r % 2 == 0 else (1, 0)):
                 start = time.perf_counter()
@@ -710,7 +700,7 @@ def measure_model(model, inputs: dict, plan: list[Config], repeats: int, warmup:
         results.append(prepare_config(model, inputs, config))
     slots = [x for x in results if isinstance(x, Slot)]
     t0 = time.perf_counter()
-    with torch.no_grad(), warnings.catch_warnings(), _gc_paused():
+    with torch.no_grad(), warnings.catch_warnings(), gc_paused():
         warnings.simplefilter("ignore")
         for r in range(warmup + repeats):
             if r and r % 50 == 0:

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from vtprune.bench.latency import cpu_name
 from vtprune.methods import make_method
 from vtprune.methods.base import ImageContext, LLMContext
 
@@ -211,17 +212,6 @@ def serve(args) -> int:
             out = time_one(factory, stage, req["crops"], req["warmup"], req["repeats"], args.device)
         print(json.dumps(out), flush=True)
     return 0
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
 
 
 def main(argv=None) -> int:

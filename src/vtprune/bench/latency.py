@@ -426,7 +426,7 @@ def _token_counts(stats, num_layers: int, batch: int) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def _gc_paused():
+def gc_paused():
     """Collect once, then keep Python's cyclic GC from pausing inside the timed runs."""
     gc.collect()
     enabled = gc.isenabled()
@@ -439,7 +439,7 @@ def _gc_paused():
 
 
 def _run_config(model, inputs, **kwargs) -> dict:
-    with _gc_paused():
+    with gc_paused():
         return _measure_config(model, inputs, **kwargs)
 
 
@@ -557,7 +557,7 @@ def run_benchmark(model, *, methods: Sequence[str], budgets: Sequence[int], inpu
 
     # physical limit: vision side alone + LLM prefill at each row's cache length, no method
     say("limit: vision side alone and the LLM alone at each pruned length")
-    with _gc_paused():
+    with gc_paused():
         vision = summarize(vision_alone_seconds(model, inputs, warmup, repeats, device))
     llm: dict[int, dict] = {}
     for row in rows:
@@ -565,7 +565,7 @@ def run_benchmark(model, *, methods: Sequence[str], budgets: Sequence[int], inpu
             continue
         n = row["cache_tokens"]
         if n not in llm:
-            with _gc_paused():
+            with gc_paused():
                 llm[n] = summarize(llm_alone_seconds(model, batch, n, warmup, repeats, device))
         row["limit_llm_s"] = llm[n]["median"]
         row["limit_s"] = vision["median"] + llm[n]["median"]
@@ -613,11 +613,11 @@ def environment(device: torch.device) -> dict[str, Any]:
         info["cuda"] = torch.version.cuda
         info["gpu_memory_bytes"] = torch.cuda.get_device_properties(device).total_memory
     else:
-        info["device"] = _cpu_name()
+        info["device"] = cpu_name()
     return info
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
