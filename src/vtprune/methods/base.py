@@ -123,6 +123,11 @@ class Method:
     needs_full_grid: ClassVar[bool] = False
     #: LLaVA-NeXT layout when apply() is given none: "model" (unpadding + newline tokens) or "flat"
     default_layout: ClassVar[str] = "model"
+    #: positions the LLM sees when apply() is given none: "original" (every kept token keeps its
+    #: position) or "contiguous" (renumbered without gaps, as most baselines' official LLaVA code does)
+    default_positions: ClassVar[str] = "original"
+    #: the official implementation the default follows, "owner/repo@commit path::function" ("" = none)
+    official_code: ClassVar[str] = ""
     #: True when the method has no budget of its own: keep=N or ratio=r is then required
     needs_budget: ClassVar[bool] = False
     #: families this method refuses, with the reason (e.g. {"qwen2_5_vl": "needs a CLS token"})
