@@ -1,5 +1,6 @@
 """A hand-built reference: runs a model's decoder layer by layer on only the tokens a pruning run
-kept, at their original positions, with the masks that run implies. No vtprune code is used."""
+kept, at their original positions or numbered without gaps, with the masks that run implies. No
+vtprune code is used."""
 from __future__ import annotations
 
 import torch
@@ -24,13 +25,16 @@ def capture_language_model_inputs(model, **inputs) -> dict:
 
 def reference_logits(model, captured: dict, entering: list[int], kept: list[int], image_columns: list[int],
                      prompt_len: int, prune_layer: int | None,
-                     stages: dict[int, list[int]] | None = None) -> tuple[torch.Tensor, list[int]]:
+                     stages: dict[int, list[int]] | None = None,
+                     positions_mode: str = "original") -> tuple[torch.Tensor, list[int]]:
     """Logits of every remaining query column.
 
     entering: image columns whose tokens enter the LLM; kept: those left from ``prune_layer`` on.
     ``stages`` ({layer: image columns left from that layer on}) replaces kept/prune_layer for
     methods that prune at several layers. Queries at columns ≥ prompt_len (generated tokens) never
-    see dropped tokens (compacted cache)."""
+    see dropped tokens (compacted cache). ``positions_mode="contiguous"``: the prompt's remaining
+    columns are numbered 0, 1, 2, … at every stage, and generated tokens continue from the number of
+    prompt columns left after the last stage."""
     if stages is None:
         stages = {prune_layer: kept} if prune_layer is not None else {}
     kept = stages[max(stages)] if stages else list(entering)
@@ -53,8 +57,13 @@ def reference_logits(model, captured: dict, entering: list[int], kept: list[int]
         hidden_from_new = torch.tensor([c in dropped_llm for c in columns]).unsqueeze(0) & (q >= prompt_len).unsqueeze(1)
         return (allowed & ~hidden_from_new).view(1, 1, len(columns), len(columns))
 
+    final_prompt = sum(1 for c in cols if c < prompt_len and c not in dropped_llm)
+
     def rope_for(h, columns):
-        pos = positions[..., columns]
+        if positions_mode == "contiguous":  # (prompt columns come first: columns are ascending)
+            pos = torch.tensor([[j if c < prompt_len else final_prompt + c - prompt_len for j, c in enumerate(columns)]])
+        else:
+            pos = positions[..., columns]
         return lm.rotary_emb(h, pos)
 
     h = embeds[cols].unsqueeze(0)

@@ -64,10 +64,10 @@ class PerImageBudget(Method):
         return self._pick(ctx.attention(torch.tensor([ctx.last])).mean(0)[0][ctx.visual])
 
 
-def _reference_check(model, family, method_factory, prune_layer):
+def _reference_check(model, family, method_factory, prune_layer, positions="original"):
     sample = one(family, 0)
     inputs = make_inputs(model, [sample])
-    with vtprune.pruned(model, method_factory()) as handle:
+    with vtprune.pruned(model, method_factory(), positions=positions) as handle:
         seq, logits = greedy(model, inputs)
         stats = handle.stats[0]
     full = dict(inputs)
@@ -79,22 +79,25 @@ def _reference_check(model, family, method_factory, prune_layer):
     image_columns = torch.nonzero(inputs["input_ids"][0] == model.config.image_token_id).flatten().tolist()
     prompt_len = inputs["input_ids"].shape[1]
     ref, cols = reference_logits(model, captured, stats.entering_columns[0], stats.kept_columns[0], image_columns,
-                                 prompt_len, prune_layer)
+                                 prompt_len, prune_layer, positions_mode=positions)
     steps = [cols.index(prompt_len - 1 + t) for t in range(logits.shape[1])]
     assert len(stats.kept_columns[0]) < len(image_columns)
     assert (ref[steps] - logits[0]).abs().max() <= 1e-4
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_vision_pruning_equals_hand_built_reference(family):
-    model = model_of(family)
-    _reference_check(model, family, lambda: vtprune.make_method("random", ratio=0.4, seed=3), None)
+POSITIONS = [(f, "original") for f in FAMILIES] + [(f, "contiguous") for f in FAMILIES if f.startswith("llava")]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_llm_pruning_and_cached_decoding_equal_reference(family):
+@pytest.mark.parametrize("family,positions", POSITIONS)
+def test_vision_pruning_equals_hand_built_reference(family, positions):
     model = model_of(family)
-    _reference_check(model, family, lambda: vtprune.make_method("fastv", ratio=0.4, layer=2), 2)
+    _reference_check(model, family, lambda: vtprune.make_method("random", ratio=0.4, seed=3), None, positions)
+
+
+@pytest.mark.parametrize("family,positions", POSITIONS)
+def test_llm_pruning_and_cached_decoding_equal_reference(family, positions):
+    model = model_of(family)
+    _reference_check(model, family, lambda: vtprune.make_method("fastv", ratio=0.4, layer=2), 2, positions)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -40,15 +40,19 @@ MULTI_STAGE = {
 }
 
 
-# -- 1. multi-stage in-LLM pruning: original positions at every stage ------------------------------
-@pytest.mark.parametrize("family", FAMILIES)
+# -- 1. multi-stage in-LLM pruning: original or contiguous positions at every stage ---------------
+POSITIONS = [(f, "original") for f in FAMILIES] + [(f, "contiguous") for f in FAMILIES if f.startswith("llava")]
+
+
+@pytest.mark.parametrize("family,positions", POSITIONS)
 @pytest.mark.parametrize("name", sorted(MULTI_STAGE))
-def test_multi_stage_llm_pruning_equals_a_masked_full_recompute(family, name):
-    """Every stage keeps its columns at their original positions: the pruned prefill and the cached
-    decoding equal a layer-by-layer recompute on exactly the columns each stage kept."""
+def test_multi_stage_llm_pruning_equals_a_masked_full_recompute(family, positions, name):
+    """Every stage keeps its columns at their original positions (or renumbers them without gaps):
+    the pruned prefill and the cached decoding equal a layer-by-layer recompute on exactly the
+    columns each stage kept."""
     model = model_of(family)
     inputs = make_inputs(model, [sample(family)])
-    with vtprune.pruned(model, name, **MULTI_STAGE[name]) as handle:
+    with vtprune.pruned(model, name, positions=positions, **MULTI_STAGE[name]) as handle:
         seq, logits = greedy(model, inputs)
     stats = handle.stats[0]
     stages = {layer: cols[0] for layer, cols in stats.stage_columns.items()}
@@ -60,17 +64,17 @@ def test_multi_stage_llm_pruning_equals_a_masked_full_recompute(family, name):
     image_columns = torch.nonzero(inputs["input_ids"][0] == model.config.image_token_id).flatten().tolist()
     prompt_len = inputs["input_ids"].shape[1]
     ref, cols = reference_logits(model, captured, stats.entering_columns[0], None, image_columns, prompt_len,
-                                 None, stages=stages)
+                                 None, stages=stages, positions_mode=positions)
     steps = [cols.index(prompt_len - 1 + t) for t in range(logits.shape[1])]
     assert (ref[steps] - logits[0]).abs().max() <= 1e-4
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family,positions", POSITIONS)
 @pytest.mark.parametrize("name", sorted(MULTI_STAGE))
-def test_multi_stage_batch_equals_each_sample_alone(family, name):
+def test_multi_stage_batch_equals_each_sample_alone(family, positions, name):
     model = model_of(family)
     samples = [sample(family, 0, seed=0), sample(family, 1, seed=4)]
-    with vtprune.pruned(model, name, **MULTI_STAGE[name]):
+    with vtprune.pruned(model, name, positions=positions, **MULTI_STAGE[name]):
         seq_b, logits_b = greedy(model, make_inputs(model, samples))
         for i, s in enumerate(samples):
             seq_a, logits_a = greedy(model, make_inputs(model, [s]))

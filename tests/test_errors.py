@@ -3,7 +3,8 @@ import pytest
 import torch
 
 import vtprune
-from vtprune.errors import BudgetError, InputError, UnknownMethodError, UnsupportedMethodError, UnsupportedModelError
+from vtprune.errors import (ArgumentError, BudgetError, InputError, UnknownMethodError, UnsupportedMethodError,
+                            UnsupportedModelError)
 from vtprune.methods import Method, Selection, Stage
 from vtprune.tiny import Sample, make_inputs, tiny_model
 
@@ -88,3 +89,30 @@ def test_a_transformers_without_precomputed_image_features_is_refused(llava, mon
     with pytest.raises(UnsupportedModelError, match="transformers >= 5.18"):
         vtprune.apply(llava, "random", keep=4)
     assert "forward" not in llava.__dict__
+
+
+def test_positions_must_be_original_or_contiguous(llava):
+    with pytest.raises(ArgumentError, match="positions='gapless' is not allowed"):
+        vtprune.apply(llava, "fastv", keep=4, positions="gapless")
+    assert getattr(llava, "_vtprune_handle", None) is None
+
+
+def test_contiguous_positions_are_refused_for_qwen_but_its_default_falls_back():
+    from tiny_models import model_of
+
+    qwen = model_of("qwen2_5_vl")
+    with pytest.raises(UnsupportedMethodError, match="M-RoPE"):
+        vtprune.apply(qwen, "fastv", keep=4, positions="contiguous")
+    assert getattr(qwen, "_vtprune_handle", None) is None and "forward" not in qwen.__dict__
+
+
+def test_a_method_defaulting_to_contiguous_positions_gets_them(llava):
+    class Contiguous(Method):
+        name = "test_contiguous_default"
+        stages = (Stage.VISION,)
+        default_positions = "contiguous"
+
+    with vtprune.pruned(llava, Contiguous()) as handle:
+        assert handle._pruner.contiguous
+    with vtprune.pruned(llava, Contiguous(), positions="original") as handle:
+        assert not handle._pruner.contiguous

@@ -12,6 +12,7 @@ from ._compat import check_transformers
 from .errors import AlreadyPrunedError, ArgumentError, UnsupportedMethodError
 
 LAYOUTS = ("model", "flat")
+POSITIONS = ("original", "contiguous")
 
 
 class PruneHandle:
@@ -65,13 +66,19 @@ def _decoder_depth(model) -> int:
     return int(text.num_hidden_layers)
 
 
-def apply(model, method: Method | str, *, layout: str | None = None, **method_kwargs) -> PruneHandle:
+def apply(model, method: Method | str, *, layout: str | None = None, positions: str | None = None,
+          **method_kwargs) -> PruneHandle:
     """Prune ``model``'s visual tokens with ``method`` from now on.
 
     ``method`` is a :class:`~vtprune.methods.Method` or a registered name with its arguments, e.g.
     ``apply(model, "fastv", keep=64)``. ``layout`` (LLaVA-NeXT only): "model" keeps the model's
     unpad + newline layout, "flat" uses base + crops without newlines; by default the method's own
-    (OccamToken: "flat", the paper's accounting; every other method: "model"). Returns a handle with
+    (OccamToken: "flat", the paper's accounting; every other method: "model"). ``positions``:
+    "original" keeps every kept token at its position in the unpruned sequence; "contiguous" numbers the
+    pruned sequence without gaps, as the unmodified model would number it (in-LLM stages renumber the
+    tokens after each stage, and decoding continues from the last number). By default the method's
+    own (``method.default_positions``: what its official LLaVA code does); Qwen models always keep
+    original positions (M-RoPE). Returns a handle with
     ``stats`` and ``remove()``; the model keeps its attention implementation.
 
     Every argument is checked here, before the model is touched: a wrong one raises a
@@ -84,6 +91,8 @@ def apply(model, method: Method | str, *, layout: str | None = None, **method_kw
     family = family_of(model)
     if layout not in (None, "model") and family != "llava_next":
         raise UnsupportedMethodError("layout= applies to LLaVA-NeXT only.")
+    if positions is not None and positions not in POSITIONS:
+        raise ArgumentError(f"positions={positions!r} is not allowed; choose one of {', '.join(map(repr, POSITIONS))}.")
     if getattr(model, "_vtprune_handle", None) is not None:
         raise AlreadyPrunedError("This model is already pruned; call handle.remove() before applying another method.")
     method.prepare(family, _decoder_depth(model))
@@ -92,11 +101,23 @@ def apply(model, method: Method | str, *, layout: str | None = None, **method_kw
     if not method.stages:
         raise UnsupportedMethodError(f"Method '{method.name}' declares no insertion point.")
     method.check_model(adapter)
+    positions = _resolve_positions(positions, method, adapter)
     stats: list[CallStats] = []
-    pruner = Pruner(model, method, adapter, stats)
+    pruner = Pruner(model, method, adapter, stats, positions=positions)
     handle = PruneHandle(model, method, pruner, stats)
     model._vtprune_handle = handle
     return handle
+
+
+def _resolve_positions(positions: str | None, method: Method, adapter) -> str:
+    """The caller's choice, else the method's default; a family with other position ids keeps the
+    original ones unless the caller insisted on contiguous ones (then: a clear error)."""
+    reason = adapter.contiguous_positions_unsupported
+    if positions == "contiguous" and reason:
+        raise UnsupportedMethodError(f"positions='contiguous' does not apply to {adapter.family}: {reason}.")
+    if positions is None:
+        positions = "original" if reason else method.default_positions
+    return positions
 
 
 @contextlib.contextmanager

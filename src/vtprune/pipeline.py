@@ -2,13 +2,14 @@
 
 The model's ``forward`` is wrapped. On a prefill that carries images, the wrapper
 1. runs the vision side through the adapter (vision / projected pruning happen there);
-2. lays each sample out as text + kept image units at their *original* positions, left-padded;
+2. lays each sample out as text + kept image units, left-padded, at their *original* positions or
+   (``positions="contiguous"``) numbered without gaps as the unmodified model would number them;
 3. calls the model's own forward with the compact ``input_ids``, mask, explicit position ids and the
    precomputed image features (``mm_encoder_outputs``), with decoder-layer hooks for in-LLM pruning;
 4. after an in-LLM prune, compacts the KV cache of the earlier layers to the kept tokens.
 Later calls that continue that cache (``generate``'s decoding steps) are translated: the caller's
 attention mask, which still counts the original tokens, is mapped onto the compact cache, and
-positions continue from the original sequence length.
+positions continue from the original sequence length (contiguous: from the pruned one).
 """
 from __future__ import annotations
 
@@ -71,6 +72,7 @@ class PrefillCall:
     stage_layouts: list[tuple[int, Layout]] = field(default_factory=list)  # layout entering each stage
     recorders: dict = field(default_factory=dict)  # attention recorders per pruning layer
     source_columns: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (left pad, input columns)
+    caller_positions: bool = False  # the caller passed position ids (numbered from each first real token)
 
 
 def _left_pad(rows: list[torch.Tensor], fill) -> torch.Tensor:
@@ -86,10 +88,11 @@ def _left_pad(rows: list[torch.Tensor], fill) -> torch.Tensor:
 class Pruner:
     """Holds the method, the adapter, the hooks and the statistics of one ``apply()``."""
 
-    def __init__(self, model, method: Method, adapter: Adapter, stats_log: list):
+    def __init__(self, model, method: Method, adapter: Adapter, stats_log: list, positions: str = "original"):
         self.model = model
         self.method = method
         self.adapter = adapter
+        self.contiguous = positions == "contiguous"
         self.stats_log = stats_log
         self.sessions: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
         self._call: PrefillCall | None = None  # set only while a pruned prefill runs
@@ -170,7 +173,8 @@ class Pruner:
 
     # -- prefill --------------------------------------------------------------------------------
     def _prefill(self, kwargs):
-        call = PrefillCall(stats=CallStats(method=self.method.describe()))
+        positions = "contiguous" if self.contiguous else "original"
+        call = PrefillCall(stats=CallStats(method=self.method.describe(), positions=positions))
         self._call = call
         try:
             return self._run_prefill(call, kwargs)
@@ -185,6 +189,7 @@ class Pruner:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         user_positions = kwargs.pop("position_ids", None)
+        call.caller_positions = user_positions is not None
         image_inputs = {k: kwargs.pop(k) for k in _IMAGE_KWARGS if k in kwargs}
         self.adapter.check_prefill_inputs(input_ids, image_inputs, user_positions)
         spans = self.adapter.image_spans(input_ids, image_inputs)
@@ -203,6 +208,8 @@ class Pruner:
             real = full_mask.detach().to("cpu", torch.bool)  # sync: the rewritten sequence's padding
         ids, mask, pos, layout, newline_counts = self._compact(call, full_ids, full_mask, real, positions, span_units,
                                                                images)
+        if self.contiguous:
+            pos = _contiguous_positions(mask, call.caller_positions).unsqueeze(0)
         for im, newlines in zip(images, newline_counts):
             stats.images.append(ImageStats(candidates=im.candidates, after_pre_llm=len(im.keep) - im.n_extra - newlines,
                                            registers=im.n_extra, newlines=newlines, info=dict(im.info)))
@@ -219,6 +226,8 @@ class Pruner:
                            self._visual_columns(call, final_layout, registers=False))
         cache = output_cache(out)
         if cache is not None:
+            if self.contiguous:
+                position_shift = _contiguous_shift(final_layout.mask, attention_mask, call.caller_positions)
             self.sessions[cache] = Session(compact_mask=final_layout.mask.to(mask),
                                            original_prompt_len=attention_mask.shape[1],
                                            original_seen=input_ids.shape[1], position_shift=position_shift)
@@ -441,26 +450,19 @@ class Pruner:
         call.layout = Layout(index=new_index, candidates=new_candidates, protected=layout.protected,
                              fixed=layout.fixed, text_after=layout.text_after)
         call.stats.stage_columns[K] = self._visual_columns(call, call.layout)
-        call.layer_kwargs = self._layer_inputs(kwargs, gather, new_hidden)
+        call.layer_kwargs = self._layer_inputs(call, kwargs, gather, new_hidden)
         return new_hidden
 
-    def _layer_inputs(self, kwargs, gather, new_hidden):
+    def _layer_inputs(self, call: PrefillCall, kwargs, gather, new_hidden):
         """Position embeddings, position ids and the causal mask for the new layout."""
         from transformers.masking_utils import create_causal_mask
 
-        cos, sin = kwargs["position_embeddings"]
-        idx = gather.clamp(min=0).to(cos.device)
-
-        def take(t):
-            # sequence is the second-to-last dim for (B, L, d) and (3, B, L, d)
-            view = idx.view(*([1] * (t.dim() - 3)), *idx.shape, 1).expand(*t.shape[:-2], idx.shape[1], t.shape[-1])
-            return t.gather(t.dim() - 2, view)
-
-        out = {"position_embeddings": (take(cos), take(sin))}
-        pos = kwargs.get("position_ids")
-        if pos is not None:
-            out["position_ids"] = pos.expand(idx.shape[0], -1).gather(1, idx.to(pos.device)) if pos.dim() == 2 else pos
         mask2d = (gather >= 0).long()
+        if self.contiguous:
+            pos = _contiguous_positions(mask2d, call.caller_positions).to(new_hidden.device)
+            out = {"position_embeddings": self.adapter.language_model.rotary_emb(new_hidden, pos), "position_ids": pos}
+        else:
+            out = _gathered_positions(kwargs, gather)
         # the cache argument goes by position: transformers renames it (past_key_values -> cache)
         attention_mask = create_causal_mask(self.adapter.text_config, new_hidden, mask2d.to(new_hidden.device), None)
         if isinstance(kwargs.get("attention_mask"), dict):
@@ -508,6 +510,40 @@ class Pruner:
         owner, self._deepstack_owner = self._deepstack_owner, None
         if owner is not None and "_deepstack_process" in owner.__dict__:
             del owner._deepstack_process
+
+
+def _gathered_positions(kwargs, gather) -> dict:
+    """The current position embeddings and ids at the slots ``gather`` keeps (original positions)."""
+    cos, sin = kwargs["position_embeddings"]
+    idx = gather.clamp(min=0).to(cos.device)
+
+    def take(t):
+        # sequence is the second-to-last dim for (B, L, d) and (3, B, L, d)
+        view = idx.view(*([1] * (t.dim() - 3)), *idx.shape, 1).expand(*t.shape[:-2], idx.shape[1], t.shape[-1])
+        return t.gather(t.dim() - 2, view)
+
+    out = {"position_embeddings": (take(cos), take(sin))}
+    pos = kwargs.get("position_ids")
+    if pos is not None:
+        out["position_ids"] = pos.expand(idx.shape[0], -1).gather(1, idx.to(pos.device)) if pos.dim() == 2 else pos
+    return out
+
+
+def _contiguous_positions(mask: torch.Tensor, caller_positions: bool) -> torch.Tensor:
+    """(B, L) positions without gaps for a left-padded sequence with ``mask``, numbered as the
+    unmodified model numbers its input: from each sample's first real token when the caller passes
+    positions (``generate``), else by column."""
+    if caller_positions:
+        return (mask.long().cumsum(-1) - 1).clamp(min=0)
+    return torch.arange(mask.shape[1], device=mask.device).expand(mask.shape[0], -1)
+
+
+def _contiguous_shift(final_mask: torch.Tensor, input_mask: torch.Tensor, caller_positions: bool) -> torch.Tensor:
+    """(B,) what carries the caller's decoding positions (which count the unpruned prompt) onto the
+    contiguous numbering of the pruned one."""
+    if caller_positions:
+        return (final_mask.sum(1).to(input_mask.device) - input_mask.sum(1)).long()
+    return torch.full((final_mask.shape[0],), final_mask.shape[1] - input_mask.shape[1], dtype=torch.long)
 
 
 _NOTHING = object()  # marks "no forward on the instance" (a forward of None is a value)

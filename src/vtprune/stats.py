@@ -36,6 +36,7 @@ class CallStats:
     """
 
     method: str
+    positions: str = "original"  # "original" or "contiguous": how the LLM numbered the pruned sequence
     images: list[ImageStats] = field(default_factory=list)
     llm_stages: dict[int, dict[int, int]] = field(default_factory=dict)
     llm_info: dict[int, dict[int, dict]] = field(default_factory=dict)  # method info per sample and layer

@@ -66,6 +66,8 @@ class Adapter:
     """Shared logic; subclasses fill in the family specifics."""
 
     family: str = ""
+    #: None when positions="contiguous" works for this family (1-D positions); else why it does not
+    contiguous_positions_unsupported: str | None = None
 
     def __init__(self, model, layout: str = "model"):
         self.model = model

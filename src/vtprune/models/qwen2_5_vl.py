@@ -19,6 +19,9 @@ from .base import Adapter, EncodedImage, register_adapter
 @register_adapter
 class Qwen25VLAdapter(Adapter):
     family = "qwen2_5_vl"
+    contiguous_positions_unsupported = (
+        "its M-RoPE positions are 3-D (time, row, column) and no official code renumbers them; the text after an "
+        "image already starts right after the image's largest position")
 
     @property
     def visual(self):
