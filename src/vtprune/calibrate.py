@@ -301,7 +301,7 @@ def _calibration_pairs(args) -> tuple[list[Pair], str]:
 def _occam_settings(args) -> dict:
     """λ1 and the stage-II layer to fit λ2 with: the flags, else the OccamToken settings shipped next to
     the model's weights (what ``vtprune generate`` and ``vtprune demo`` run with), else none."""
-    from .demo_cli import default_method_args
+    from .cli.arguments import default_method_args
 
     shipped = default_method_args("occamtoken", args.model)
     settings = {k: shipped[k] for k in ("lambda1", "layer") if k in shipped}

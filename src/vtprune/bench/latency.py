@@ -382,9 +382,9 @@ def method_takes_budget(name: str) -> bool:
 
 def parse_method_args(items: Sequence[str]) -> dict[str, dict[str, Any]]:
     """``["fastv:layer=3", "pyramiddrop:layers=1,2,3,keep=4"]`` -> ``{"fastv": {"layer": 3}, ...}``.
-    Values are read as by every other command (``vtprune.cli.parse_value``); a comma followed by a piece
+    Values are read as by every other command (``vtprune.cli.arguments.parse_value``); a comma followed by a piece
     without ``=`` continues the previous value as a tuple."""
-    from ..cli import parse_value
+    from ..cli.arguments import parse_value
 
     out: dict[str, dict[str, Any]] = {}
     for item in items or ():

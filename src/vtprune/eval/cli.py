@@ -76,7 +76,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
 def model_args_string(args) -> str:
     """lmms-eval ``--model_args`` for the ``vtprune`` model."""
-    from ..cli import parse_method_args
+    from ..cli.arguments import parse_method_args
 
     parts = [f"pretrained={args.model}", f"method={args.method}"]
     for key, value in parse_method_args(args.arg).items():

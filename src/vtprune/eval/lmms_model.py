@@ -481,7 +481,7 @@ def _bracketed_tuple(value: Any) -> Any:
     """``"[8,16,24]"`` (how ``vtprune eval`` passes a tuple through lmms-eval's comma-split model_args)
     as ``(8, 16, 24)``; anything else unchanged."""
     if isinstance(value, str) and value.startswith("[") and value.endswith("]"):
-        from ..cli import parse_value
+        from ..cli.arguments import parse_value
 
         return tuple(parse_value(part) for part in value[1:-1].split(",") if part.strip())
     return value

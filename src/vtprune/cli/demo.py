@@ -1,28 +1,17 @@
 """``vtprune demo`` (the README's first command) and ``vtprune generate``."""
 from __future__ import annotations
 
-import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
 
+from .arguments import add_method_arguments, default_method_args, parse_method_args
+
 DEFAULT_DEMO_METHOD = "occamtoken"
-OCCAM_SETTINGS = "vtprune_occamtoken.json"  # λ1/λ2 calibrated for a model, next to its weights
-
-
-def default_method_args(method: str, model_dir=None) -> dict:
-    """Arguments used when the user gives none: OccamToken's calibrated settings shipped next to the
-    model's weights (if any), otherwise keep=64 for fixed-budget methods."""
-    if method == "occamtoken":
-        path = Path(model_dir) / OCCAM_SETTINGS if model_dir else None
-        return json.loads(path.read_text()) if path is not None and path.is_file() else {}
-    return {"keep": 64}
 
 
 def add_demo_cli(sub) -> None:
-    from .cli import add_method_arguments
 
     p = sub.add_parser("demo", help="prune the shipped demo model on a few scenes; prints answers, tokens, time")
     p.add_argument("--scenes", type=int, default=4, help="number of test scenes (default 4)")
@@ -32,7 +21,6 @@ def add_demo_cli(sub) -> None:
 
 
 def add_generate_cli(sub) -> None:
-    from .cli import add_method_arguments
 
     p = sub.add_parser("generate", help="answer a prompt about one image with and without pruning")
     p.add_argument("--model", required=True, help="local path of a supported HF VLM (with its processor)")
@@ -73,22 +61,21 @@ def compare(model, processor, inputs, method_name, method_args, max_new_tokens=8
 
 
 def run_demo(args) -> int:
-    from .cli import parse_method_args
 
-    from .demo import MODEL_DIR
+    from ..demo import MODEL_DIR
 
     method_args = parse_method_args(args.arg) or default_method_args(args.method, MODEL_DIR)
     import vtprune
 
     vtprune.make_method(args.method, **method_args)  # a misspelt method or argument fails here, in one line
     try:
-        from .demo import load_demo_model
+        from ..demo import load_demo_model
         model, processor = load_demo_model()
     except Exception as error:  # the shipped checkpoint is optional while it is being trained
         return _tiny_demo(args, method_args, error)
-    from .demo.scenes import make_split
-    from .demo.tokenizer import prompt
-    from .viz import save_overlay
+    from ..demo.scenes import make_split
+    from ..demo.tokenizer import prompt
+    from ..viz import save_overlay
 
     out_dir = Path(args.out)
     print(f"vtprune demo: the shipped scenes model (LLaVA architecture, 576 visual tokens), method {args.method} "
@@ -126,7 +113,7 @@ def _print_rows(rows) -> None:
 
 
 def _tiny_demo(args, method_args, error) -> int:
-    from .tiny import Sample, make_inputs, tiny_model
+    from ..tiny import Sample, make_inputs, tiny_model
 
     print(f"vtprune demo: the shipped demo model is not available ({error}).")
     print("Running on a tiny random-weight LLaVA built from a config instead: the answers are noise; "
@@ -147,12 +134,11 @@ def run_generate(args) -> int:
     from PIL import Image
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from .cli import parse_method_args
-    from .viz import save_overlay
+    from ..viz import save_overlay
 
     import vtprune
 
-    from .errors import InputError
+    from ..errors import InputError
 
     method_args = parse_method_args(args.arg) or default_method_args(args.method, args.model)
     vtprune.make_method(args.method, **method_args)  # a misspelt method or argument fails before loading
