@@ -473,3 +473,46 @@ if __name__ == "__main__":  # print the static findings (for reviewing the allow
             flag = "ok " if _allowed(p, func, text) else "BAD"
             print(f"{flag} {p.name}:{line} {func}: {what}: {text}")
     sys.exit(0)
+
+
+# -- (a') the pipeline ---------------------------------------------------------------------------------
+#
+# The pipeline keeps its bookkeeping (which column holds what, per sample) on small CPU index tensors:
+# reading those back costs no device wait. Device tensors (ids, masks, hidden states, the methods'
+# selections) are read back only on the lines marked ``# sync:``, one per image (pre-LLM) or per
+# sample and stage (in-LLM). Every other finding must sit in a function listed here, with the reason;
+# its loops run per sample, per image, per layer or per stage, never per token.
+PIPELINE = METHODS_DIR.parent / "pipeline.py"
+PIPELINE_FUNCTIONS = {
+    "__init__": "once per apply()",
+    "remove": "once per remove()",
+    "_install_llm_hooks": "once per apply(): one hook per decoder layer",
+    "_check_llm_layers": "once per apply()",
+    "_run_prefill": "per image: its stats record; the image-input kwargs",
+    "_left_pad": "per sample",
+    "_text_after_each_image": "per image; CPU mask",
+    "_rewrite_spans": "per sample and image (LLaVA-NeXT flat layout); CPU lengths",
+    "_compact": "per sample and image; CPU index tensors",
+    "slots": "per sample; CPU index tensors",
+    "_unit_kinds": "CPU index tensors (the kept units, read once per image on the marked line)",
+    "_run_with_llm_pruning": "per pruning layer",
+    "_prune_at": "per sample; CPU index tensors of the layout",
+    "_layer_inputs": "per mask kind",
+    "_compact_cache": "per decoder layer and stage",
+    "_map_layout": "per sample; CPU index tensors",
+    "_first_real": "per sample, LLaVA-NeXT flat layout only (marked)",
+    "__call__": "deferred: runs when the stats are read, not in the prefill (CallStats.defer)",
+    "columns": "deferred, as above",
+    "_cells_of": "deferred, as above",
+}
+PIPELINE_SYNCS = 3  # the kept units per image, the kept tokens per sample and stage, NeXT flat padding
+
+
+def test_pipeline_reads_back_only_host_tensors_outside_the_marked_lines():
+    findings = _findings(PIPELINE)
+    bad = [f"pipeline.py:{line} in {func}(): {what}: {text}" for line, func, what, text in findings
+           if not any(m in text for m in MARKERS) and func not in PIPELINE_FUNCTIONS]
+    assert not bad, "read-backs or loops on the prefill path:\n" + "\n".join(bad)
+    marked = {line for line, _, _, text in findings if "# sync:" in text}
+    assert len(marked) == PIPELINE_SYNCS
+    assert set(PIPELINE_FUNCTIONS) <= {func for _, func, _, _ in findings} | {"__init__"}, "stale allow-list entry"

@@ -73,6 +73,7 @@ class PrefillCall:
     recorders: dict = field(default_factory=dict)  # attention recorders per pruning layer
     source_columns: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (left pad, input columns)
     caller_positions: bool = False  # the caller passed position ids (numbered from each first real token)
+    layouts_after: dict[int, Layout] = field(default_factory=dict)  # the layout after each in-LLM stage
 
 
 def _left_pad(rows: list[torch.Tensor], fill) -> torch.Tensor:
@@ -220,10 +221,8 @@ class Pruner:
         else:
             out = self._original_forward(**kwargs)
         final_layout = call.layout if call.layout is not None else layout
-        stats.entering_columns = self._visual_columns(call, layout)
-        stats.kept_columns = self._visual_columns(call, final_layout)
-        self._record_cells(stats, span_units, images, self._visual_columns(call, layout, registers=False),
-                           self._visual_columns(call, final_layout, registers=False))
+        stats.defer(_ColumnRecord(call.source_columns, layout, final_layout, dict(call.layouts_after), span_units,
+                                  [im.unit_cells for im in images]))
         cache = output_cache(out)
         if cache is not None:
             if self.contiguous:
@@ -233,34 +232,6 @@ class Pruner:
                                            original_seen=input_ids.shape[1], position_shift=position_shift)
         stats.total_seconds = time.perf_counter() - t_start
         self.stats_log.append(stats)
-        return out
-
-    @staticmethod
-    def _record_cells(stats: CallStats, span_units, images: list[EncodedImage], entering, kept) -> None:
-        """Per image, the (crop, row, col) cells of its patches that entered the LLM and that remained
-        (``entering`` / ``kept``: per sample, the input columns of those patches, registers excluded:
-        a register shares its image's last column and must not count as that patch)."""
-        k = 0
-        for b, units in enumerate(span_units):
-            for start, n_units in units:
-                im, im_stats = images[k], stats.images[k]
-                k += 1
-                if im.unit_cells is None:
-                    continue
-                for attr, cols in (("entering_cells", entering[b]), ("kept_cells", kept[b])):
-                    rel = [c - start for c in cols if start <= c < start + n_units]
-                    cells = im.unit_cells[torch.tensor(rel, dtype=torch.long)] if rel else im.unit_cells[:0]
-                    setattr(im_stats, attr, [tuple(c) for c in cells.tolist() if c[0] >= 0])
-
-    @staticmethod
-    def _visual_columns(call: PrefillCall, layout: Layout, registers: bool = True) -> list[list[int]]:
-        """Per sample, the columns of the (full-layout) input sequence whose visual tokens remain
-        (a register shows as the column of its image's last unit)."""
-        out = []
-        for b, (pad, cols) in enumerate(call.source_columns):
-            parts = [layout.candidates[b], layout.fixed[b]] + ([layout.protected[b]] if registers else [])
-            compact = torch.cat(parts).sort().values - pad
-            out.append(cols[compact].tolist())
         return out
 
     def _as_rows_or_none(self, positions):
@@ -449,7 +420,7 @@ class Pruner:
         new_index = torch.where(gather >= 0, layout.index.gather(1, gather.clamp(min=0)), -1)
         call.layout = Layout(index=new_index, candidates=new_candidates, protected=layout.protected,
                              fixed=layout.fixed, text_after=layout.text_after)
-        call.stats.stage_columns[K] = self._visual_columns(call, call.layout)
+        call.layouts_after[K] = call.layout
         call.layer_kwargs = self._layer_inputs(call, kwargs, gather, new_hidden)
         return new_hidden
 
@@ -510,6 +481,51 @@ class Pruner:
         owner, self._deepstack_owner = self._deepstack_owner, None
         if owner is not None and "_deepstack_process" in owner.__dict__:
             del owner._deepstack_process
+
+
+@dataclass
+class _ColumnRecord:
+    """Fills a call's column and cell lists when someone reads them (``CallStats.defer``): the
+    prefill keeps only the small CPU index tensors it needs, never the images' features."""
+
+    source_columns: list[tuple[int, torch.Tensor]]  # per sample: (left pad, input column of each compact slot)
+    entering: Layout
+    final: Layout
+    after_stage: dict[int, Layout]
+    span_units: list[list[tuple[int, int]]]  # per sample: (start, n_units) of each image
+    unit_cells: list[torch.Tensor | None]  # per image: (crop, row, col) of each unit
+
+    def __call__(self, stats: CallStats) -> None:
+        stats.set_columns("entering_columns", self.columns(self.entering))
+        stats.set_columns("kept_columns", self.columns(self.final))
+        stats.set_columns("stage_columns", {K: self.columns(layout) for K, layout in self.after_stage.items()})
+        entering, kept = self.columns(self.entering, registers=False), self.columns(self.final, registers=False)
+        k = 0
+        for b, units in enumerate(self.span_units):
+            for start, n_units in units:
+                cells, im_stats = self.unit_cells[k], stats.images[k]
+                k += 1
+                if cells is None:
+                    continue
+                for name, cols in (("entering_cells", entering[b]), ("kept_cells", kept[b])):
+                    im_stats._cells[name] = _cells_of(cells, [c - start for c in cols if start <= c < start + n_units])
+
+    def columns(self, layout: Layout, registers: bool = True) -> list[list[int]]:
+        """Per sample, the columns of the (full-layout) input sequence whose visual tokens remain (a
+        register shows as the column of its image's last unit; ``registers=False`` leaves them out, so
+        that a register does not count as that unit)."""
+        out = []
+        for b, (pad, cols) in enumerate(self.source_columns):
+            parts = [layout.candidates[b], layout.fixed[b]] + ([layout.protected[b]] if registers else [])
+            compact = torch.cat(parts).sort().values - pad
+            out.append(cols[compact].tolist())
+        return out
+
+
+def _cells_of(unit_cells: torch.Tensor, units: list[int]) -> list[tuple[int, int, int]]:
+    """The (crop, row, col) of the given units, newline tokens (crop -1) left out."""
+    cells = unit_cells.cpu()[torch.tensor(units, dtype=torch.long)] if units else unit_cells[:0]
+    return [tuple(c) for c in cells.tolist() if c[0] >= 0]
 
 
 def _gathered_positions(kwargs, gather) -> dict:

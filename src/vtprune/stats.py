@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Callable
 
 import torch
 
@@ -15,9 +16,23 @@ class ImageStats:
     registers: int = 0  # register tokens that entered the LLM with the image
     newlines: int = 0  # LLaVA-NeXT newline tokens that entered the LLM with the image
     info: dict = field(default_factory=dict)
-    #: (crop, row, col) of the patches that entered the LLM / that remained after in-LLM pruning
-    entering_cells: list[tuple[int, int, int]] = field(default_factory=list)
-    kept_cells: list[tuple[int, int, int]] = field(default_factory=list)
+    _cells: dict = field(default_factory=dict, repr=False)
+    _owner: "CallStats | None" = field(default=None, repr=False)
+
+    @property
+    def entering_cells(self) -> list[tuple[int, int, int]]:
+        """(crop, row, col) of the patches that entered the LLM (computed when first read)."""
+        return self._cell_list("entering_cells")
+
+    @property
+    def kept_cells(self) -> list[tuple[int, int, int]]:
+        """(crop, row, col) of the patches that remained after in-LLM pruning."""
+        return self._cell_list("kept_cells")
+
+    def _cell_list(self, name: str) -> list:
+        if self._owner is not None:
+            self._owner.resolve()
+        return self._cells.get(name, [])
 
     @property
     def visual_tokens(self) -> int:
@@ -42,13 +57,45 @@ class CallStats:
     llm_info: dict[int, dict[int, dict]] = field(default_factory=dict)  # method info per sample and layer
     method_seconds: float = 0.0
     total_seconds: float = 0.0
-    #: per sample, the input columns whose visual tokens remained after every stage (registers,
-    #: which have no input column of their own, show as the column of the image's last unit)
-    kept_columns: list[list[int]] = field(default_factory=list)
-    #: the same for the visual tokens that entered the LLM (before in-LLM pruning)
-    entering_columns: list[list[int]] = field(default_factory=list)
-    #: in-LLM methods: {layer: per sample, the input columns whose visual tokens remain from that layer on}
-    stage_columns: dict[int, list[list[int]]] = field(default_factory=dict)
+    #: what the pipeline left to compute when someone reads it (columns, cells): the prefill does not
+    #: pay for converting index tensors to lists that nobody reads
+    _pending: Callable[["CallStats"], None] | None = field(default=None, repr=False)
+    _columns: dict = field(default_factory=dict, repr=False)
+
+    def defer(self, compute: Callable[["CallStats"], None]) -> None:
+        """Run ``compute(self)`` when a column or cell list is first read; it fills them with
+        :meth:`set_columns` and ``ImageStats.set_cells``."""
+        self._pending = compute
+        for im in self.images:
+            im._owner = self
+
+    def resolve(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending(self)
+
+    def set_columns(self, name: str, value) -> None:
+        self._columns[name] = value
+
+    @property
+    def kept_columns(self) -> list[list[int]]:
+        """Per sample, the input columns whose visual tokens remained after every stage (registers,
+        which have no input column of their own, show as the column of the image's last unit)."""
+        self.resolve()
+        return self._columns.get("kept_columns", [])
+
+    @property
+    def entering_columns(self) -> list[list[int]]:
+        """The same for the visual tokens that entered the LLM (before in-LLM pruning)."""
+        self.resolve()
+        return self._columns.get("entering_columns", [])
+
+    @property
+    def stage_columns(self) -> dict[int, list[list[int]]]:
+        """In-LLM methods: {layer: per sample, the input columns whose visual tokens remain from that
+        layer on}."""
+        self.resolve()
+        return self._columns.get("stage_columns", {})
 
     @contextlib.contextmanager
     def timer(self):
@@ -95,7 +142,12 @@ class CallStats:
         return out
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        self.resolve()
+        out = {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
+        out["images"] = [{**{f.name: getattr(im, f.name) for f in fields(im) if not f.name.startswith("_")},
+                          "entering_cells": im.entering_cells, "kept_cells": im.kept_cells} for im in self.images]
+        return {**out, "kept_columns": self.kept_columns, "entering_columns": self.entering_columns,
+                "stage_columns": self.stage_columns}
 
 
 def _sync() -> None:
