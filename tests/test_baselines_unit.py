@@ -20,6 +20,8 @@ from vtprune.methods.sparsevlm import SparseVLM, dpc_knn
 from vtprune.methods.visionzip import VisionZip
 from vtprune.methods.vispruner import VisPruner
 
+from tiny_models import tiny_clip_checkpoint
+
 VISION = ["visionzip", "vispruner", "hiprune"]
 PROJECTED = ["divprune", "cdpruner"]
 LLM = ["pyramiddrop", "dart", "sparsevlm"]
@@ -479,39 +481,13 @@ def test_cdpruner_crop_budgets():
     assert CDPruner(keep=10).crop_budgets(10, [4, 16]) == [4, 6]
 
 
-def _tiny_clip(path, vision_hidden=32):
-    """A tiny CLIP checkpoint (random weights, a character-level tokenizer) saved into ``path``."""
-    import json
-
-    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
-
-    chars = "abcdefghijklmnopqrstuvwxyz0123456789?.,!'"
-    vocab = {}
-    for c in chars:
-        vocab[c] = len(vocab)
-        vocab[c + "</w>"] = len(vocab)
-    vocab["<|startoftext|>"], vocab["<|endoftext|>"] = len(vocab), len(vocab) + 1
-    (path / "vocab.json").write_text(json.dumps(vocab))
-    (path / "merges.txt").write_text("#version: 0.2\n")
-    CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt")).save_pretrained(path)
-    torch.manual_seed(0)
-    config = CLIPConfig(text_config=dict(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                         num_attention_heads=2, max_position_embeddings=8, projection_dim=12,
-                                         bos_token_id=len(vocab) - 2, eos_token_id=len(vocab) - 1, pad_token_id=0),
-                        vision_config=dict(hidden_size=vision_hidden, intermediate_size=32, num_hidden_layers=1,
-                                           num_attention_heads=2, image_size=28, patch_size=14, projection_dim=12),
-                        projection_dim=12)
-    CLIPModel(config).save_pretrained(path)
-    return path
-
-
 def test_cdpruner_clip_text_relevance_from_a_checkpoint(tmp_path):
     """text_encoder=PATH: the image embeddings are post_layernorm + visual_projection of the feature layer's
     tokens, the text embeddings the text tower's text_embeds of 8-position segments (this checkpoint's
     max_position_embeddings), right-padded with id 0; the relevance is their negated, normalised cosine."""
     from transformers import CLIPModel, CLIPTokenizerFast
 
-    path = _tiny_clip(tmp_path)
+    path = tiny_clip_checkpoint(tmp_path)
     m = CDPruner(keep=5, text_encoder=str(path), tokenizer=str(path))  # the CLIP tokenizer stands for the LLM's
     m.load_text_encoder()
     clip_model, tok = CLIPModel.from_pretrained(path).eval(), CLIPTokenizerFast.from_pretrained(path)

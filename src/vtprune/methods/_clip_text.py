@@ -9,8 +9,8 @@ The official LLaVA code (Theia-4869/CDPruner, ``clip_encoder.py``) compares
   encoded by ``CLIPTextModelWithProjection``: one ``text_embeds`` row per segment.
 
 Everything runs in fp32. ``post_layernorm`` is taken from the CLIP checkpoint; the official code takes it
-from the LLaVA model's own vision tower, which holds the same weights (LLaVA reads an inner layer, so
-its training never touches ``post_layernorm``).
+from the LLaVA model's own vision tower. The two agree where LLaVA kept the CLIP weights (LLaVA reads an
+inner layer, so ``post_layernorm`` receives no gradient in its training).
 """
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ Relevance (``relevance=``), reported in ``Selection.info['relevance']``:
   CLIP checkpoint (the model's vision tower, e.g. openai/clip-vit-large-patch14-336), loaded once by
   :meth:`CDPruner.load_text_encoder`, and the LLM's tokenizer (``tokenizer=PATH``; by default the
   directory the model was loaded from) to turn the instruction's token ids back into text.
-  ``clip_sign=+1`` drops the negation (the paper's formula; the authors negate for CLIP on purpose).
+  ``clip_sign=1`` uses the cosine itself, without the official code's negation.
 * ``"llm_embeddings"`` — not the official relevance: the mean cosine similarity (not negated) of the
   projected visual tokens to the LLM's input embeddings of the text after the image. Works on every
   family without a text tower.
@@ -42,7 +42,8 @@ With the CLIP relevance and the same embeddings, the kept indices equal the offi
 * An instruction with no text tokens makes the DPP unconditional (``info['relevance'] = 'none'``).
 * If the kernel's rank is exhausted before the budget is met (more tokens than independent directions),
   the remaining picks follow the largest residual gain without further updates, so the method always
-  returns exactly the budget (the official update divides by a vanishing gain and yields NaN).
+  returns exactly the budget (the official update divides by the square root of the vanishing gain and
+  yields NaN or inf).
   ``info['degenerate_after']`` (a tensor, one entry per crop with a budget) says after how many picks
   that happened; an entry equal to the crop's budget means never.
 * LLaVA-NeXT: the official code gives every crop the same budget (``visual_token_num`` per crop) and
