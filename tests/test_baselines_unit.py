@@ -2,15 +2,16 @@
 DivPrune, CDPruner, PyramidDrop, DART, SparseVLM."""
 import itertools
 import math
+import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from vtprune.errors import BudgetError, UnsupportedMethodError
+from vtprune.errors import ArgumentError, BudgetError, UnsupportedMethodError
 from vtprune.methods import make_method
 from vtprune.methods.base import ImageContext, LLMContext
-from vtprune.methods.cdpruner import CDPruner, greedy_dpp_map, log_det
+from vtprune.methods.cdpruner import CDPruner, clip_relevance, equal_split, greedy_dpp_map, llm_relevance, log_det
 from vtprune.methods.dart import DART
 from vtprune.methods.divprune import DivPrune
 from vtprune.methods.hiprune import HiPrune
@@ -18,6 +19,8 @@ from vtprune.methods.pyramiddrop import PyramidDrop
 from vtprune.methods.sparsevlm import SparseVLM, dpc_knn
 from vtprune.methods.visionzip import VisionZip
 from vtprune.methods.vispruner import VisPruner
+
+from tiny_models import tiny_clip_checkpoint
 
 VISION = ["visionzip", "vispruner", "hiprune"]
 PROJECTED = ["divprune", "cdpruner"]
@@ -389,7 +392,7 @@ def test_cdpruner_without_relevance_is_plain_dpp_greedy_map():
     torch.manual_seed(4)
     x = torch.randn(9, 5)
     k = 4
-    sel = CDPruner(keep=k, relevance=False).select_projected(image_ctx(x, grids=[(3, 3)], text=torch.randn(2, 5)))
+    sel = CDPruner(keep=k, relevance="off").select_projected(image_ctx(x, grids=[(3, 3)], text=torch.randn(2, 5)))
     xn = F.normalize(x, dim=-1)
     kernel = xn @ xn.T
     assert sel.keep.tolist() == sorted(brute_greedy_map(kernel, k))
@@ -398,7 +401,7 @@ def test_cdpruner_without_relevance_is_plain_dpp_greedy_map():
 
 def test_cdpruner_finds_exact_map_on_clusters():
     x = clustered(n_clusters=3, per=3, dim=8, spread=0.02, seed=1)
-    sel = CDPruner(keep=3, relevance=False).select_projected(image_ctx(x, grids=[(3, 3)]))
+    sel = CDPruner(keep=3, relevance="off").select_projected(image_ctx(x, grids=[(3, 3)]))
     xn = F.normalize(x, dim=-1)
     kernel = xn @ xn.T
     best = max(itertools.combinations(range(9), 3), key=lambda s: log_det(kernel, torch.tensor(s)))
@@ -410,13 +413,14 @@ def test_cdpruner_conditional_kernel_matches_brute_force_and_follows_instruction
     x = torch.randn(10, 6)
     text = x[7:8] + 0.01 * torch.randn(1, 6)  # the instruction points at token 7
     k = 4
-    m = CDPruner(keep=k)
+    m = CDPruner(keep=k, relevance="llm_embeddings")
     sel = m.select_projected(image_ctx(x, grids=[(2, 5)], text=text))
+    assert sel.info["relevance"] == "llm_embeddings"
     xn = F.normalize(x, dim=-1)
     r = (xn @ F.normalize(text, dim=-1).T).mean(1)
     r = (r - r.min() + 1e-6) / (r.max() - r.min())
     kernel = r[:, None] * (xn @ xn.T) * r[None, :]
-    assert torch.allclose(m.kernel(x, text), kernel, atol=1e-6)
+    assert torch.allclose(m.kernel(x, llm_relevance(x, text)), kernel, atol=1e-6)
     assert sel.keep.tolist() == sorted(brute_greedy_map(kernel, k))
     assert 7 in sel.keep.tolist()
     picked, _ = greedy_dpp_map(kernel, k)
@@ -425,7 +429,7 @@ def test_cdpruner_conditional_kernel_matches_brute_force_and_follows_instruction
 
 def test_cdpruner_rank_exhausted_still_returns_budget():
     x = torch.randn(3, 4).repeat(6, 1)  # 18 tokens, rank 3
-    sel = CDPruner(keep=5, relevance=False).select_projected(image_ctx(x, grids=[(3, 6)]))
+    sel = CDPruner(keep=5, relevance="off").select_projected(image_ctx(x, grids=[(3, 6)]))
     assert_valid(sel, 18, 5)
     assert sel.info["degenerate_after"].tolist() == [3]  # a tensor: converted where it is read
     picked, deg = greedy_dpp_map(F.normalize(x, dim=-1) @ F.normalize(x, dim=-1).T, 5)
@@ -433,6 +437,84 @@ def test_cdpruner_rank_exhausted_still_returns_budget():
     _, never = greedy_dpp_map(torch.eye(6), 4)
     assert int(never) == 4  # the gains never vanished: the number of picks
     assert sorted(int(i) % 3 for i in picked[:3]) == [0, 1, 2]  # one of each direction first
+
+
+def test_cdpruner_default_without_text_encoder_says_it_is_not_the_official_relevance():
+    x = torch.randn(16, 6, generator=torch.Generator().manual_seed(0))
+    m = CDPruner(keep=4)
+    with pytest.warns(UserWarning, match="llm_embeddings"):
+        sel = m.select_projected(image_ctx(x, grids=[(4, 4)], text=torch.randn(3, 6)))
+    assert sel.info["relevance"] == "llm_embeddings" and m.relevance_source == "llm_embeddings"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per instance
+        m.select_projected(image_ctx(x, grids=[(4, 4)], text=torch.randn(3, 6)))
+
+
+def test_cdpruner_arguments():
+    with pytest.raises(ArgumentError, match="text_encoder"):
+        CDPruner(keep=4, relevance="clip_text")
+    with pytest.raises(ArgumentError, match="only used by"):
+        CDPruner(keep=4, relevance="off", text_encoder="/nowhere")
+    with pytest.raises(ArgumentError):
+        CDPruner(keep=4, relevance=True)
+    with pytest.raises(ArgumentError):
+        CDPruner(keep=4, clip_sign=0)
+    with pytest.raises(ArgumentError, match="CLIP vision tower"):
+        CDPruner(keep=4, text_encoder="/nowhere").prepare("qwen2_5_vl", 4)
+
+
+def test_cdpruner_clip_relevance_is_the_negated_normalised_cosine():
+    g = torch.Generator().manual_seed(3)
+    image, text = torch.randn(10, 8, generator=g), torch.randn(2, 8, generator=g)
+    cos = F.normalize(image, dim=-1) @ F.normalize(text, dim=-1).T
+    r = -cos.mean(1)
+    assert torch.allclose(clip_relevance(image, text), (r - r.min() + 1e-6) / (r.max() - r.min()))
+    r = cos.mean(1)
+    assert torch.allclose(clip_relevance(image, text, sign=1), (r - r.min() + 1e-6) / (r.max() - r.min()))
+
+
+def test_cdpruner_crop_budgets():
+    assert equal_split(160, [576] * 5) == [32] * 5
+    assert equal_split(7, [4, 4, 4]) == [3, 2, 2]
+    assert equal_split(10, [1, 8, 8]) == [1, 5, 4]  # a small crop passes its share on
+    assert CDPruner(keep=10, crop_budget="proportional").crop_budgets(10, [2, 8]) == [2, 8]
+    assert CDPruner(keep=10).crop_budgets(10, [4, 16]) == [4, 6]
+
+
+def test_cdpruner_clip_text_relevance_from_a_checkpoint(tmp_path):
+    """text_encoder=PATH: the image embeddings are post_layernorm + visual_projection of the feature layer's
+    tokens, the text embeddings the text tower's text_embeds of 8-position segments (this checkpoint's
+    max_position_embeddings), right-padded with id 0; the relevance is their negated, normalised cosine."""
+    from transformers import CLIPModel, CLIPTokenizerFast
+
+    path = tiny_clip_checkpoint(tmp_path)
+    m = CDPruner(keep=5, text_encoder=str(path), tokenizer=str(path))  # the CLIP tokenizer stands for the LLM's
+    m.load_text_encoder()
+    clip_model, tok = CLIPModel.from_pretrained(path).eval(), CLIPTokenizerFast.from_pretrained(path)
+    question = "what color is the car?"
+    ids = tok(question, add_special_tokens=False, return_tensors="pt").input_ids[0]
+    g = torch.Generator().manual_seed(1)
+    vision, projected = torch.randn(16, 32, generator=g), torch.randn(16, 24, generator=g)
+    ctx = image_ctx(projected, grids=[(4, 4)], text=torch.randn(3, 24))
+    ctx._lazy._providers["vision_features"] = lambda: vision
+    m.observe_instructions([ids])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the official relevance ran: no warning
+        sel = m.select_projected(ctx)
+    assert sel.info["relevance"] == "clip_text"
+    with torch.no_grad():
+        image_embeds = clip_model.visual_projection(clip_model.vision_model.post_layernorm(vision))
+        t = tok(question, return_tensors="pt")
+        pad = -t.input_ids.shape[1] % 8
+        segments = {k: torch.cat([v, v.new_zeros(1, pad)], 1).reshape(-1, 8) for k, v in t.items()}
+        assert segments["input_ids"].shape[0] > 1  # the question fills more than one segment
+        text_embeds = clip_model.get_text_features(**segments)
+        text_embeds = getattr(text_embeds, "pooler_output", text_embeds)
+    r = clip_relevance(image_embeds, text_embeds)
+    expected, _ = greedy_dpp_map(r[:, None] * (F.normalize(projected, dim=-1) @ F.normalize(projected, dim=-1).T)
+                                 * r[None, :], 5)
+    assert sel.keep.tolist() == sorted(expected.tolist())
+    assert m.clip.instruction_text(ids) == tok.decode(ids, skip_special_tokens=True).strip()
 
 
 # -- PyramidDrop ---------------------------------------------------------------------------------------

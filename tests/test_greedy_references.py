@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from test_baselines_unit import image_ctx, llm_ctx
 from vtprune.methods.base import split_budget
-from vtprune.methods.cdpruner import CDPruner, greedy_dpp_map
+from vtprune.methods.cdpruner import CDPruner, greedy_dpp_map, llm_relevance
 from vtprune.methods.dart import DART
 from vtprune.methods.divprune import DivPrune, cosine_distance
 from vtprune.methods.hiprune import HiPrune
@@ -127,12 +127,13 @@ def test_cdpruner_greedy_freezes_like_the_reference(seed):
 def test_cdpruner_per_crop_matches_reference(seed, k):
     x = features(seed, 64, 24)
     text = features(seed + 10, 3, 24)
-    m = CDPruner(keep=k)
+    m = CDPruner(keep=k, relevance="llm_embeddings")
     sel = m.select_projected(image_ctx(x, grids=[(4, 8), (4, 8)], slices=[slice(0, 32), slice(32, 64)], text=text))
+    r = llm_relevance(x, text)  # normalised over both crops together, as the official code
     expected = []
-    for sl, b in zip([slice(0, 32), slice(32, 64)], split_budget(k, [32, 32])):
+    for sl, b in zip([slice(0, 32), slice(32, 64)], [(k + 1) // 2, k // 2]):  # equal split, remainder first
         if b:
-            expected += [i + sl.start for i in dpp_reference(m.kernel(x[sl], text), b)[0]]
+            expected += [i + sl.start for i in dpp_reference(m.kernel(x[sl], r[sl]), b)[0]]
     assert sel.keep.tolist() == sorted(expected)
 
 

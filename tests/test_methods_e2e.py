@@ -95,3 +95,24 @@ def test_sparsevlm_reaches_its_budget_in_an_early_stage_without_error():
     assert handle.last.images[0].after_pre_llm > 4
     stages = handle.last.llm_stages[0]  # {layer: visual tokens kept from it on}
     assert sorted(stages) == [1, 2] and stages[2] <= 4 + 1  # the budget (plus SparseVLM's recycled token)
+
+
+def test_cdpruner_clip_text_end_to_end(tmp_path):
+    """relevance='clip_text' through the pipeline: the text tower is loaded once by apply, the pipeline hands
+    the method each image's instruction ids, the CLIP relevance runs (stats say so) and the budget holds."""
+    from tiny_models import tiny_clip_checkpoint
+
+    path = tiny_clip_checkpoint(tmp_path, vision_hidden=32)
+    model = model_of("llava")
+    inputs = inputs_for(model, "llava")
+    method = method_class("cdpruner")(keep=6, text_encoder=str(path), tokenizer=str(path))
+    with vtprune.pruned(model, method) as handle:
+        loaded = method.clip
+        assert loaded is not None
+        with torch.no_grad():
+            model.generate(**inputs, max_new_tokens=2, min_new_tokens=2, do_sample=False, pad_token_id=0)
+    assert method.clip is loaded  # loaded once
+    assert [ids.tolist() for ids in method.instruction_ids] == [[9, 10, 11, 12], [9, 13, 14]]
+    stats = handle.stats[0]
+    assert stats.patches_entering_llm == [6, 6]
+    assert [im.info["relevance"] for im in stats.images] == ["clip_text", "clip_text"]

@@ -65,8 +65,11 @@ ALLOWED_LINES = {
     ],
     "cdpruner.py": [
         "for t in range(k):",  # one step per kept token
-        "for sl, budget in zip(ctx.crop_slices, split_budget(total, sizes)):",  # crops
+        "for sl, budget in zip(ctx.crop_slices, self.crop_budgets(total, sizes)):",  # crops
         "sizes = [sl.stop - sl.start for sl in ctx.crop_slices]",
+        "for rank, size in enumerate(by_size):  # crops, smallest first",  # equal_split: Python ints
+        "out = [min(size, level) for size in sizes]",
+        "for i in range(len(sizes)):  # crops: the remainder, one each to the first crops with room",
     ],
     "dart.py": [
         "vis_piv = [step(s, vis_order, True) for s in range(n_vp)]",  # the (≤ 4) visual pivots
@@ -120,6 +123,7 @@ SYNC_LINES = {
     ("_occam_scores.py", "relative_keep"): "OccamToken's kept count is data-dependent (one nonzero per stage)",
     ("sparsevlm.py", "_rater_rank"): "SparseVLM's rank rule sets the kept count (only where it applies)",
     ("cdpruner.py", "log_det"): "a diagnostic for tests, never called while pruning",
+    ("_clip_text.py", "instruction_text"): "CDPruner's CLIP relevance tokenises the instruction's text (once per image)",
 }
 
 

@@ -195,7 +195,9 @@ class Pruner:
         self.adapter.check_prefill_inputs(input_ids, image_inputs, user_positions)
         spans = self.adapter.image_spans(input_ids, image_inputs)
         real = attention_mask.detach().to("cpu", torch.bool)  # sync: the inputs' padding, read once per call
-        text_embeds = self._text_after_each_image(input_ids, real, spans)
+        text_ids = self._text_after_each_image(input_ids, real, spans)
+        self.method.observe_instructions(text_ids)
+        text_embeds = [self.adapter.embed_tokens(ids).detach() for ids in text_ids]
         images = self.adapter.encode_images(image_inputs, self.method, text_embeds, stats.timer)
         full_ids, full_mask, span_units, rewritten = self._rewrite_spans(input_ids, attention_mask, spans, images)
         position_shift = None
@@ -238,15 +240,14 @@ class Pruner:
         return None if positions is None else self._as_rows(positions)
 
     def _text_after_each_image(self, input_ids, real, spans) -> list[torch.Tensor]:
-        """Per image, the LLM embeddings of the text after it (up to the next image); ``real``: the
-        CPU mask of the non-padding columns."""
+        """Per image, the token ids of the text after it (up to the next image); ``real``: the CPU mask
+        of the non-padding columns."""
         out = []
-        embed = self.adapter.embed_tokens
         for b, sample_spans in enumerate(spans):
             for k, (start, end) in enumerate(sample_spans):
                 stop = sample_spans[k + 1][0] if k + 1 < len(sample_spans) else input_ids.shape[1]
                 cols = _real_columns(real[b], end, stop).to(input_ids.device)
-                out.append(embed(input_ids[b, cols]).detach())
+                out.append(input_ids[b, cols])
         return out
 
     def _rewrite_spans(self, input_ids, attention_mask, spans, images: list[EncodedImage]):

@@ -190,6 +190,10 @@ class Method:
                 raise ArgumentError(f"{self.name} reads the attention of vision block {block + 1} (1-based), but this "
                                     f"model's vision tower has {depth} blocks; choose a block in 1..{depth}.")
 
+    def observe_instructions(self, ids: list[torch.Tensor]) -> None:
+        """Called by the pipeline before each prefill's images are encoded, with per image (in the order
+        of ``ImageContext.image_index``) the token ids of the text after it. Default: ignored."""
+
     def vision_tower_patch(self, adapter):
         """A context manager that changes the vision tower while it runs (e.g. appends test-time
         registers), or None. Called once per forward with the model adapter."""
@@ -249,6 +253,8 @@ class ImageContext:
     received_attention (N,) mean attention each candidate receives from all tokens at the
                    feature layer (every tower).
     text_embeddings (T, D_llm) the LLM's input embeddings of the text tokens after the image.
+    vision_features (N, D_vision) projected stage (CLIP towers): the feature layer's candidate tokens
+                   before the projector.
     hidden(layer)  (N, D) the tower's hidden states after block ``layer`` at candidate positions.
     extra          number of appended non-patch tokens at the end of each crop (registers).
     """
@@ -284,6 +290,10 @@ class ImageContext:
     @property
     def text_embeddings(self) -> torch.Tensor:
         return self._lazy.get("text_embeddings", "text embeddings of the instruction")
+
+    @property
+    def vision_features(self) -> torch.Tensor:
+        return self._lazy.get("vision_features", "the feature layer's tokens before the projector")
 
     def hidden(self, layer: int) -> torch.Tensor:
         return self._lazy.function("hidden", "hidden states of inner vision layers")(layer)

@@ -4,35 +4,63 @@ MLLMs" (Zhang et al., NeurIPS 2025, arXiv 2506.10967).
 Projected stage, per crop. A conditional determinantal point process over a crop's tokens:
 
 * similarity ``S = cos(x_i, x_j)`` of the projected visual tokens;
-* relevance ``r_i``: the mean cosine similarity of token ``i`` to the instruction's tokens,
-  min–max normalised to (0, 1] (``(r - min + 1e-6) / (max - min)`` as the official code);
-  optionally sharpened as ``exp(θ / (2(1-θ)) · r)`` (the paper's θ; off by default, as in the code);
+* relevance ``r_i`` of each token to the instruction, min–max normalised to (0, 1]
+  (``(r - min + 1e-6) / (max - min)``, over all crops of the image together), optionally sharpened as
+  ``exp(θ / (2(1-θ)) · r)`` (the paper's θ; off by default, as in the code);
 * kernel ``L = diag(r) · S · diag(r)``; the kept set is the greedy MAP of the DPP, computed with the
   incremental Cholesky update of Chen et al. (NeurIPS 2018, "Fast Greedy MAP Inference for DPP").
 
-With ``relevance=False`` the kernel is ``S`` alone (a plain, instruction-agnostic DPP).
+Official code: Theia-4869/CDPruner, ``LlavaMetaForCausalLM.encode_images`` in ``llava/model/llava_arch.py``
+(see ``official_code``); LLaVA only. The LLM sees the kept tokens at contiguous positions.
 
-Differences from the paper / official code:
+Relevance (``relevance=``), reported in ``Selection.info['relevance']``:
 
-* Instruction embeddings: for LLaVA the paper compares CLIP image embeddings with CLIP text-encoder
-  embeddings of the instruction. No text tower is loaded here, so on every family the instruction is
-  represented by the LLM's own input embeddings of the text after the image (``ctx.text_embeddings``),
-  compared with the projected visual tokens. The official LLaVA code negates the CLIP relevance (an
-  effect its authors saw only with CLIP); we do not.
+* ``"clip_text"`` — the official one: the *negated* mean cosine similarity between each token's CLIP image
+  embedding (the feature layer through ``post_layernorm`` and ``visual_projection``) and the CLIP text
+  tower's embeddings of the instruction (one per 77-token segment). Needs ``text_encoder=PATH``, a local
+  CLIP checkpoint (the model's vision tower, e.g. openai/clip-vit-large-patch14-336), loaded once by
+  :meth:`CDPruner.load_text_encoder`, and the LLM's tokenizer (``tokenizer=PATH``; by default the
+  directory the model was loaded from) to turn the instruction's token ids back into text.
+  ``clip_sign=1`` uses the cosine itself, without the official code's negation.
+* ``"llm_embeddings"`` — not the official relevance: the mean cosine similarity (not negated) of the
+  projected visual tokens to the LLM's input embeddings of the text after the image. Works on every
+  family without a text tower.
+* ``"off"`` — no relevance: a plain, instruction-agnostic DPP over ``S``.
+* ``"auto"`` (default) — ``"clip_text"`` when a ``text_encoder`` is given, else ``"llm_embeddings"``.
+
+When the relevance that runs is not the official one, the method warns once (per instance).
+
+With the CLIP relevance and the same embeddings, the kept indices equal the official code's
+(``tests/fixtures/parity/cdpruner.json``: LLaVA-1.5 and LLaVA-NeXT-shaped inputs). Remaining differences:
+
+* Instruction text: the official evaluation passes the benchmark's question (with some scripts' suffix
+  such as "Answer the question using a single word or phrase." removed); here it is the decoded text after
+  the image in the prompt, so the chat template's remainder (e.g. "ASSISTANT:") and any suffix are part
+  of it.
+* Precision: the official greedy MAP runs in fp32; here it runs in fp64 (ties in fp32 rounding may break
+  differently; none occurred in the fixtures). The embeddings of the CLIP relevance are computed in fp32.
 * An instruction with no text tokens makes the DPP unconditional (``info['relevance'] = 'none'``).
 * If the kernel's rank is exhausted before the budget is met (more tokens than independent directions),
   the remaining picks follow the largest residual gain without further updates, so the method always
-  returns exactly the budget. ``info['degenerate_after']`` (a tensor, one entry per crop with a budget)
-  says after how many picks that happened; an entry equal to the crop's budget means never.
-* LLaVA-NeXT: the image budget is split over crops in proportion to their token counts
-  (``split_budget``); the official code gives each crop the same budget.
+  returns exactly the budget (the official update divides by the square root of the vanishing gain and
+  yields NaN or inf).
+  ``info['degenerate_after']`` (a tensor, one entry per crop with a budget) says after how many picks
+  that happened; an entry equal to the crop's budget means never.
+* LLaVA-NeXT: the official code gives every crop the same budget (``visual_token_num`` per crop) and
+  selects on each crop's full grid, after which unpadding drops the picks that fall into padding. Here
+  ``crop_budget="equal"`` (default) splits ``keep`` equally over the crops (the first crops take the
+  remainder; a crop never gets more than it holds) and selects among the patches the layout shows, so
+  the count is exact; ``crop_budget="proportional"`` splits it in proportion to the crops' token counts.
+* Qwen2.5-VL / Qwen3-VL: the official code has no Qwen version and the towers are not CLIP, so only
+  ``"llm_embeddings"`` and ``"off"`` apply there.
 """
 from __future__ import annotations
 
 import math
+import warnings
+from typing import Literal
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import ArgumentError
 from .base import Method, Selection, Stage, register, split_budget, to_device
@@ -72,15 +100,61 @@ def greedy_dpp_map(kernel: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Te
     return torch.cat(picked), updated.sum()
 
 
-def relevance_scores(features: torch.Tensor, text: torch.Tensor, theta: float | None) -> torch.Tensor:
-    """Per-token instruction relevance in (0, 1] (or its exp-sharpened form)."""
-    sim = F.normalize(features.float(), dim=-1) @ F.normalize(to_device(text.float(), features.device), dim=-1).T
-    r = sim.mean(dim=1)
+RelevanceSource = Literal["auto", "clip_text", "llm_embeddings", "off"]
+
+
+def min_max(r: torch.Tensor) -> torch.Tensor:
+    """``(r - min + 1e-6) / (max - min)`` as the official code; constant scores give ones."""
     spread = r.max() - r.min()
-    r = torch.where(spread > 0, (r - r.min() + 1e-6) / spread, torch.ones_like(r))
-    if theta is not None:
-        r = torch.exp(theta / (2 * (1 - theta)) * r)
-    return r
+    return torch.where(spread > 0, (r - r.min() + 1e-6) / spread, torch.ones_like(r))
+
+
+def unit_rows(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=-1, keepdim=True)
+
+
+def clip_relevance(image_embeds: torch.Tensor, text_embeds: torch.Tensor, sign: int = -1) -> torch.Tensor:
+    """Official relevance: ``sign`` × cosine of each CLIP image embedding (N, C) to each CLIP text
+    embedding (M, C), averaged over M, min–max normalised over all N."""
+    cos = unit_rows(image_embeds.float()) @ unit_rows(to_device(text_embeds.float(), image_embeds.device)).T
+    return min_max((sign * cos).mean(dim=-1))
+
+
+def llm_relevance(features: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """Mean cosine of each projected token (N, D) to the LLM embeddings of the instruction (T, D),
+    min–max normalised."""
+    sim = unit_rows(features.float()) @ unit_rows(to_device(text.float(), features.device)).T
+    return min_max(sim.mean(dim=1))
+
+
+def sharpen(r: torch.Tensor, theta: float | None) -> torch.Tensor:
+    return r if theta is None else torch.exp(theta / (2 * (1 - theta)) * r)
+
+
+def similarity(features: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of the projected tokens (normalised in their own dtype, then fp32, as the
+    official code)."""
+    xn = unit_rows(features).float()
+    return xn @ xn.T
+
+
+def equal_split(total: int, sizes: list[int]) -> list[int]:
+    """``total`` split equally over groups of ``sizes`` (the first groups take the remainder), never more
+    than a group holds: a group too small for its share passes the rest on to the others."""
+    by_size = sorted(sizes)
+    level = total  # every group gets min(its size, level)
+    for rank, size in enumerate(by_size):  # crops, smallest first
+        share = (total - sum(by_size[:rank])) // (len(sizes) - rank)
+        if size >= share:
+            level = share
+            break
+    out = [min(size, level) for size in sizes]
+    left = total - sum(out)
+    for i in range(len(sizes)):  # crops: the remainder, one each to the first crops with room
+        extra = min(left, sizes[i] - out[i], 1)
+        out[i] += extra
+        left -= extra
+    return out
 
 
 @register
@@ -88,34 +162,116 @@ class CDPruner(Method):
     name = "cdpruner"
     needs_budget = True
     stages = (Stage.PROJECTED,)
+    default_positions = "contiguous"
+    official_code = ("Theia-4869/CDPruner@9541616c40fcd5625de1cdb8ea6c33c129eb7864 "
+                     "llava/model/llava_arch.py::LlavaMetaForCausalLM.encode_images")
 
     def __init__(self, keep: int | None = None, ratio: float | None = None,
-                 relevance: bool = True, theta: float | None = None,
-                 seed: int = 0):
+                 relevance: RelevanceSource = "auto", text_encoder: str | None = None,
+                 tokenizer: str | None = None, clip_sign: Literal[-1, 1] = -1,
+                 crop_budget: Literal["equal", "proportional"] = "equal",
+                 theta: float | None = None, seed: int = 0):
         super().__init__(keep=keep, ratio=ratio, seed=seed)
         if theta is not None and not 0.0 <= theta < 1.0:
             raise ArgumentError(f"cdpruner: theta={theta!r} is not allowed; theta lies in [0, 1).")
+        if relevance == "clip_text" and text_encoder is None:
+            raise ArgumentError("cdpruner: relevance='clip_text' needs text_encoder=PATH, a local CLIP checkpoint "
+                                "directory (e.g. openai/clip-vit-large-patch14-336 saved with save_pretrained).")
+        if text_encoder is not None and relevance in ("llm_embeddings", "off"):
+            raise ArgumentError(f"cdpruner: text_encoder is only used by relevance='clip_text', not {relevance!r}.")
         self.relevance = relevance
+        self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
+        self.clip_sign = clip_sign
+        self.crop_budget = crop_budget
         self.theta = theta
+        self.clip = None  # the loaded ClipTextRelevance (load_text_encoder)
+        self.instruction_ids: list[torch.Tensor] = []  # per image: the token ids after it (observe_instructions)
+        self._warned = False
 
-    def kernel(self, features: torch.Tensor, text: torch.Tensor | None) -> torch.Tensor:
-        xn = F.normalize(features.float(), dim=-1)
-        sim = xn @ xn.T
-        if text is None or text.shape[0] == 0:
-            return sim
-        r = relevance_scores(features, text, self.theta)
-        return r[:, None] * sim * r[None, :]
+    # -- resources -----------------------------------------------------------------------------
+    @property
+    def relevance_source(self) -> str:
+        """The relevance this instance runs: "clip_text", "llm_embeddings" or "off"."""
+        if self.relevance != "auto":
+            return self.relevance
+        return "clip_text" if self.text_encoder is not None or self.clip is not None else "llm_embeddings"
+
+    def load_text_encoder(self, tokenizer: str | None = None) -> None:
+        """Load the CLIP text tower, its tokenizer, the vision projection and the LLM's tokenizer, once."""
+        if self.clip is not None:
+            return
+        tokenizer = self.tokenizer or tokenizer
+        if not tokenizer:
+            raise ArgumentError("cdpruner: relevance='clip_text' needs the LLM's tokenizer to read the instruction; "
+                                "pass tokenizer=PATH (a local directory).")
+        from ._clip_text import ClipTextRelevance
+
+        self.clip = ClipTextRelevance(self.text_encoder, tokenizer)
+
+    def prepare(self, family: str, num_layers: int) -> None:
+        super().prepare(family, num_layers)
+        if self.relevance_source == "clip_text" and family not in ("llava", "llava_next"):
+            raise ArgumentError(f"cdpruner: relevance='clip_text' needs a CLIP vision tower (LLaVA); {family} has "
+                                "none. Use relevance='llm_embeddings' or 'off'.")
+
+    def check_model(self, adapter) -> None:
+        super().check_model(adapter)
+        if self.relevance_source == "clip_text":
+            self.load_text_encoder(getattr(adapter.model, "name_or_path", None))
+
+    def observe_instructions(self, ids: list[torch.Tensor]) -> None:
+        self.instruction_ids = ids
+
+    def instruction(self, ctx) -> torch.Tensor:
+        """The token ids of the text after this context's image (given by the pipeline)."""
+        if ctx.image_index >= len(self.instruction_ids):
+            raise ArgumentError("cdpruner: relevance='clip_text' reads the instruction's token ids, which the vtprune "
+                                "pipeline passes to observe_instructions(); none were given for this image.")
+        return self.instruction_ids[ctx.image_index]
+
+    # -- selection -----------------------------------------------------------------------------
+    def relevance_scores(self, ctx, mode: str) -> torch.Tensor:
+        """(N,) relevance of every candidate of the image (all crops together)."""
+        if mode == "clip_text":
+            if self.clip is None:
+                self.load_text_encoder()
+            image_embeds, text_embeds = self.clip.embeddings(ctx.vision_features, self.instruction(ctx))
+            r = clip_relevance(image_embeds, text_embeds, self.clip_sign)
+        else:
+            r = llm_relevance(ctx.features, ctx.text_embeddings)
+        return sharpen(r, self.theta)
+
+    def kernel(self, features: torch.Tensor, relevance: torch.Tensor | None) -> torch.Tensor:
+        sim = similarity(features)
+        return sim if relevance is None else relevance[:, None] * sim * relevance[None, :]
+
+    def crop_budgets(self, total: int, sizes: list[int]) -> list[int]:
+        return equal_split(total, sizes) if self.crop_budget == "equal" else split_budget(total, sizes)
+
+    def _mode(self, ctx) -> str:
+        mode = self.relevance_source
+        if mode == "llm_embeddings" and ctx.text_embeddings.shape[0] == 0:
+            mode = "none"
+        if mode == "clip_text" and self.instruction(ctx).numel() == 0:
+            mode = "none"
+        if mode != "clip_text" and not self._warned:
+            self._warned = True
+            warnings.warn(f"cdpruner: relevance={mode!r} ran, not the official CLIP text-tower relevance "
+                          "(pass text_encoder=PATH for relevance='clip_text').", stacklevel=3)
+        return mode
 
     def select_projected(self, ctx):
         total = self.budget(ctx.num_tokens)
-        text = ctx.text_embeddings if self.relevance else None
-        mode = "off" if not self.relevance else ("none" if text.shape[0] == 0 else "instruction")
+        mode = self._mode(ctx)
+        relevance = self.relevance_scores(ctx, mode) if mode in ("clip_text", "llm_embeddings") else None
         sizes = [sl.stop - sl.start for sl in ctx.crop_slices]
         keeps, degenerate = [], []
-        for sl, budget in zip(ctx.crop_slices, split_budget(total, sizes)):
+        for sl, budget in zip(ctx.crop_slices, self.crop_budgets(total, sizes)):
             if budget == 0:
                 continue
-            picked, deg = greedy_dpp_map(self.kernel(ctx.features[sl], text), budget)
+            crop_relevance = None if relevance is None else relevance[sl]
+            picked, deg = greedy_dpp_map(self.kernel(ctx.features[sl], crop_relevance), budget)
             keeps.append(picked + sl.start)
             degenerate.append(deg)
         keep = torch.sort(torch.cat(keeps)).values

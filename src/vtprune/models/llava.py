@@ -143,7 +143,8 @@ class LlavaAdapter(Adapter):
         if method is not None and Stage.PROJECTED in method.stages:
             pctx = ImageContext(features=embeds, grids=ctx.grids, crop_slices=ctx.crop_slices, family=self.family,
                                 image_index=ctx.image_index, extra=ctx.extra,
-                                providers={"text_embeddings": lambda: text_embeds, **ctx._lazy._providers})
+                                providers={"text_embeddings": lambda: text_embeds,
+                                           "vision_features": lambda: ctx.features, **ctx._lazy._providers})
             if sel is not None:
                 raise UnsupportedModelError("A method may prune at the vision or the projected stage, not both.")
             psel = self.run_selection(method, Stage.PROJECTED, pctx, timer)
