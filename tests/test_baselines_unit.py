@@ -497,7 +497,7 @@ def test_cdpruner_clip_text_relevance_from_a_checkpoint(tmp_path):
     vision, projected = torch.randn(16, 32, generator=g), torch.randn(16, 24, generator=g)
     ctx = image_ctx(projected, grids=[(4, 4)], text=torch.randn(3, 24))
     ctx._lazy._providers["vision_features"] = lambda: vision
-    m.observe_instructions([ids])
+    ctx._lazy._providers["instruction_ids"] = lambda: ids
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the official relevance ran: no warning
         sel = m.select_projected(ctx)

@@ -25,7 +25,7 @@ import torch
 from ._compat import cache_argument, output_cache
 from .attention import record_attention
 from .errors import InputError, UnsupportedMethodError
-from .methods.base import LLMContext, Method, Stage
+from .methods.base import Instruction, LLMContext, Method, Stage
 from .models.base import Adapter, EncodedImage
 from .stats import CallStats, ImageStats
 
@@ -195,10 +195,8 @@ class Pruner:
         self.adapter.check_prefill_inputs(input_ids, image_inputs, user_positions)
         spans = self.adapter.image_spans(input_ids, image_inputs)
         real = attention_mask.detach().to("cpu", torch.bool)  # sync: the inputs' padding, read once per call
-        text_ids = self._text_after_each_image(input_ids, real, spans)
-        self.method.observe_instructions(text_ids)
-        text_embeds = [self.adapter.embed_tokens(ids).detach() for ids in text_ids]
-        images = self.adapter.encode_images(image_inputs, self.method, text_embeds, stats.timer)
+        instructions = [Instruction(ids, self.adapter.embed_tokens) for ids in self._text_after_each_image(input_ids, real, spans)]
+        images = self.adapter.encode_images(image_inputs, self.method, instructions, stats.timer)
         full_ids, full_mask, span_units, rewritten = self._rewrite_spans(input_ids, attention_mask, spans, images)
         position_shift = None
         if rewritten:

@@ -34,10 +34,10 @@ def run(case) -> dict:
     slices = [slice(c * n, (c + 1) * n) for c in range(case["crops"])]
     ctx = ImageContext(features=projected, grids=[(side, side)] * len(slices), crop_slices=slices,
                        family="llava" if len(slices) == 1 else "llava_next", image_index=0,
-                       providers={"vision_features": lambda: image_embeds, "text_embeddings": lambda: made[0]["text"]})
+                       providers={"vision_features": lambda: image_embeds, "text_embeddings": lambda: made[0]["text"],
+                                  "instruction_ids": lambda: torch.tensor([1, 2, 3])})
     method = make_method("cdpruner", **case["args"])
     method.clip = GivenClipEmbeddings(image_embeds, text_embeds)
-    method.observe_instructions([torch.tensor([1, 2, 3])])
     selection = method.select_projected(ctx)
     assert selection.info["relevance"] == "clip_text"
     return {"keep": selection.keep.tolist(), "count": selection.keep.numel()}

@@ -190,10 +190,6 @@ class Method:
                 raise ArgumentError(f"{self.name} reads the attention of vision block {block + 1} (1-based), but this "
                                     f"model's vision tower has {depth} blocks; choose a block in 1..{depth}.")
 
-    def observe_instructions(self, ids: list[torch.Tensor]) -> None:
-        """Called by the pipeline before each prefill's images are encoded, with per image (in the order
-        of ``ImageContext.image_index``) the token ids of the text after it. Default: ignored."""
-
     def vision_tower_patch(self, adapter):
         """A context manager that changes the vision tower while it runs (e.g. appends test-time
         registers), or None. Called once per forward with the model adapter."""
@@ -218,6 +214,22 @@ class Method:
 
 
 Method.__init__ = validated(Method.__init__)
+
+
+class Instruction:
+    """The text after one image (up to the next image): its token ids, and the LLM's input embeddings
+    of them, computed when a method first asks."""
+
+    def __init__(self, ids: torch.Tensor, embed: Callable[[torch.Tensor], torch.Tensor]):
+        self.ids = ids
+        self._embed = embed
+        self._embeddings: torch.Tensor | None = None
+
+    @property
+    def embeddings(self) -> torch.Tensor:
+        if self._embeddings is None:
+            self._embeddings = self._embed(self.ids).detach()
+        return self._embeddings
 
 
 class _Lazy:
@@ -290,6 +302,11 @@ class ImageContext:
     @property
     def text_embeddings(self) -> torch.Tensor:
         return self._lazy.get("text_embeddings", "text embeddings of the instruction")
+
+    @property
+    def instruction_ids(self) -> torch.Tensor:
+        """(T,) the token ids of the text after the image (projected stage)."""
+        return self._lazy.get("instruction_ids", "the instruction's token ids")
 
     @property
     def vision_features(self) -> torch.Tensor:

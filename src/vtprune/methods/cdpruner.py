@@ -186,7 +186,6 @@ class CDPruner(Method):
         self.crop_budget = crop_budget
         self.theta = theta
         self.clip = None  # the loaded ClipTextRelevance (load_text_encoder)
-        self.instruction_ids: list[torch.Tensor] = []  # per image: the token ids after it (observe_instructions)
         self._warned = False
 
     # -- resources -----------------------------------------------------------------------------
@@ -220,23 +219,13 @@ class CDPruner(Method):
         if self.relevance_source == "clip_text":
             self.load_text_encoder(getattr(adapter.model, "name_or_path", None))
 
-    def observe_instructions(self, ids: list[torch.Tensor]) -> None:
-        self.instruction_ids = ids
-
-    def instruction(self, ctx) -> torch.Tensor:
-        """The token ids of the text after this context's image (given by the pipeline)."""
-        if ctx.image_index >= len(self.instruction_ids):
-            raise ArgumentError("cdpruner: relevance='clip_text' reads the instruction's token ids, which the vtprune "
-                                "pipeline passes to observe_instructions(); none were given for this image.")
-        return self.instruction_ids[ctx.image_index]
-
     # -- selection -----------------------------------------------------------------------------
     def relevance_scores(self, ctx, mode: str) -> torch.Tensor:
         """(N,) relevance of every candidate of the image (all crops together)."""
         if mode == "clip_text":
             if self.clip is None:
                 self.load_text_encoder()
-            image_embeds, text_embeds = self.clip.embeddings(ctx.vision_features, self.instruction(ctx))
+            image_embeds, text_embeds = self.clip.embeddings(ctx.vision_features, ctx.instruction_ids)
             r = clip_relevance(image_embeds, text_embeds, self.clip_sign)
         else:
             r = llm_relevance(ctx.features, ctx.text_embeddings)
@@ -253,7 +242,7 @@ class CDPruner(Method):
         mode = self.relevance_source
         if mode == "llm_embeddings" and ctx.text_embeddings.shape[0] == 0:
             mode = "none"
-        if mode == "clip_text" and self.instruction(ctx).numel() == 0:
+        if mode == "clip_text" and ctx.instruction_ids.numel() == 0:
             mode = "none"
         if mode != "clip_text" and not self._warned:
             self._warned = True

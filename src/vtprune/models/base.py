@@ -14,7 +14,7 @@ import torch
 
 from ..attention import AttentionRecorder, record_attention
 from ..errors import InputError, UnsupportedModelError
-from ..methods.base import ImageContext, Method, Selection, Stage
+from ..methods.base import ImageContext, Instruction, Method, Selection, Stage
 
 _FAMILY_BY_CLASS = {
     "LlavaForConditionalGeneration": "llava",
@@ -170,7 +170,7 @@ class Adapter:
         return positions[0] if positions.shape[0] == 1 else positions
 
     # -- vision side -------------------------------------------------------------------------
-    def encode_images(self, inputs: dict, method: Method | None, text_embeds: list[torch.Tensor],
+    def encode_images(self, inputs: dict, method: Method | None, instructions: list[Instruction],
                       timer) -> list[EncodedImage]:
         raise NotImplementedError
 

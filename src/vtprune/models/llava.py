@@ -129,7 +129,7 @@ class LlavaAdapter(Adapter):
                                  if extra else feature.new_zeros(0, feature.shape[-1]))
         return ctx
 
-    def select_and_project(self, ctx: ImageContext, method, timer, text_embeds) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    def select_and_project(self, ctx: ImageContext, method, timer, instruction) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """Vision-stage selection, projection, projected-stage selection. Returns kept candidate
         indices, their LLM embeddings (registers appended) and the selection info."""
         info: dict = {}
@@ -143,7 +143,8 @@ class LlavaAdapter(Adapter):
         if method is not None and Stage.PROJECTED in method.stages:
             pctx = ImageContext(features=embeds, grids=ctx.grids, crop_slices=ctx.crop_slices, family=self.family,
                                 image_index=ctx.image_index, extra=ctx.extra,
-                                providers={"text_embeddings": lambda: text_embeds,
+                                providers={"text_embeddings": lambda: instruction.embeddings,
+                                           "instruction_ids": lambda: instruction.ids,
                                            "vision_features": lambda: ctx.features, **ctx._lazy._providers})
             if sel is not None:
                 raise UnsupportedModelError("A method may prune at the vision or the projected stage, not both.")
@@ -154,7 +155,7 @@ class LlavaAdapter(Adapter):
             embeds = torch.cat([embeds, self.project(ctx.register_features)])
         return keep, embeds, info
 
-    def encode_images(self, inputs, method, text_embeds, timer):
+    def encode_images(self, inputs, method, instructions, timer):
         pixel_values = inputs["pixel_values"]
         self.check_inputs(pixel_values)
         hidden_states, recs = self.run_tower(pixel_values, method)
@@ -162,7 +163,7 @@ class LlavaAdapter(Adapter):
         side, images = self.grid_side, []
         for i in range(pixel_values.shape[0]):
             ctx = self.crop_context(hidden_states, recs, [i], i, extra, [(side, side)])
-            keep, embeds, info = self.select_and_project(ctx, method, timer, text_embeds[i])
+            keep, embeds, info = self.select_and_project(ctx, method, timer, instructions[i])
             n = ctx.num_tokens + (0 if self.drops_cls else 0)
             keep_units = torch.cat([keep, torch.arange(n, n + extra, device=keep.device)])
             cells = torch.stack([torch.zeros(n, dtype=torch.long), torch.arange(n) // side, torch.arange(n) % side], 1)

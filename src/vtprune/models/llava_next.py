@@ -49,7 +49,7 @@ class LlavaNextAdapter(LlavaAdapter):
         return [len(self.unit_table(tuple(s), c))
                 for s, c in zip(inputs["image_sizes"].tolist(), self.crops_per_image(inputs))]
 
-    def encode_images(self, inputs, method, text_embeds, timer):
+    def encode_images(self, inputs, method, instructions, timer):
         pixel_values = inputs["pixel_values"]
         self.check_inputs(pixel_values)
         crops = self.crops_per_image(inputs)
@@ -69,7 +69,7 @@ class LlavaNextAdapter(LlavaAdapter):
             present = torch.sort(patch_ids).values
             cols = [present[(present >= k * n) & (present < (k + 1) * n)] - k * n for k in range(c)]
             ctx = self.crop_context(hidden_states, recs, rows, i, extra, [(side, side)] * c, keep_cols=cols)
-            keep, embeds, info = self.select_and_project(ctx, method, timer, text_embeds[i])
+            keep, embeds, info = self.select_and_project(ctx, method, timer, instructions[i])
             kept_patches = present[keep.cpu()]  # sync: the unit table lives on the CPU
             # unit order: the layout's; kept units are newlines plus kept patches
             unit_is_kept = (table < 0) | torch.isin(table, kept_patches)

@@ -116,7 +116,7 @@ class Qwen25VLAdapter(Adapter):
                 h.remove()
         return out, recs, outputs
 
-    def encode_images(self, inputs, method, text_embeds, timer):
+    def encode_images(self, inputs, method, instructions, timer):
         pixel_values = inputs["pixel_values"]
         self.check_inputs(pixel_values)
         grid = self.grids(inputs)
@@ -132,7 +132,7 @@ class Qwen25VLAdapter(Adapter):
             tower_idx = order[first:first + n] + shift
             register_idx = torch.arange(first + shift + n, first + shift + n + extra)
             images.append(self._encode_one(i, n, extra, tower_idx, register_idx, first + shift, merged[i], out,
-                                           recs, block_outputs, grid[i], method, timer, text_embeds[i]))
+                                           recs, block_outputs, grid[i], method, timer, instructions[i]))
             first += n
         return images
 
@@ -149,7 +149,7 @@ class Qwen25VLAdapter(Adapter):
         return probs.view(-1, self.merge ** 2).mean(1)[local_idx]
 
     def _encode_one(self, i, n, extra, tower_idx, register_idx, start, merged, out, recs, block_outputs, grid_row,
-                    method, timer, text_embeds):
+                    method, timer, instruction):
         rows, cols = int(grid_row[1]) // self.merge, int(grid_row[2]) // self.merge
         providers = {
             "received_attention": lambda: self._received(recs, i, tower_idx - start),
@@ -163,7 +163,8 @@ class Qwen25VLAdapter(Adapter):
         sel = self.run_selection(method, Stage.VISION, ctx, timer)
         if sel is None:
             pctx = ImageContext(features=merged[:n], grids=ctx.grids, crop_slices=ctx.crop_slices, family=self.family,
-                                image_index=i, extra=extra, providers={"text_embeddings": lambda: text_embeds, **providers})
+                                image_index=i, extra=extra, providers={"text_embeddings": lambda: instruction.embeddings,
+                                                           "instruction_ids": lambda: instruction.ids, **providers})
             sel = self.run_selection(method, Stage.PROJECTED, pctx, timer)
             if sel is not None and sel.values is not None:
                 embeds = sel.values
