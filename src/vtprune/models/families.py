@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from collections.abc import Mapping
+from typing import Any, Callable
 
 from ..errors import UnsupportedModelError
 
@@ -224,3 +225,29 @@ def missing(needs, family: "str | Family") -> list[str]:
     if unknown:
         raise ValueError(f"unknown capabilities {sorted(unknown)}; known: {', '.join(CAPABILITIES)}")
     return [c for c in CAPABILITIES if c in needs and c not in caps]
+
+
+class FamilyDefaults(Mapping):
+    """A read-only ``{family: value}`` view of one per-family default a method takes from the families'
+    declarations (``Family.defaults[method][key]``), e.g. ``FamilyDefaults("occamtoken", "lambda1")``.
+    An unknown family raises UnsupportedModelError naming the known ones."""
+
+    def __init__(self, method: str, key: str):
+        self.method, self.key = method, key
+
+    def __getitem__(self, family: str) -> Any:
+        defaults = get(family).method_defaults(self.method)
+        if self.key not in defaults:
+            raise UnsupportedModelError(
+                f"Model family {family!r} declares no default {self.key!r} for method '{self.method}'; "
+                f"pass {self.key}= explicitly.")
+        return defaults[self.key]
+
+    def __iter__(self):
+        return iter(f.name for f in all_families() if self.key in f.defaults.get(self.method, {}))
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    def __repr__(self) -> str:
+        return f"FamilyDefaults({self.method!r}, {self.key!r}: {dict(self)!r})"
