@@ -103,3 +103,38 @@ def f(ctx):
     found = sorted(text for _, text in offences(code, names, classes))
     assert found == ["LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration", "llava", "qwen2_5_vl",
                      "qwen3_vl"]
+
+
+def test_every_family_is_declared_completely():
+    import transformers
+
+    for fam in all_families():
+        assert fam.adapter.family == fam.name
+        assert all(hasattr(transformers, c) for c in fam.hf_classes)
+        assert fam.tiny is not None and fam.flops is not None and fam.register_tower is not None
+        assert fam.layouts[0] == "model" and (fam.fixed_grid or fam.full_grid_layout in fam.layouts)
+        assert set(fam.defaults["occamtoken"]) == {"lambda1", "layer"}
+
+
+def test_support_follows_needs_and_capabilities():
+    from vtprune.matrix import support_matrix
+    from vtprune.methods.base import method_class
+
+    for row in support_matrix():
+        cls = method_class(row["method"])
+        for fam in all_families():
+            lacking = cls.needs - fam.capabilities
+            assert (fam.name in cls.unsupported) == bool(lacking)
+            assert row[fam.name].startswith("no: ") == bool(lacking)
+
+
+def test_an_unknown_family_is_a_clear_error():
+    import pytest
+
+    from vtprune.errors import UnsupportedModelError
+    from vtprune.methods.occamtoken import DEFAULT_LAMBDA1, OccamToken
+
+    with pytest.raises(UnsupportedModelError, match="Unknown model family 'idefics'.*llava"):
+        OccamToken().prepare("idefics", 12)
+    with pytest.raises(UnsupportedModelError, match="Unknown model family"):
+        DEFAULT_LAMBDA1["idefics"]

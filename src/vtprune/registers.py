@@ -28,6 +28,8 @@ Supported towers: CLIP (``CLIPVisionModel`` of transformers 5, as inside LLaVA-1
 the Qwen2.5-VL / Qwen3-VL vision towers, where the register is 4 copies (one 2×2 merge group) per image
 threaded through the packed ``cu_seqlens`` / rotary / window-index / merger logic (see
 :class:`vtprune.models.qwen2_5_vl.QwenTower`). The CLS diagnostics are CLIP-only (Qwen towers have no CLS token).
+The tower adapters (:class:`_Tower` subclasses) live with their model families (``Family.register_tower``
+in ``vtprune/models/``); this module finds them through the family registry.
 """
 from __future__ import annotations
 

@@ -49,7 +49,7 @@ def grid_neighbours(cells: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     return torch.stack([up, down, left, right], dim=1)
 
 
-_NEED_REASON = "the anchors need a middle vision layer's attention, which the Qwen adapter does not record"
+_QWEN_REASON = "the anchors need a middle vision layer's attention, which the Qwen adapter does not record"
 
 
 @register
@@ -60,7 +60,7 @@ class HiPrune(Method):
     needs_full_grid = True
     #: the Qwen adapter does not provide ``vision_attention`` (yet)
     needs = frozenset({"vision_attention"})
-    need_reasons = {"vision_attention": _NEED_REASON}
+    need_reasons = {"vision_attention": _QWEN_REASON}
 
     def __init__(self, keep: int | None = None, ratio: float | None = None,
                  alpha: float = 0.1, object_layer: int | None = None, seed: int = 0):

@@ -30,6 +30,7 @@ import torch
 
 from ..errors import InputError
 from ..methods.base import Method, Selection, Stage
+from ..models.families import tower_group
 
 INDEX_NAME = "index.json"
 FORMAT = "vtprune-ocvtp-features"
@@ -55,12 +56,6 @@ def _anyres(family: str) -> bool:
     from ..models.families import get
 
     return get(family).anyres
-
-
-def tower_group(family):
-    from ..models.families import tower_group as group
-
-    return group(family)
 
 
 def tower_module(model):
