@@ -138,3 +138,10 @@ def test_an_unknown_family_is_a_clear_error():
         OccamToken().prepare("idefics", 12)
     with pytest.raises(UnsupportedModelError, match="Unknown model family"):
         DEFAULT_LAMBDA1["idefics"]
+
+
+def test_the_pipeline_takes_every_declared_image_input():
+    from vtprune.models.families import image_input_keys
+    from vtprune.pipeline import _IMAGE_KWARGS
+
+    assert set(image_input_keys()) <= set(_IMAGE_KWARGS)

@@ -191,6 +191,12 @@ def supported_classes() -> list[str]:
     return [c for f in all_families() for c in f.hf_classes]
 
 
+def image_input_keys() -> tuple[str, ...]:
+    """Every processor image input any family's forward takes (union of ``input_keys``, in order);
+    what ``pipeline._IMAGE_KWARGS`` lists by hand today."""
+    return tuple(dict.fromkeys(k for f in all_families() for k in f.input_keys))
+
+
 def family_of_model(model) -> Family:
     """The family of a transformers model (by its class or a base class)."""
     by_class = {c: f for f in all_families() for c in f.hf_classes}
