@@ -108,9 +108,9 @@ class _Unsupported:
     """``Method.unsupported``: {family: reason} of the registered families that lack one of ``needs``."""
 
     def __get__(self, obj, cls) -> dict[str, str]:
-        from ..models.families import all_families
+        from ..models.families import refusals
 
-        return {f.name: reason for f in all_families() if (reason := cls.refusal(f.name)) is not None}
+        return refusals(cls)
 
 
 class Method:
@@ -190,15 +190,12 @@ class Method:
         An unknown family raises UnsupportedModelError naming the known ones."""
         import inspect
 
-        from ..models.families import CAPABILITIES, missing
+        from ..models.families import refusal
 
         declared = inspect.getattr_static(cls, "unsupported")
         if isinstance(declared, dict) and family in declared:  # an explicit refusal (older declarations)
             return declared[family]
-        lacking = missing(cls.needs, family)
-        if not lacking:
-            return None
-        return ", and ".join(cls.need_reasons.get(c, CAPABILITIES[c]) for c in lacking)
+        return refusal(cls.needs, cls.need_reasons, family)
 
     def check_family(self, family: str) -> None:
         reason = self.refusal(family)

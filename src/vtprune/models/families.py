@@ -233,6 +233,25 @@ def missing(needs, family: "str | Family") -> list[str]:
     return [c for c in CAPABILITIES if c in needs and c not in caps]
 
 
+
+def refusal(needs, need_reasons: Mapping[str, str], family: "str | Family") -> str | None:
+    """Why a method with ``needs`` cannot run on ``family`` (``need_reasons`` overriding the capabilities'
+    own reasons), or None when the family has every capability it needs."""
+    lacking = missing(needs, family)
+    if not lacking:
+        return None
+    return ", and ".join(need_reasons.get(c, CAPABILITIES[c]) for c in lacking)
+
+
+def refusals(method_class) -> dict[str, str]:
+    """{family: reason} of the registered families ``method_class`` refuses (``Method.unsupported``)."""
+    out = {}
+    for f in all_families():
+        reason = method_class.refusal(f.name)
+        if reason is not None:
+            out[f.name] = reason
+    return out
+
 class FamilyDefaults(Mapping):
     """A read-only ``{family: value}`` view of one per-family default a method takes from the families'
     declarations (``Family.defaults[method][key]``), e.g. ``FamilyDefaults("occamtoken", "lambda1")``.
