@@ -186,7 +186,7 @@ def build_preset(preset: str, num_layers: int, seed: int = 0):
     weights, fp32, on the CPU."""
     import transformers
 
-    from vtprune.bench.latency import _CLASS_BY_MODEL_TYPE
+    from vtprune.bench.latency import hf_class_name
     from vtprune.presets import load_config
 
     if num_layers < 2:
@@ -207,7 +207,7 @@ def build_preset(preset: str, num_layers: int, seed: int = 0):
     else:
         vc.num_hidden_layers = num_layers
     torch.manual_seed(seed)
-    cls = getattr(transformers, _CLASS_BY_MODEL_TYPE[cfg.model_type])
+    cls = getattr(transformers, hf_class_name(cfg.model_type))
     model = cls._from_config(cfg, dtype=torch.float32, attn_implementation="sdpa")
     return model.eval()
 
@@ -215,7 +215,7 @@ def build_preset(preset: str, num_layers: int, seed: int = 0):
 def make_inputs(model, tiny: bool, prompt_tokens: int = 32, image_size: tuple[int, int] | None = None,
                 seed: int = 0) -> dict:
     """Processor-shaped synthetic inputs (one image, BOS, placeholders, ``prompt_tokens`` text ids), as
-    ``vtprune bench`` builds them: tiny sizes from ``TINY_IMAGE_SIZE``, else 672×672 (LLaVA-1.5: 336)."""
+    ``vtprune bench`` builds them: tiny sizes from the family's ``tiny.image_size``, else 672×672 (LLaVA-1.5: 336)."""
     from vtprune.bench.latency import resolve_image_size, synthetic_inputs
     from vtprune.models import family_of
 

@@ -5,7 +5,8 @@ import contextlib
 from typing import Any
 
 from .methods.base import Method, Stage, make_method
-from .models.base import adapter_for, family_of
+from .models.base import adapter_for
+from .models.families import all_families, family_of_model
 from .pipeline import Pruner
 from .stats import CallStats
 from ._compat import check_transformers
@@ -88,15 +89,17 @@ def apply(model, method: Method | str, *, layout: str | None = None, positions: 
     if layout is not None and layout not in LAYOUTS:
         raise ArgumentError(f"layout={layout!r} is not allowed; choose one of {', '.join(map(repr, LAYOUTS))}.")
     method = make_method(method, **method_kwargs)
-    family = family_of(model)
-    if layout not in (None, "model") and family != "llava_next":
-        raise UnsupportedMethodError("layout= applies to LLaVA-NeXT only.")
+    info = family_of_model(model)
+    family = info.name
+    if layout is not None and layout not in info.layouts:
+        takes = [f.display_name for f in all_families() if layout in f.layouts]
+        raise UnsupportedMethodError(f"layout={layout!r} applies to {', '.join(takes)} only.")
     if positions is not None and positions not in POSITIONS:
         raise ArgumentError(f"positions={positions!r} is not allowed; choose one of {', '.join(map(repr, POSITIONS))}.")
     if getattr(model, "_vtprune_handle", None) is not None:
         raise AlreadyPrunedError("This model is already pruned; call handle.remove() before applying another method.")
     method.prepare(family, _decoder_depth(model))
-    options = {"layout": layout or method.default_layout} if family == "llava_next" else {}
+    options = {"layout": layout or method.default_layout} if len(info.layouts) > 1 else {}
     adapter = adapter_for(model, **options)
     if not method.stages:
         raise UnsupportedMethodError(f"Method '{method.name}' declares no insertion point.")

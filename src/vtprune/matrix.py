@@ -1,10 +1,24 @@
-"""The method × model support matrix, computed from the code (each method's stages and refusals)."""
+"""The method × model support matrix, computed from the code: each method's stages and the
+capabilities it needs (``Method.needs``) against those each model family declares
+(``vtprune.models.families``)."""
 from __future__ import annotations
 
 from .methods.base import _REGISTRY, available_methods
+from .models.families import CAPABILITIES, get
 from .tiny import FAMILIES
 
-FAMILY_NAMES = {"llava": "LLaVA-1.5", "llava_next": "LLaVA-NeXT", "qwen2_5_vl": "Qwen2.5-VL", "qwen3_vl": "Qwen3-VL"}
+
+class _DisplayNames(dict):
+    def __missing__(self, family: str) -> str:
+        return get(family).display_name
+
+
+#: family -> display name (the README header), from the family declarations
+FAMILY_NAMES = _DisplayNames()
+
+
+def family_reason(capability: str) -> str:
+    return CAPABILITIES[capability]
 
 
 def support_matrix() -> list[dict]:
@@ -14,9 +28,16 @@ def support_matrix() -> list[dict]:
             continue
         cls = _REGISTRY[name]
         stages = "+".join(s.value for s in cls.stages) if cls.stages else "configurable"
-        cells = {f: ("no: " + cls.unsupported[f]) if f in cls.unsupported else "yes" for f in FAMILIES}
-        if cls.needs_full_grid and cells["llava_next"] == "yes":
-            cells["llava_next"] = "yes, with layout='flat'"
+        cells = {}
+        for f in FAMILIES:
+            family, reason = get(f), cls.refusal(f)
+            if reason is not None:
+                cells[f] = "no: " + reason
+            elif cls.needs_full_grid and not family.fixed_grid:
+                cells[f] = (f"yes, with layout='{family.full_grid_layout}'" if family.full_grid_layout
+                            else "no: " + family_reason("fixed_grid"))
+            else:
+                cells[f] = "yes"
         rows.append({"method": name, "stage": stages, **cells})
     return rows
 

@@ -27,7 +27,9 @@ This module offers
 Supported towers: CLIP (``CLIPVisionModel`` of transformers 5, as inside LLaVA-1.5 / LLaVA-NeXT), and
 the Qwen2.5-VL / Qwen3-VL vision towers, where the register is 4 copies (one 2×2 merge group) per image
 threaded through the packed ``cu_seqlens`` / rotary / window-index / merger logic (see
-:class:`_QwenTower`). The CLS diagnostics are CLIP-only (Qwen towers have no CLS token).
+:class:`vtprune.models.qwen2_5_vl.QwenTower`). The CLS diagnostics are CLIP-only (Qwen towers have no CLS token).
+The tower adapters (:class:`_Tower` subclasses) live with their model families (``Family.register_tower``
+in ``vtprune/models/``); this module finds them through the family registry.
 """
 from __future__ import annotations
 
@@ -204,9 +206,19 @@ class _Tower:
     kind = ""
     has_cls = False
     register_copies = 1  # register tokens appended per image (Qwen: 4 = one 2×2 merge group)
+    batched = False  # hidden states are (B, S, D) per image batch (calibration may micro-batch them)
 
     def __init__(self, core: nn.Module):
         self.core = core
+
+    @classmethod
+    def matches(cls, module: nn.Module) -> bool:
+        """Whether ``module`` is a vision tower of this kind."""
+        return False
+
+    def processor_batch(self, out: Mapping[str, Any]) -> Any:
+        """The calibration batch of an image processor's output."""
+        return out["pixel_values"]
 
     @property
     def config(self):
@@ -266,74 +278,6 @@ class _Tower:
         raise UnsupportedModelError(f"{self.kind} towers have no CLS token.")
 
 
-class _ClipTower(_Tower):
-    """``CLIPVisionModel`` (transformers 5): embeddings → pre_layrnorm → encoder.layers → post_layernorm.
-    Batched (B, S, D) hidden states, CLS at position 0; with the register: (B, 1 + N + 1, D)."""
-
-    kind = "clip"
-    has_cls = True
-
-    @property
-    def layers(self):
-        return self.core.encoder.layers
-
-    def prepare(self, batch):
-        if isinstance(batch, Mapping):
-            batch = batch["pixel_values"]
-        if not isinstance(batch, torch.Tensor):
-            raise InputError(f"Expected a pixel tensor (B, 3, H, W) or a dict with 'pixel_values', got "
-                             f"{type(batch).__name__}.")
-        if batch.dim() == 3:
-            batch = batch.unsqueeze(0)
-        if batch.dim() == 5:  # LLaVA-NeXT processor output (B, crops, 3, H, W): every crop is an image
-            batch = batch.flatten(0, 1)
-        if batch.dim() != 4:
-            raise InputError(f"Expected pixel values (B, 3, H, W), got shape {tuple(batch.shape)}.")
-        p = _first_param(self.core)
-        return {"pixel_values": batch.to(device=p.device, dtype=p.dtype)}
-
-    def num_images(self, batch):
-        return batch["pixel_values"].shape[0]
-
-    def run(self, batch):
-        return self.core(pixel_values=batch["pixel_values"])
-
-    def split(self, t, batch):
-        return list(t.unbind(0))
-
-    def identity_tensors(self):
-        emb = self.core.embeddings
-        ts = [emb.patch_embedding.weight, emb.class_embedding, emb.position_embedding.weight,
-              self.layers[0].mlp.fc1.weight, self.layers[-1].mlp.fc2.weight]
-        ts += [blk.mlp.fc1.bias for blk in self.layers if blk.mlp.fc1.bias is not None]
-        return ts
-
-    # -- intervention ---------------------------------------------------------------------------
-    def append_register_hook(self):
-        def append(module, args):
-            x = args[0]
-            reg = x.new_zeros(x.shape[0], 1, x.shape[-1])  # zero token, no position embedding
-            return (torch.cat([x, reg], dim=1), *args[1:])
-
-        # appended before the pre-norm, exactly like the reference (cat zeros, then ln_pre)
-        return self.core.pre_layrnorm.register_forward_pre_hook(append)
-
-    def redirect(self, h, channels, mode):
-        # positions: 0 = CLS (untouched), 1..S-2 = patches, S-1 = register
-        return redirect_activations(h, channels, patch=slice(1, -1), register=slice(-1, None), mode=mode)
-
-    def cls_attention(self, layer, hidden):
-        blk = self.layers[layer]
-        attn = blk.self_attn
-        x = blk.layer_norm1(hidden)
-        b, s, _ = x.shape
-        heads, hd = attn.num_heads, attn.head_dim
-        q = attn.q_proj(x[:, :1]).float().view(b, 1, heads, hd)
-        k = attn.k_proj(x).float().view(b, s, heads, hd)
-        scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * (hd ** -0.5)
-        return torch.softmax(scores, dim=-1)[:, :, 0]  # (B, H, S)
-
-
 class _Handles:
     """Several hook handles removed together."""
 
@@ -355,137 +299,30 @@ def _insert_after_segments(t: torch.Tensor, sizes: Sequence[int], copies: int, f
     return torch.cat(parts, dim=dim)
 
 
-class _QwenTower(_Tower):
-    """Qwen2.5-VL / Qwen3-VL vision towers: packed (S, D) hidden states of all images, no CLS.
+def _tower_classes() -> list[type[_Tower]]:
+    """The tower adapters the model families declare (``Family.register_tower``), each once."""
+    from .models.families import all_families
 
-    Calibration splits the packed sequence per image by ``grid_thw`` (Qwen2.5-VL's window permutation
-    stays inside each image, so per-image token sets are right).
+    out: list[type[_Tower]] = []
+    for fam in all_families():
+        if fam.register_tower is not None and fam.register_tower not in out:
+            out.append(fam.register_tower)
+    return out
 
-    The register **[decision]**: 4 zero tokens per image (one 2×2 merge group, so the merger and
-    Qwen3-VL's DeepStack mergers emit exactly one extra merged token per image, at the end of the
-    image's tokens) inserted after each image's patches in the packed sequence, right after the patch
-    embedding: no learned position embedding (Qwen3-VL: zero interpolation weights), rotary position
-    (0, 0) (= no rotation), each image's attention segment (``cu_seqlens``) grown by 4. Qwen2.5-VL's
-    windowed blocks: the register group is its own window (after the image's windows), so it joins
-    the image's tokens in the full-attention blocks only. Images only (``grid_t == 1``).
-    """
 
-    kind = "qwen"
-    has_cls = False
-    register_copies = 4
+def _tower_names() -> str:
+    from .models.families import all_families
 
-    def __init__(self, core):
-        super().__init__(core)
-        self._sizes: list[int] | None = None  # patches per image of the call in flight (register active)
-
-    @property
-    def layers(self):
-        return self.core.blocks
-
-    def prepare(self, batch):
-        if not isinstance(batch, Mapping) or "image_grid_thw" not in batch and "grid_thw" not in batch:
-            raise InputError("Qwen vision towers take dict batches with 'pixel_values' and 'image_grid_thw' "
-                             "(the output of the model's image processor).")
-        p = _first_param(self.core)
-        thw = batch.get("image_grid_thw", batch.get("grid_thw"))
-        return {"pixel_values": batch["pixel_values"].to(device=p.device, dtype=p.dtype),
-                "grid_thw": torch.as_tensor(thw).to(p.device)}
-
-    def num_images(self, batch):
-        return batch["grid_thw"].shape[0]
-
-    def run(self, batch):
-        return self.core(batch["pixel_values"], grid_thw=batch["grid_thw"])
-
-    def split(self, t, batch):
-        sizes = [int(s) for s in batch["grid_thw"].prod(-1).tolist()]
-        if self._sizes is not None:  # register active: each image carries its 4 copies at its end
-            sizes = [n + self.register_copies for n in sizes]
-        return list(t.split(sizes, dim=0))
-
-    def identity_tensors(self):
-        ts = [_first_param(self.core.patch_embed), self.site(0).weight, self.site(self.num_layers - 1).weight]
-        ts += [self.site(i).bias for i in range(self.num_layers) if self.site(i).bias is not None]
-        return ts
-
-    # -- intervention ---------------------------------------------------------------------------
-    _PRECOMPUTED = ("cu_seqlens", "max_seqlen", "position_ids", "window_index", "cu_window_seqlens",
-                    "max_window_seqlen", "interp_indices", "interp_weights")
-
-    def _register_kwargs(self, grid: torch.Tensor, sizes: list[int]) -> dict[str, Any]:
-        from transformers import vision_utils as vu
-
-        core, c, k = self.core, self.core.config, self.register_copies
-        merge = c.spatial_merge_size
-        out: dict[str, Any] = {}
-        pos = vu.get_vision_position_ids(grid, merge)
-        out["position_ids"] = _insert_after_segments(pos, sizes, k, 0, dim=0 if pos.shape[0] == sum(sizes) else -1)
-        seqlens = torch.tensor([n + k for n in sizes], device=grid.device)
-        out["cu_seqlens"] = torch.nn.functional.pad(seqlens.cumsum(0, dtype=torch.int32), (1, 0), value=0)
-        if hasattr(core, "pos_embed"):  # Qwen3-VL: learned, interpolated position embedding
-            idx, w = vu.get_vision_interpolation_indices_and_weights(
-                grid, num_grid_per_side=core.num_grid_per_side, mode=core.interpolation_mode,
-                align_corners=core.interpolation_align_corners, spatial_merge_size=merge)
-            out["interp_indices"] = _insert_after_segments(idx, sizes, k, 0)
-            out["interp_weights"] = _insert_after_segments(w, sizes, k, 0.0)
-        if hasattr(core, "window_size") and hasattr(core, "fullatt_block_indexes"):  # Qwen2.5-VL windows
-            window_index, cu_window = vu.get_vision_window_index(
-                grid, spatial_merge_size=merge, window_size=core.window_size, patch_size=core.patch_size)
-            unit = merge * merge
-            groups = [n // unit for n in sizes]
-            new_index, old_off, new_off = [], 0, 0
-            for g_i, part in zip(groups, window_index.split(groups)):
-                new_index += [part - old_off + new_off,
-                              torch.tensor([new_off + g_i], dtype=part.dtype, device=part.device)]
-                old_off, new_off = old_off + g_i, new_off + g_i + 1
-            bounds, new_bounds, row_off = cu_window.tolist(), [0], 0
-            for i, n in enumerate(sizes):
-                new_bounds += [b + k * i for b in bounds if row_off < b <= row_off + n]
-                new_bounds.append(row_off + n + k * (i + 1))
-                row_off += n
-            out["window_index"] = torch.cat(new_index)
-            out["cu_window_seqlens"] = torch.tensor(new_bounds, dtype=cu_window.dtype, device=cu_window.device)
-        return out
-
-    def append_register_hook(self):
-        def before(module, args, kwargs):
-            grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
-            if grid is None:
-                raise InputError("The Qwen vision tower was called without grid_thw.")
-            if bool((grid[:, 0] != 1).any()):
-                raise UnsupportedModelError("Test-time registers support images (grid_t == 1), not videos.")
-            self._sizes = [int(n) for n in grid.prod(-1).tolist()]
-            for key in self._PRECOMPUTED:
-                kwargs.pop(key, None)
-            kwargs.update(self._register_kwargs(grid, self._sizes))
-            return args, kwargs
-
-        def after(module, args, output):
-            return _insert_after_segments(output, self._sizes, self.register_copies, 0)
-
-        return _Handles([self.core.register_forward_pre_hook(before, with_kwargs=True),
-                         self.core.patch_embed.register_forward_hook(after)])
-
-    def redirect(self, h, channels, mode):
-        # packed rows: image i = [its N_i patches, its 4 register copies], images one after another
-        out = h.clone()
-        k, start = self.register_copies, 0
-        for n in self._sizes:
-            seg = out[start:start + n + k]
-            out[start:start + n + k] = redirect_activations(seg[None], channels, patch=slice(0, n),
-                                                            register=slice(n, n + k), mode=mode)[0]
-            start += n + k
-        return out
+    return ", ".join(f.display_name for f in all_families() if f.register_tower is not None)
 
 
 def _resolve_tower(model: nn.Module, _depth: int = 0) -> _Tower:
     """The tower adapter of a vision tower, or of a VLM that holds one."""
     if isinstance(model, _Tower):
         return model
-    if all(hasattr(model, a) for a in ("embeddings", "pre_layrnorm", "encoder")):
-        return _ClipTower(model)
-    if hasattr(model, "blocks") and hasattr(model, "merger") and hasattr(model, "patch_embed"):
-        return _QwenTower(model)
+    for cls in _tower_classes():
+        if cls.matches(model):
+            return cls(model)
     if _depth < 4:
         for name in ("vision_model", "vision_tower", "visual", "model"):
             sub = getattr(model, name, None)
@@ -495,12 +332,9 @@ def _resolve_tower(model: nn.Module, _depth: int = 0) -> _Tower:
                 except UnsupportedModelError:
                     pass
     raise UnsupportedModelError(
-        f"{type(model).__name__} is not a supported vision tower (CLIP, Qwen2.5-VL, Qwen3-VL) and holds none.")
+        f"{type(model).__name__} is not a supported vision tower (those of {_tower_names()}) and holds none.")
 
 
-# ================================================================================================
-# Identity
-# ================================================================================================
 def tower_identity(tower: nn.Module) -> str:
     """A stable string naming the tower's architecture and its exact weights, e.g.
     ``clip_vision_model-h1024-l24-img336-p14-3fa9c2e01b7d``.
@@ -570,7 +404,7 @@ def auto_outlier_threshold(norms: torch.Tensor | Sequence[torch.Tensor], max_fra
 def _iter_images(tower: _Tower, images: Iterable[Any], micro_batch: int) -> Iterator[dict[str, Any]]:
     for batch in images:
         b = tower.prepare(batch)
-        if isinstance(tower, _ClipTower) and micro_batch and b["pixel_values"].shape[0] > micro_batch:
+        if tower.batched and micro_batch and b["pixel_values"].shape[0] > micro_batch:
             for chunk in b["pixel_values"].split(micro_batch):
                 yield {"pixel_values": chunk}
         else:
@@ -968,7 +802,7 @@ def test_time_register(tower: nn.Module, neurons: Any = None, mode: str = "per_c
       register;
     * Qwen2.5-VL / Qwen3-VL: 4 zero tokens (one 2×2 merge group) after each image's N patches in the
       packed sequence (no position embedding, rotary position (0, 0), each image's attention segment
-      grown by 4; see :class:`_QwenTower`): hidden states hold ``Σ (N_i + 4)`` rows, the merger's output
+      grown by 4; see :class:`vtprune.models.qwen2_5_vl.QwenTower`): hidden states hold ``Σ (N_i + 4)`` rows, the merger's output
       (and every DeepStack feature) ``Σ (N_i / 4 + 1)`` rows — the register's merged token last per image;
     * in each listed block's MLP activation the listed channels are redirected onto the register
       (:func:`redirect_activations`, ``mode="per_channel"`` (the paper) or ``"signed_max"`` (the
@@ -1125,17 +959,17 @@ def _dtype(name: str | None, device: str) -> torch.dtype:
 
 
 def _vision_class(vision_config):
+    import importlib
+
+    from .models.families import all_families
+
     mt = getattr(vision_config, "model_type", "")
-    if mt == "clip_vision_model":
-        from transformers import CLIPVisionModel
-        return CLIPVisionModel
-    if mt == "qwen2_5_vl_vision":
-        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
-        return Qwen2_5_VisionTransformerPretrainedModel
-    if mt == "qwen3_vl_vision":
-        from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel
-        return Qwen3VLVisionModel
-    raise UnsupportedModelError(f"Vision towers of type {mt!r} are not supported (CLIP, Qwen2.5-VL, Qwen3-VL).")
+    for fam in all_families():
+        if mt in fam.vision_classes:
+            module, name = fam.vision_classes[mt]
+            return getattr(importlib.import_module(module), name)
+    known = sorted({k for f in all_families() for k in f.vision_classes})
+    raise UnsupportedModelError(f"Vision towers of type {mt!r} are not supported ({', '.join(known)}).")
 
 
 _TOWER_PREFIXES = ("model.vision_tower.", "vision_tower.", "model.visual.", "visual.")
@@ -1226,13 +1060,7 @@ def _processor_batches(model_path: Path, files: list[Path], batch_size: int, tow
             with Image.open(f) as im:
                 imgs.append(im.convert("RGB"))
         out = proc(images=imgs, return_tensors="pt")
-        if isinstance(tower, _QwenTower):
-            yield {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
-        else:
-            pv = out["pixel_values"]
-            if pv.dim() == 5:  # LLaVA-NeXT AnyRes: (B, crops, 3, H, W); calibrate on the base view
-                pv = pv[:, 0]
-            yield pv
+        yield tower.processor_batch(out)
 
 
 def add_calibrate_registers_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

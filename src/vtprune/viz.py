@@ -6,7 +6,13 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 
-def crop_boxes(family: str, image_size: tuple[int, int], grids: list[tuple[int, int]],
+def _anyres(family: str) -> bool:
+    from .models.families import get
+
+    return get(family).anyres
+
+
+def crop_boxes(family: str | None, image_size: tuple[int, int], grids: list[tuple[int, int]],
                crop_grid: tuple[int, int] | None = None) -> list[tuple[float, float, float, float]]:
     """Each crop's box on the original image as (x0, y0, x1, y1) pixels.
 
@@ -16,7 +22,7 @@ def crop_boxes(family: str, image_size: tuple[int, int], grids: list[tuple[int, 
     most the padding (a few percent on typical aspect ratios)."""
     w, h = image_size
     boxes = [(0.0, 0.0, float(w), float(h))]
-    if family == "llava_next" and len(grids) > 1:
+    if family is not None and _anyres(family) and len(grids) > 1:
         rows, cols = crop_grid or (1, len(grids) - 1)
         for k in range(len(grids) - 1):
             r, c = divmod(k, cols)
@@ -24,7 +30,7 @@ def crop_boxes(family: str, image_size: tuple[int, int], grids: list[tuple[int, 
     return boxes
 
 
-def overlay(image: Image.Image, kept_cells, grids: list[tuple[int, int]], boxes=None, family: str = "llava",
+def overlay(image: Image.Image, kept_cells, grids: list[tuple[int, int]], boxes=None, family: str | None = None,
             draw_base: bool = True) -> Image.Image:
     """The image with dropped patches dimmed and kept ones outlined.
 

@@ -35,8 +35,6 @@ from ..errors import VTPruneError
 
 Schedule = Sequence[tuple[int, int]]
 
-#: tokens one image gives the LLM without pruning, for families whose count the config fixes
-LLAVA_NEXT_DEFAULT_CROPS = 5  # 672×672: base view + 2×2 crops (no unpadding, no newline tokens)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -89,6 +87,21 @@ def lm_shape(config: Any) -> LMShape:
 
 def _family(cfg: Any) -> str:
     return getattr(cfg, "model_type", "") or ""
+
+
+def _flops_info(cfg: Any):
+    """The family's :class:`~vtprune.models.families.FlopsInfo`, or None for a model type vtprune does not
+    declare. A Qwen2-VL-style tower (``embed_dim`` / ``mlp_ratio`` naming, fc1/fc2 MLP, 2×2 merger, no
+    windows) is recognised from its vision config."""
+    from ..models.families import FlopsInfo, family_of_config
+
+    family = family_of_config(cfg)
+    if family is not None and family.flops is not None:
+        return family.flops
+    vc = getattr(cfg, "vision_config", None)
+    if vc is not None and all(hasattr(vc, a) for a in ("embed_dim", "mlp_ratio", "spatial_merge_size")):
+        return FlopsInfo(tower="merger", mlp_mats=2)
+    return None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -258,13 +271,11 @@ def llava_projector_flops(config: Any, tokens: int) -> float:
     return 2.0 * tokens * (width * tc.hidden_size + tc.hidden_size * tc.hidden_size)
 
 
-def _qwen_vision_dims(vc: Any, family: str) -> tuple[int, int, int]:
-    """(hidden, intermediate, MLP matrices) of a Qwen vision block."""
-    if family == "qwen2_vl":  # embed_dim / mlp_ratio naming, fc1/fc2 MLP
+def _qwen_vision_dims(vc: Any, mlp_mats: int) -> tuple[int, int, int]:
+    """(hidden, intermediate, MLP matrices) of a Qwen vision block (``mlp_mats`` from the family)."""
+    if hasattr(vc, "embed_dim") and hasattr(vc, "mlp_ratio"):  # Qwen2-VL naming, fc1/fc2 MLP
         return vc.embed_dim, int(vc.embed_dim * vc.mlp_ratio), 2
-    if family == "qwen2_5_vl":  # SwiGLU: gate, up, down
-        return vc.hidden_size, vc.intermediate_size, 3
-    return vc.hidden_size, vc.intermediate_size, 2  # qwen3_vl: linear_fc1, linear_fc2
+    return vc.hidden_size, vc.intermediate_size, mlp_mats
 
 
 def _chunks(length: int, size: int) -> list[int]:
@@ -294,12 +305,12 @@ def qwen_tower_flops(config: Any, grids: Iterable[tuple[int, int, int]]) -> dict
     ``fullatt_block_indexes``; attention never crosses images or frames) and ``projector`` (the 2×2
     patch merger MLP, plus Qwen3-VL's DeepStack mergers), both in FLOPs.
     """
-    vc, family = config.vision_config, _family(config)
-    h, inter, mats = _qwen_vision_dims(vc, family)
+    vc, info = config.vision_config, _flops_info(config)
+    h, inter, mats = _qwen_vision_dims(vc, info.mlp_mats if info is not None else 2)
     depth, m2 = vc.depth, vc.spatial_merge_size**2
     full_layers = depth
     windowed = 0
-    if family == "qwen2_5_vl":
+    if info is not None and info.windowed:
         full_layers = len(vc.fullatt_block_indexes)
         windowed = depth - full_layers
     out_dim = getattr(vc, "out_hidden_size", None) or vc.hidden_size  # qwen2_vl: hidden_size is the LLM's
@@ -348,19 +359,22 @@ def vision_flops(
     giving ``full_visual_tokens`` merged tokens. The merger always sees every patch.
     """
     cfg = _as_config(config)
-    family = _family(cfg)
-    if family in ("llava", "llava_next"):
+    info = _flops_info(cfg)
+    if info is not None and info.tower == "clip":
         per_crop = (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2
         crops = math.ceil(full_visual_tokens / per_crop)
         proj = full_visual_tokens if projector_tokens is None else projector_tokens
         return {"vision_tower": clip_tower_flops(cfg.vision_config, crops), "projector": llava_projector_flops(cfg, proj)}
-    if family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
+    if info is not None and info.tower == "merger":
         m = cfg.vision_config.spatial_merge_size
         grids = _grids(image_grid) if image_grid is not None else [grid_for_tokens(full_visual_tokens, m)]
         return qwen_tower_flops(cfg, grids)
+    from ..models.families import all_families
+
+    known = ", ".join(t for f in all_families() if f.flops is not None for t in f.model_types)
     raise ValueError(
-        f"no vision-tower formula for model_type {family!r}; supported: llava, llava_next, qwen2_vl, "
-        "qwen2_5_vl, qwen3_vl (pass include_vision=False to count the LLM only)"
+        f"no vision-tower formula for model_type {_family(cfg)!r}; supported: {known} and Qwen2-VL-style towers "
+        "(pass include_vision=False to count the LLM only)"
     )
 
 
@@ -369,11 +383,11 @@ def default_full_visual_tokens(config: Any, visual_tokens: int) -> int:
     (672×672, 5 crops, no unpadding), Qwen ``visual_tokens``; never fewer than ``visual_tokens``.
     """
     cfg = _as_config(config)
-    family = _family(cfg)
+    info = _flops_info(cfg)
     native = 0
-    if family in ("llava", "llava_next"):
+    if info is not None and info.tower == "clip":  # the config fixes the count: crops × patches per crop
         per_crop = (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2
-        native = per_crop * (LLAVA_NEXT_DEFAULT_CROPS if family == "llava_next" else 1)
+        native = per_crop * info.default_crops
     return max(native, visual_tokens)
 
 

@@ -44,16 +44,8 @@ import torch
 from ..errors import VTPruneError
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-_CLASS_BY_MODEL_TYPE = {
-    "llava": "LlavaForConditionalGeneration",
-    "llava_next": "LlavaNextForConditionalGeneration",
-    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
-    "qwen3_vl": "Qwen3VLForConditionalGeneration",
-}
 #: default image size (H, W) in pixels: full-size models (LLaVA-NeXT: 5 crops; Qwen: 24×24 merged tokens)
 FULL_IMAGE_SIZE = (672, 672)
-#: tiny models: LLaVA-NeXT 5 crops of 2×2 patches, Qwen 4×4 merged tokens
-TINY_IMAGE_SIZE = {"llava": (56, 56), "llava_next": (56, 56), "qwen2_5_vl": (112, 112), "qwen3_vl": (112, 112)}
 
 
 class BenchError(VTPruneError, ValueError):
@@ -106,10 +98,7 @@ def build_model(*, tiny: str | None = None, random_weights: str | None = None, m
             cfg = load_config(random_weights)
         except KeyError as e:  # UnknownPresetError
             raise BenchError(str(e)) from None
-        name = _CLASS_BY_MODEL_TYPE.get(cfg.model_type)
-        if name is None:
-            raise BenchError(f"model_type {cfg.model_type!r} is not a supported VLM family "
-                             f"({', '.join(_CLASS_BY_MODEL_TYPE)})")
+        name = hf_class_name(cfg.model_type)
         torch.manual_seed(seed)
         with torch.device(device):  # weights are created (and initialised) on the device directly
             model = getattr(transformers, name)._from_config(cfg, dtype=dtype, attn_implementation=attn_implementation)
@@ -151,15 +140,29 @@ def _text_ids(cfg, n: int, seed: int) -> list[int]:
     return out
 
 
+def hf_class_name(model_type: str) -> str:
+    """The transformers class that builds a model of ``model_type`` (from the family declarations)."""
+    from ..models.families import all_families
+
+    for fam in all_families():
+        if model_type in fam.model_types:
+            return fam.hf_classes[0]
+    known = ", ".join(t for f in all_families() for t in f.model_types)
+    raise BenchError(f"model_type {model_type!r} is not a supported VLM family ({known})")
+
+
 def resolve_image_size(model, family: str, image_size: tuple[int, int] | None, tiny: bool) -> tuple[int, int]:
-    """The image size (H, W) the inputs use. LLaVA-1.5 always uses its tower's square; Qwen sizes are
-    rounded down to whole merged tokens (multiples of patch × merge)."""
-    cfg = model.config
-    if family == "llava":
+    """The image size (H, W) the inputs use. A single fixed-size crop (LLaVA-1.5) always uses its tower's
+    square; merged-patch towers (Qwen) round sizes down to whole merged tokens (multiples of patch × merge).
+    Tiny models default to their family's ``tiny.image_size``."""
+    from ..models.families import get
+
+    cfg, fam = model.config, get(family)
+    if not fam.anyres and fam.merge_factor == 1:  # one crop at the tower's own input size
         side = cfg.vision_config.image_size
         return side, side
-    size = image_size or (TINY_IMAGE_SIZE[family] if tiny else FULL_IMAGE_SIZE)
-    if family in ("qwen2_5_vl", "qwen3_vl"):
+    size = image_size or (fam.tiny.image_size if tiny else FULL_IMAGE_SIZE)
+    if fam.merge_factor > 1:
         unit = cfg.vision_config.patch_size * cfg.vision_config.spatial_merge_size
         size = tuple(max(unit, (s // unit) * unit) for s in size)
     return int(size[0]), int(size[1])
@@ -512,11 +515,12 @@ def run_benchmark(model, *, methods: Sequence[str], budgets: Sequence[int], inpu
     """Time the unmodified model and every method × budget on ``inputs``; returns the raw results
     (the ``rows`` list holds one dict per configuration; see the module docstring)."""
     import vtprune
-    from ..models import family_of
+    from ..models import families, family_of
 
     method_args = method_args or {}
     device = next(model.parameters()).device
     family = family_of(model)
+    layouts = len(families.get(family).layouts) > 1  # the family takes apply(layout=...)
     cfg = model.config
     meter = MemoryMeter(device)
     ids = inputs["input_ids"]
@@ -539,7 +543,7 @@ def run_benchmark(model, *, methods: Sequence[str], budgets: Sequence[int], inpu
             else [(extra.get("keep"), extra)]
         for budget, kwargs in plan:
             label = {"method": name, "budget": budget, "args": kwargs, "fixed_budget": fixed}
-            options = {"layout": layout} if family == "llava_next" else {}
+            options = {"layout": layout} if layouts else {}
             say(f"{name} {kwargs}")
             try:
                 handle = vtprune.apply(model, name, **options, **kwargs)
@@ -576,7 +580,7 @@ def run_benchmark(model, *, methods: Sequence[str], budgets: Sequence[int], inpu
             row["speedup_vs_unpruned"] = base / row["prefill_s"]["median"]
     return {
         "family": family,
-        "layout": layout if family == "llava_next" else None,
+        "layout": layout if layouts else None,
         "batch_size": batch,
         "sequence_tokens": seq_len,
         "visual_tokens_full": full_visual,

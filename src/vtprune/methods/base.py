@@ -104,6 +104,15 @@ def split_budget(total: int, sizes: list[int]) -> list[int]:
     return out
 
 
+class _Unsupported:
+    """``Method.unsupported``: {family: reason} of the registered families that lack one of ``needs``."""
+
+    def __get__(self, obj, cls) -> dict[str, str]:
+        from ..models.families import refusals
+
+        return refusals(cls)
+
+
 class Method:
     """Base class. Subclasses set ``name`` and ``stages`` and implement the ``select_*`` they need.
 
@@ -130,8 +139,13 @@ class Method:
     official_code: ClassVar[str] = ""
     #: True when the method has no budget of its own: keep=N or ratio=r is then required
     needs_budget: ClassVar[bool] = False
-    #: families this method refuses, with the reason (e.g. {"qwen2_5_vl": "needs a CLS token"})
-    unsupported: ClassVar[dict[str, str]] = {}
+    #: capabilities the model family must have (``vtprune.models.families.CAPABILITIES``), e.g.
+    #: {"cls_attention"}; the families lacking one are refused (see ``unsupported``)
+    needs: ClassVar[frozenset[str]] = frozenset()
+    #: why the method needs a capability, as the refusal reads it (default: the capability's own reason)
+    need_reasons: ClassVar[dict[str, str]] = {}
+    #: families this method refuses, with the reason — derived from ``needs`` × the families' capabilities
+    unsupported: ClassVar[dict[str, str]] = _Unsupported()  # type: ignore[assignment]
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -170,11 +184,23 @@ class Method:
         g.manual_seed(self.seed + offset)
         return g
 
+    @classmethod
+    def refusal(cls, family: str) -> str | None:
+        """Why the method cannot run on ``family`` (the capabilities of ``needs`` it lacks), or None.
+        An unknown family raises UnsupportedModelError naming the known ones."""
+        import inspect
+
+        from ..models.families import refusal
+
+        declared = inspect.getattr_static(cls, "unsupported")
+        if isinstance(declared, dict) and family in declared:  # an explicit refusal (older declarations)
+            return declared[family]
+        return refusal(cls.needs, cls.need_reasons, family)
+
     def check_family(self, family: str) -> None:
-        if family in self.unsupported:
-            raise UnsupportedMethodError(
-                f"Method '{self.name}' does not support {family}: {self.unsupported[family]}"
-            )
+        reason = self.refusal(family)
+        if reason is not None:
+            raise UnsupportedMethodError(f"Method '{self.name}' does not support {family}: {reason}")
 
     def prepare(self, family: str, num_layers: int) -> None:
         """Called once by ``apply`` with the model family and its decoder depth: set family-dependent
@@ -287,6 +313,13 @@ class ImageContext:
         return self.features.shape[0]
 
     @property
+    def capabilities(self) -> frozenset[str]:
+        """The capabilities of the model family (``vtprune.models.families``), e.g. "cls_attention"."""
+        from ..models.families import get
+
+        return get(self.family).capabilities
+
+    @property
     def cls_attention(self) -> torch.Tensor:
         return self._lazy.get("cls_attention", "a CLS-token attention row (its vision tower has no CLS token)")
 
@@ -348,6 +381,13 @@ class LLMContext:
         self.family = family
         self.original_visual = original_visual  # visual tokens of this sample entering the LLM
         self._lazy = _Lazy(providers)
+
+    @property
+    def capabilities(self) -> frozenset[str]:
+        """The capabilities of the model family (``vtprune.models.families``)."""
+        from ..models.families import get
+
+        return get(self.family).capabilities
 
     @property
     def last(self) -> int:

@@ -21,7 +21,7 @@ class ClsTopK(Method):
 
     def select_vision(self, ctx):
         k = self.budget(ctx.num_tokens)
-        if ctx.family in ("qwen2_5_vl", "qwen3_vl"):
+        if "cls_attention" not in ctx.capabilities:
             scores = ctx.received_attention
         else:
             scores = ctx.cls_attention[:, : ctx.num_tokens].mean(0)

@@ -58,8 +58,9 @@ class HiPrune(Method):
     needs_budget = True
     stages = (Stage.VISION,)
     needs_full_grid = True
-    #: drop these entries once the Qwen adapter provides ``vision_attention``
-    unsupported = {"qwen2_5_vl": _QWEN_REASON, "qwen3_vl": _QWEN_REASON}
+    #: the Qwen adapter does not provide ``vision_attention`` (yet)
+    needs = frozenset({"vision_attention"})
+    need_reasons = {"vision_attention": _QWEN_REASON}
 
     def __init__(self, keep: int | None = None, ratio: float | None = None,
                  alpha: float = 0.1, object_layer: int | None = None, seed: int = 0):

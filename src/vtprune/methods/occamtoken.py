@@ -68,6 +68,7 @@ import torch
 
 from ..errors import ArgumentError, UnsupportedMethodError
 from ._occam_scores import relative_keep, stage1_columns, stage2_keep, stage2_scores
+from ..models.families import FamilyDefaults
 from .base import Method, Selection, Stage, register, sorted_topk
 
 def _check_neurons_argument(neurons) -> None:
@@ -84,8 +85,8 @@ def _check_neurons_argument(neurons) -> None:
         raise ArgumentError(f"occamtoken: neurons={neurons!r} is not allowed ({err}); {allowed}.") from None
 
 
-DEFAULT_LAMBDA1 = {"llava": 0.015, "llava_next": 0.045, "qwen2_5_vl": 0.5, "qwen3_vl": 0.5}
-DEFAULT_LAYER = {"llava": 11, "llava_next": 11, "qwen2_5_vl": 10, "qwen3_vl": 10}
+DEFAULT_LAMBDA1 = FamilyDefaults("occamtoken", "lambda1")  # family -> λ1, declared by each model family
+DEFAULT_LAYER = FamilyDefaults("occamtoken", "layer")  # family -> stage-II layer
 REGISTER_FILE = "vtprune_registers.json"
 
 
@@ -180,7 +181,7 @@ class OccamToken(Method):
     # -- stage I -----------------------------------------------------------------------------------
     def select_vision(self, ctx):
         n = ctx.num_tokens
-        if ctx.family in ("qwen2_5_vl", "qwen3_vl"):
+        if "cls_attention" not in ctx.capabilities:
             scores, reference = ctx.received_attention, ctx.register_received_attention.mean()
             per_token = reference.expand(n)
             references = reference.reshape(1)

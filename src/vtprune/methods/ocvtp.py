@@ -92,6 +92,7 @@ class OCVTP(Method):
         if self._resolved_for == (family, width) and self._config is not None:
             return self._config
         from ..ocvtp import CheckpointError, checkpoint_dir, shipped_checkpoints
+        from ..models.families import tower_group
         from ..ocvtp.extract import same_tower
 
         if self.checkpoint is None:
@@ -101,7 +102,7 @@ class OCVTP(Method):
                 if not tower or cfg.input_dim != width:
                     continue
                 fams = {tower.get("family"), family}
-                if len(fams) != 1 and fams != {"llava", "llava_next"}:
+                if len({tower_group(f) for f in fams}) != 1:  # families sharing a tower (LLaVA-1.5 / -NeXT)
                     continue
                 if self._identity is not None and not same_tower(tower, self._identity):
                     continue

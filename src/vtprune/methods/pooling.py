@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UnsupportedMethodError
+from ..models import families
 from .base import Method, Selection, Stage, register, split_budget
 
 
@@ -38,7 +39,8 @@ class Pooling(Method):
 
     def prepare(self, family: str, num_layers: int) -> None:
         super().prepare(family, num_layers)
-        self.stages = (Stage.PROJECTED,) if family in ("qwen2_5_vl", "qwen3_vl") else (Stage.VISION,)
+        merges_vision = "vision_merge" in families.get(family).capabilities  # pooled vision features pass the projector
+        self.stages = (Stage.VISION,) if merges_vision else (Stage.PROJECTED,)
 
     def select_vision(self, ctx):
         total = self.budget(ctx.num_tokens)

@@ -38,8 +38,8 @@ import torch.nn.functional as F
 from ..errors import ArgumentError
 from .base import Method, Selection, Stage, mask_indices, register, sorted_topk, split_budget
 
-_QWEN_REASON = ("its tower has no [CLS] token, and merged vision-stage tokens cannot pass the 2×2 patch "
-                "merger")
+_NEED_REASONS = {"cls_attention": "its tower has no [CLS] token",
+                 "vision_merge": "merged vision-stage tokens cannot pass the 2×2 patch merger"}
 
 
 @register
@@ -47,7 +47,8 @@ class VisionZip(Method):
     name = "visionzip"
     needs_budget = True
     stages = (Stage.VISION,)
-    unsupported = {"qwen2_5_vl": _QWEN_REASON, "qwen3_vl": _QWEN_REASON}
+    needs = frozenset({"cls_attention", "vision_merge"})
+    need_reasons = _NEED_REASONS
 
     def __init__(self, keep: int | None = None, ratio: float | None = None,
                  contextual_ratio: float = 10 / 64, seed: int = 0):

@@ -29,12 +29,9 @@ import torch.nn.functional as F
 from ..errors import ArgumentError
 from .base import Method, Selection, Stage, mask_indices, register, sorted_topk, split_budget
 
-QWEN = ("qwen2_5_vl", "qwen3_vl")
-
-
 def importance(ctx) -> torch.Tensor:
     """(N,) per-token importance: head-mean [CLS] attention, or received attention on Qwen."""
-    if ctx.family in QWEN:
+    if "cls_attention" not in ctx.capabilities:
         return ctx.received_attention.float()
     return ctx.cls_attention[:, : ctx.num_tokens].float().mean(0)
 

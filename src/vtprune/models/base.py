@@ -13,29 +13,21 @@ from typing import Any
 import torch
 
 from ..attention import AttentionRecorder, record_attention
-from ..errors import InputError, UnsupportedModelError
+from ..errors import InputError, UnsupportedModelError  # noqa: F401
 from ..methods.base import ImageContext, Instruction, Method, Selection, Stage
-
-_FAMILY_BY_CLASS = {
-    "LlavaForConditionalGeneration": "llava",
-    "LlavaNextForConditionalGeneration": "llava_next",
-    "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl",
-    "Qwen3VLForConditionalGeneration": "qwen3_vl",
-}
 
 
 def supported_classes() -> list[str]:
-    return list(_FAMILY_BY_CLASS)
+    from .families import supported_classes as classes
+
+    return classes()
 
 
 def family_of(model) -> str:
-    for cls in type(model).__mro__:
-        if cls.__name__ in _FAMILY_BY_CLASS:
-            return _FAMILY_BY_CLASS[cls.__name__]
-    raise UnsupportedModelError(
-        f"vtprune has no adapter for {type(model).__name__}. Supported model classes: "
-        f"{', '.join(supported_classes())}. Load your checkpoint with one of these classes."
-    )
+    """The family name of a transformers model; UnsupportedModelError for an unsupported class."""
+    from .families import family_of_model
+
+    return family_of_model(model).name
 
 
 @dataclass
@@ -210,16 +202,12 @@ def block_index(num_layers: int, hidden_state_index: int) -> int:
     return idx - 1
 
 
-_ADAPTERS: dict[str, type[Adapter]] = {}
-
-
 def register_adapter(cls: type[Adapter]) -> type[Adapter]:
-    _ADAPTERS[cls.family] = cls
+    """Kept for the adapter modules' decorators; the family declaration names the adapter."""
     return cls
 
 
 def adapter_for(model, **options) -> Adapter:
-    family = family_of(model)
-    from . import llava, llava_next, qwen2_5_vl, qwen3_vl  # noqa: F401  (register the adapters)
+    from .families import family_of_model
 
-    return _ADAPTERS[family](model, **options)
+    return family_of_model(model).adapter(model, **options)

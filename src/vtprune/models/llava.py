@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import contextlib
+from typing import Mapping
 
 import torch
 
-from ..errors import UnsupportedModelError
+from ..errors import InputError, UnsupportedModelError
 from ..methods.base import ImageContext, Method, Stage
+from ..registers import _first_param, _Tower, redirect_activations
 from .base import Adapter, EncodedImage, block_index, register_adapter
+from .families import Family, FlopsInfo, TinySpec, register_family
 
 
 def _state_index(block: int) -> int:
@@ -171,3 +174,147 @@ class LlavaAdapter(Adapter):
             images.append(EncodedImage(embeds=embeds, keep=keep_units, n_units=n, n_extra=extra, candidates=n,
                                        protected=torch.arange(n, n + extra), info=info, unit_cells=cells))
         return images
+
+
+# -- test-time registers: the CLIP tower ----------------------------------------------------------
+class ClipTower(_Tower):
+    """``CLIPVisionModel`` (transformers 5): embeddings → pre_layrnorm → encoder.layers → post_layernorm.
+    Batched (B, S, D) hidden states, CLS at position 0; with the register: (B, 1 + N + 1, D)."""
+
+    kind = "clip"
+    has_cls = True
+    batched = True
+
+    @classmethod
+    def matches(cls, module) -> bool:
+        return all(hasattr(module, a) for a in ("embeddings", "pre_layrnorm", "encoder"))
+
+    def processor_batch(self, out):
+        pv = out["pixel_values"]
+        if pv.dim() == 5:  # LLaVA-NeXT AnyRes: (B, crops, 3, H, W); calibrate on the base view
+            pv = pv[:, 0]
+        return pv
+
+    @property
+    def layers(self):
+        return self.core.encoder.layers
+
+    def prepare(self, batch):
+        if isinstance(batch, Mapping):
+            batch = batch["pixel_values"]
+        if not isinstance(batch, torch.Tensor):
+            raise InputError(f"Expected a pixel tensor (B, 3, H, W) or a dict with 'pixel_values', got "
+                             f"{type(batch).__name__}.")
+        if batch.dim() == 3:
+            batch = batch.unsqueeze(0)
+        if batch.dim() == 5:  # LLaVA-NeXT processor output (B, crops, 3, H, W): every crop is an image
+            batch = batch.flatten(0, 1)
+        if batch.dim() != 4:
+            raise InputError(f"Expected pixel values (B, 3, H, W), got shape {tuple(batch.shape)}.")
+        p = _first_param(self.core)
+        return {"pixel_values": batch.to(device=p.device, dtype=p.dtype)}
+
+    def num_images(self, batch):
+        return batch["pixel_values"].shape[0]
+
+    def run(self, batch):
+        return self.core(pixel_values=batch["pixel_values"])
+
+    def split(self, t, batch):
+        return list(t.unbind(0))
+
+    def identity_tensors(self):
+        emb = self.core.embeddings
+        ts = [emb.patch_embedding.weight, emb.class_embedding, emb.position_embedding.weight,
+              self.layers[0].mlp.fc1.weight, self.layers[-1].mlp.fc2.weight]
+        ts += [blk.mlp.fc1.bias for blk in self.layers if blk.mlp.fc1.bias is not None]
+        return ts
+
+    # -- intervention ---------------------------------------------------------------------------
+    def append_register_hook(self):
+        def append(module, args):
+            x = args[0]
+            reg = x.new_zeros(x.shape[0], 1, x.shape[-1])  # zero token, no position embedding
+            return (torch.cat([x, reg], dim=1), *args[1:])
+
+        # appended before the pre-norm, exactly like the reference (cat zeros, then ln_pre)
+        return self.core.pre_layrnorm.register_forward_pre_hook(append)
+
+    def redirect(self, h, channels, mode):
+        # positions: 0 = CLS (untouched), 1..S-2 = patches, S-1 = register
+        return redirect_activations(h, channels, patch=slice(1, -1), register=slice(-1, None), mode=mode)
+
+    def cls_attention(self, layer, hidden):
+        blk = self.layers[layer]
+        attn = blk.self_attn
+        x = blk.layer_norm1(hidden)
+        b, s, _ = x.shape
+        heads, hd = attn.num_heads, attn.head_dim
+        q = attn.q_proj(x[:, :1]).float().view(b, 1, heads, hd)
+        k = attn.k_proj(x).float().view(b, s, heads, hd)
+        scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * (hd ** -0.5)
+        return torch.softmax(scores, dim=-1)[:, :, 0]  # (B, H, S)
+
+
+# -- tiny test model ------------------------------------------------------------------------------
+def llama_text(**extra):
+    from transformers import LlamaConfig
+
+    from ..tiny import VOCAB
+
+    return LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=512,
+                       pad_token_id=0, bos_token_id=1, eos_token_id=2, **extra)
+
+
+def clip_vision(image_size: int):
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                            image_size=image_size, patch_size=14, projection_dim=32)
+
+
+def _tiny_config():
+    from transformers import LlavaConfig
+
+    from ..tiny import IMAGE_TOKEN
+
+    return LlavaConfig(vision_config=clip_vision(56), text_config=llama_text(), image_token_id=IMAGE_TOKEN,
+                       vision_feature_layer=-2, vision_feature_select_strategy="default")
+
+
+def _tiny_inputs(model, samples):
+    cfg = model.config
+    side = cfg.vision_config.image_size
+    rows, pixels = [], []
+    for s in samples:
+        g = torch.Generator().manual_seed(s.image_seed)
+        pixels.append(torch.randn(3, side, side, generator=g))
+        rows.append(s.before + [cfg.image_token_id] * (side // cfg.vision_config.patch_size) ** 2 + s.after)
+    return rows, torch.stack(pixels), {}
+
+
+#: OccamToken's paper settings on LLaVA: λ1 = 0.015 (LLaVA-1.5), stage-II layer 11
+OCCAMTOKEN_DEFAULTS = {"lambda1": 0.015, "layer": 11}
+CLIP_VISION_CLASSES = {"clip_vision_model": ("transformers", "CLIPVisionModel")}
+
+FAMILY = register_family(Family(
+    name="llava",
+    display_name="LLaVA-1.5",
+    hf_classes=("LlavaForConditionalGeneration",),
+    adapter=LlavaAdapter,
+    model_types=("llava",),
+    input_keys=("pixel_values",),
+    has_cls=True,
+    vision_merge=True,
+    vision_attention=True,
+    fixed_grid=True,
+    merge_factor=1,
+    tower_group="clip",
+    register_tower=ClipTower,
+    vision_classes=CLIP_VISION_CLASSES,
+    flops=FlopsInfo(tower="clip", mlp_mats=2, default_crops=1),
+    defaults={"occamtoken": OCCAMTOKEN_DEFAULTS},
+    tiny=TinySpec(config=_tiny_config, inputs=_tiny_inputs, image_size=(56, 56)),
+    vllm=("VTPruneLlavaForConditionalGeneration", "vtprune.serving.vllm_llava"),
+))

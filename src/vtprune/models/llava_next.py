@@ -12,7 +12,8 @@ import torch
 
 from ..errors import InputError
 from .base import EncodedImage, register_adapter
-from .llava import LlavaAdapter
+from .families import Family, FlopsInfo, TinySpec, register_family
+from .llava import CLIP_VISION_CLASSES, ClipTower, LlavaAdapter, clip_vision, llama_text
 
 
 @register_adapter
@@ -92,3 +93,69 @@ class LlavaNextAdapter(LlavaAdapter):
                                        candidates=len(present), protected=torch.arange(n_units, n_units + c * extra),
                                        info=info, unit_cells=cells))
         return images
+
+
+# -- tiny test model ------------------------------------------------------------------------------
+def _tiny_config():
+    from transformers import LlavaNextConfig
+
+    from ..tiny import IMAGE_TOKEN
+
+    return LlavaNextConfig(vision_config=clip_vision(28), text_config=llama_text(), image_token_id=IMAGE_TOKEN,
+                           image_grid_pinpoints=[[28, 56], [56, 28], [56, 56]], vision_feature_layer=-2,
+                           vision_feature_select_strategy="default")
+
+
+def _next_tokens(model, size) -> int:
+    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
+
+    cfg = model.config
+    side = cfg.vision_config.image_size // cfg.vision_config.patch_size
+    gh, gw = get_anyres_image_grid_shape(size, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
+    grid = torch.zeros(1, gh * side, gw * side)
+    rows, cols = unpad_image(grid, size).shape[1:]
+    return side * side + rows * (cols + 1)
+
+
+def _tiny_inputs(model, samples):
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    cfg = model.config
+    side = cfg.vision_config.image_size
+    n_max = max(image_size_to_num_patches(s.size, cfg.image_grid_pinpoints, side) for s in samples)
+    rows, pixels = [], []
+    for s in samples:
+        g = torch.Generator().manual_seed(s.image_seed)
+        n = image_size_to_num_patches(s.size, cfg.image_grid_pinpoints, side)
+        crops = torch.zeros(n_max, 3, side, side)
+        crops[:n] = torch.randn(n, 3, side, side, generator=g)
+        pixels.append(crops)
+        rows.append(s.before + [cfg.image_token_id] * _next_tokens(model, s.size) + s.after)
+    return rows, torch.stack(pixels), {"image_sizes": torch.tensor([list(s.size) for s in samples])}
+
+
+FAMILY = register_family(Family(
+    name="llava_next",
+    display_name="LLaVA-NeXT",
+    hf_classes=("LlavaNextForConditionalGeneration",),
+    adapter=LlavaNextAdapter,
+    model_types=("llava_next",),
+    input_keys=("pixel_values", "image_sizes"),
+    has_cls=True,
+    vision_merge=True,
+    vision_attention=True,
+    fixed_grid=False,  # the model layout unpads the crops; layout="flat" keeps every crop's full grid
+    anyres=True,
+    merge_factor=1,
+    layouts=("model", "flat"),
+    full_grid_layout="flat",
+    tower_group="clip",  # LLaVA-1.5's CLIP tower
+    register_tower=ClipTower,
+    vision_classes=CLIP_VISION_CLASSES,
+    extract_adapter=LlavaAdapter,  # the base view through LLaVA-1.5's single-crop path, no AnyRes crops
+    flops=FlopsInfo(tower="clip", mlp_mats=2, default_crops=5),  # 672×672: base view + 2×2 crops
+    #: OccamToken's paper settings on LLaVA-NeXT: λ1 = 0.045, stage-II layer 11
+    defaults={"occamtoken": {"lambda1": 0.045, "layer": 11}},
+    tiny=TinySpec(config=_tiny_config, inputs=_tiny_inputs, image_size=(56, 56)),
+    vllm=("VTPruneLlavaNextForConditionalGeneration", "vtprune.serving.vllm_llava_next"),
+))

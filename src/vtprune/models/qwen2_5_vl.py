@@ -8,12 +8,15 @@ the full sequence; kept tokens keep theirs and decoding continues with the model
 from __future__ import annotations
 
 import contextlib
+from typing import Any, Mapping
 
 import torch
 
-from ..errors import InputError
+from ..errors import InputError, UnsupportedModelError
 from ..methods.base import ImageContext, Stage
+from ..registers import _first_param, _Handles, _insert_after_segments, _Tower, redirect_activations
 from .base import Adapter, EncodedImage, register_adapter
+from .families import Family, FlopsInfo, TinySpec, register_family
 
 
 @register_adapter
@@ -185,3 +188,201 @@ class Qwen25VLAdapter(Adapter):
 
     def _deepstack(self, out, image: int, keep: torch.Tensor):
         return None
+
+
+# -- test-time registers: the Qwen vision towers (Qwen2.5-VL, Qwen3-VL) ---------------------------
+class QwenTower(_Tower):
+    """Qwen2.5-VL / Qwen3-VL vision towers: packed (S, D) hidden states of all images, no CLS.
+
+    Calibration splits the packed sequence per image by ``grid_thw`` (Qwen2.5-VL's window permutation
+    stays inside each image, so per-image token sets are right).
+
+    The register **[decision]**: 4 zero tokens per image (one 2×2 merge group, so the merger and
+    Qwen3-VL's DeepStack mergers emit exactly one extra merged token per image, at the end of the
+    image's tokens) inserted after each image's patches in the packed sequence, right after the patch
+    embedding: no learned position embedding (Qwen3-VL: zero interpolation weights), rotary position
+    (0, 0) (= no rotation), each image's attention segment (``cu_seqlens``) grown by 4. Qwen2.5-VL's
+    windowed blocks: the register group is its own window (after the image's windows), so it joins
+    the image's tokens in the full-attention blocks only. Images only (``grid_t == 1``).
+    """
+
+    kind = "qwen"
+    has_cls = False
+    register_copies = 4
+
+    @classmethod
+    def matches(cls, module) -> bool:
+        return hasattr(module, "blocks") and hasattr(module, "merger") and hasattr(module, "patch_embed")
+
+    def processor_batch(self, out):
+        return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
+
+    def __init__(self, core):
+        super().__init__(core)
+        self._sizes: list[int] | None = None  # patches per image of the call in flight (register active)
+
+    @property
+    def layers(self):
+        return self.core.blocks
+
+    def prepare(self, batch):
+        if not isinstance(batch, Mapping) or "image_grid_thw" not in batch and "grid_thw" not in batch:
+            raise InputError("Qwen vision towers take dict batches with 'pixel_values' and 'image_grid_thw' "
+                             "(the output of the model's image processor).")
+        p = _first_param(self.core)
+        thw = batch.get("image_grid_thw", batch.get("grid_thw"))
+        return {"pixel_values": batch["pixel_values"].to(device=p.device, dtype=p.dtype),
+                "grid_thw": torch.as_tensor(thw).to(p.device)}
+
+    def num_images(self, batch):
+        return batch["grid_thw"].shape[0]
+
+    def run(self, batch):
+        return self.core(batch["pixel_values"], grid_thw=batch["grid_thw"])
+
+    def split(self, t, batch):
+        sizes = [int(s) for s in batch["grid_thw"].prod(-1).tolist()]
+        if self._sizes is not None:  # register active: each image carries its 4 copies at its end
+            sizes = [n + self.register_copies for n in sizes]
+        return list(t.split(sizes, dim=0))
+
+    def identity_tensors(self):
+        ts = [_first_param(self.core.patch_embed), self.site(0).weight, self.site(self.num_layers - 1).weight]
+        ts += [self.site(i).bias for i in range(self.num_layers) if self.site(i).bias is not None]
+        return ts
+
+    # -- intervention ---------------------------------------------------------------------------
+    _PRECOMPUTED = ("cu_seqlens", "max_seqlen", "position_ids", "window_index", "cu_window_seqlens",
+                    "max_window_seqlen", "interp_indices", "interp_weights")
+
+    def _register_kwargs(self, grid: torch.Tensor, sizes: list[int]) -> dict[str, Any]:
+        from transformers import vision_utils as vu
+
+        core, c, k = self.core, self.core.config, self.register_copies
+        merge = c.spatial_merge_size
+        out: dict[str, Any] = {}
+        pos = vu.get_vision_position_ids(grid, merge)
+        out["position_ids"] = _insert_after_segments(pos, sizes, k, 0, dim=0 if pos.shape[0] == sum(sizes) else -1)
+        seqlens = torch.tensor([n + k for n in sizes], device=grid.device)
+        out["cu_seqlens"] = torch.nn.functional.pad(seqlens.cumsum(0, dtype=torch.int32), (1, 0), value=0)
+        if hasattr(core, "pos_embed"):  # Qwen3-VL: learned, interpolated position embedding
+            idx, w = vu.get_vision_interpolation_indices_and_weights(
+                grid, num_grid_per_side=core.num_grid_per_side, mode=core.interpolation_mode,
+                align_corners=core.interpolation_align_corners, spatial_merge_size=merge)
+            out["interp_indices"] = _insert_after_segments(idx, sizes, k, 0)
+            out["interp_weights"] = _insert_after_segments(w, sizes, k, 0.0)
+        if hasattr(core, "window_size") and hasattr(core, "fullatt_block_indexes"):  # Qwen2.5-VL windows
+            window_index, cu_window = vu.get_vision_window_index(
+                grid, spatial_merge_size=merge, window_size=core.window_size, patch_size=core.patch_size)
+            unit = merge * merge
+            groups = [n // unit for n in sizes]
+            new_index, old_off, new_off = [], 0, 0
+            for g_i, part in zip(groups, window_index.split(groups)):
+                new_index += [part - old_off + new_off,
+                              torch.tensor([new_off + g_i], dtype=part.dtype, device=part.device)]
+                old_off, new_off = old_off + g_i, new_off + g_i + 1
+            bounds, new_bounds, row_off = cu_window.tolist(), [0], 0
+            for i, n in enumerate(sizes):
+                new_bounds += [b + k * i for b in bounds if row_off < b <= row_off + n]
+                new_bounds.append(row_off + n + k * (i + 1))
+                row_off += n
+            out["window_index"] = torch.cat(new_index)
+            out["cu_window_seqlens"] = torch.tensor(new_bounds, dtype=cu_window.dtype, device=cu_window.device)
+        return out
+
+    def append_register_hook(self):
+        def before(module, args, kwargs):
+            grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+            if grid is None:
+                raise InputError("The Qwen vision tower was called without grid_thw.")
+            if bool((grid[:, 0] != 1).any()):
+                raise UnsupportedModelError("Test-time registers support images (grid_t == 1), not videos.")
+            self._sizes = [int(n) for n in grid.prod(-1).tolist()]
+            for key in self._PRECOMPUTED:
+                kwargs.pop(key, None)
+            kwargs.update(self._register_kwargs(grid, self._sizes))
+            return args, kwargs
+
+        def after(module, args, output):
+            return _insert_after_segments(output, self._sizes, self.register_copies, 0)
+
+        return _Handles([self.core.register_forward_pre_hook(before, with_kwargs=True),
+                         self.core.patch_embed.register_forward_hook(after)])
+
+    def redirect(self, h, channels, mode):
+        # packed rows: image i = [its N_i patches, its 4 register copies], images one after another
+        out = h.clone()
+        k, start = self.register_copies, 0
+        for n in self._sizes:
+            seg = out[start:start + n + k]
+            out[start:start + n + k] = redirect_activations(seg[None], channels, patch=slice(0, n),
+                                                            register=slice(n, n + k), mode=mode)[0]
+            start += n + k
+        return out
+
+
+# -- tiny test model ------------------------------------------------------------------------------
+def _tiny_config():
+    from transformers import Qwen2_5_VLConfig
+
+    from ..tiny import IMAGE_TOKEN, VIDEO_TOKEN, VOCAB
+
+    return Qwen2_5_VLConfig(
+        text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=512,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+                         pad_token_id=0, bos_token_id=1, eos_token_id=2),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, patch_size=14,
+                           spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=64, window_size=56,
+                           fullatt_block_indexes=[1], in_channels=3),
+        image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN, vision_start_token_id=5, vision_end_token_id=6)
+
+
+def _qwen_pixels(config, size, seed):
+    vc = config.vision_config
+    patch, merge, tps = vc.patch_size, vc.spatial_merge_size, vc.temporal_patch_size
+    h, w = size[0] // patch, size[1] // patch
+    g = torch.Generator().manual_seed(seed)
+    pixels = torch.randn(h * w, vc.in_channels * tps * patch * patch, generator=g)
+    return pixels, torch.tensor([1, h, w]), (h // merge) * (w // merge)
+
+
+def tiny_inputs(model, samples):
+    """Qwen-VL processor-shaped inputs (packed patches, ``image_grid_thw``) for ``vtprune.tiny``."""
+    cfg = model.config
+    rows, pixels, grids = [], [], []
+    for s in samples:
+        p, thw, n = _qwen_pixels(cfg, s.size, s.image_seed)
+        pixels.append(p)
+        grids.append(thw)
+        rows.append(s.before + [cfg.vision_start_token_id] + [cfg.image_token_id] * n
+                    + [cfg.vision_end_token_id] + s.after)
+    return rows, torch.cat(pixels), {"image_grid_thw": torch.stack(grids)}
+
+
+QWEN_INPUT_KEYS = ("pixel_values", "image_grid_thw", "mm_token_type_ids")
+#: OccamToken on Qwen: λ1 = 0.5 (ours, unvalidated), stage-II layer 10 [paper]
+QWEN_OCCAMTOKEN_DEFAULTS = {"lambda1": 0.5, "layer": 10}
+
+FAMILY = register_family(Family(
+    name="qwen2_5_vl",
+    display_name="Qwen2.5-VL",
+    hf_classes=("Qwen2_5_VLForConditionalGeneration",),
+    adapter=Qwen25VLAdapter,
+    model_types=("qwen2_5_vl",),
+    input_keys=QWEN_INPUT_KEYS,
+    has_cls=False,
+    vision_merge=False,  # the 2×2 merger needs the four original patch features
+    vision_attention=False,  # only the last block's attention is recorded
+    fixed_grid=True,
+    mrope=True,
+    merge_factor=2,
+    tower_group="qwen2_5_vl",
+    register_tower=QwenTower,
+    vision_classes={"qwen2_5_vl_vision": ("transformers.models.qwen2_5_vl.modeling_qwen2_5_vl",
+                                          "Qwen2_5_VisionTransformerPretrainedModel")},
+    flops=FlopsInfo(tower="merger", mlp_mats=3, windowed=True),  # SwiGLU gate/up/down; window attention
+    defaults={"occamtoken": QWEN_OCCAMTOKEN_DEFAULTS},
+    tiny=TinySpec(config=_tiny_config, inputs=tiny_inputs, image_size=(112, 112)),
+    vllm=("VTPruneQwen2_5_VLForConditionalGeneration", "vtprune.serving.vllm_qwen2_5_vl"),
+))

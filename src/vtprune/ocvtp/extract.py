@@ -30,6 +30,7 @@ import torch
 
 from ..errors import InputError
 from ..methods.base import Method, Selection, Stage
+from ..models.families import tower_group
 
 INDEX_NAME = "index.json"
 FORMAT = "vtprune-ocvtp-features"
@@ -45,20 +46,25 @@ def _family(model) -> str:
     return family_of(model)
 
 
-def _is_qwen(family: str) -> bool:
-    return family in ("qwen2_5_vl", "qwen3_vl")
+def _is_qwen(family: str) -> bool:  # a merged-patch tower (no fixed input size): the family's merge factor
+    from ..models.families import get
+
+    return get(family).merge_factor > 1
+
+
+def _anyres(family: str) -> bool:
+    from ..models.families import get
+
+    return get(family).anyres
 
 
 def tower_module(model):
-    return model.model.visual if _is_qwen(_family(model)) else model.model.vision_tower
+    return _adapter(model).vision_module  # the family's adapter knows where its tower is
 
 
 def tower_depth(model) -> int:
     """Number of encoder blocks of the model's vision tower."""
-    if _is_qwen(_family(model)):
-        return len(model.model.visual.blocks)
-    tower = model.model.vision_tower
-    return len(getattr(tower, "vision_model", tower).encoder.layers)
+    return _adapter(model).vision_depth
 
 
 def tower_width(model) -> int:
@@ -111,7 +117,7 @@ def same_tower(a: dict, b: dict) -> bool:
     if any(a.get(k) != b.get(k) for k in keys):
         return False
     fams = {a.get("family"), b.get("family")}
-    if fams != {"llava", "llava_next"} and len(fams) != 1:  # LLaVA-NeXT uses LLaVA-1.5's CLIP tower
+    if len({tower_group(f) for f in fams}) != 1:  # families sharing a tower (LLaVA-NeXT uses LLaVA-1.5's CLIP)
         return False
     if "patch_weight_std" in a and "patch_weight_std" in b:
         sa, sb = a["patch_weight_std"], b["patch_weight_std"]
@@ -142,13 +148,10 @@ class _Capture(Method):
 def _adapter(model):
     from ..models import adapter_for
 
-    family = _family(model)
-    if family == "llava_next":
-        # the base view through LLaVA-1.5's single-crop path: the same CLIP tower, no AnyRes crops
-        from ..models.llava import LlavaAdapter
+    from ..models.families import family_of_model
 
-        return LlavaAdapter(model)
-    return adapter_for(model)
+    single_view = family_of_model(model).extract_adapter  # e.g. LLaVA-NeXT: the base view, no AnyRes crops
+    return single_view(model) if single_view is not None else adapter_for(model)
 
 
 @torch.no_grad()
@@ -220,7 +223,7 @@ def preprocess(model, processor, images: list, image_size: int | None = None) ->
     side = vc.image_size
     if image_size not in (None, side):
         raise InputError(f"The {family} tower takes {side}×{side} images; image_size cannot change that.")
-    if family == "llava_next":
+    if _anyres(family):  # the base view only
         out = processor(images=pil, return_tensors="pt", image_grid_pinpoints=[[side, side]])
         pixels = out["pixel_values"][:, 0]  # the base view
     else:

@@ -40,14 +40,11 @@ import torch
 
 from ..errors import BudgetError, UnknownMethodError, UnsupportedMethodError, VTPruneError
 from ..methods.base import ImageContext, Method, Selection, Stage, available_methods, method_class
+from ..models.families import all_families
 
-#: architectures this plugin registers: name -> (module, family)
+#: architectures this plugin registers: name -> (module, family), from the families' ``vllm`` declarations
 ARCHITECTURES: dict[str, tuple[str, str]] = {
-    "VTPruneLlavaForConditionalGeneration": ("vtprune.serving.vllm_llava", "llava"),
-    "VTPruneLlavaNextForConditionalGeneration": ("vtprune.serving.vllm_llava_next", "llava_next"),
-    "VTPruneQwen2_5_VLForConditionalGeneration": ("vtprune.serving.vllm_qwen2_5_vl", "qwen2_5_vl"),
-    "VTPruneQwen3VLForConditionalGeneration": ("vtprune.serving.vllm_qwen3_vl", "qwen3_vl"),
-}
+    f.vllm[0]: (f.vllm[1], f.name) for f in all_families() if f.vllm}
 CONFIG_KEYS = ("vtprune_method", "vtprune_keep", "vtprune_ratio", "vtprune_args")
 REQUEST_KEYS = ("vtprune_method", "vtprune_keep", "vtprune_ratio")
 SPEC_FIELD = "vtprune_spec"
