@@ -20,7 +20,7 @@ DECLARED_IN = ("models", "serving")
 CONCRETE_MODEL_PACKAGES = ("demo",)
 #: (file, string) pairs allowed in code; keep this tiny and say why
 ALLOWED = {
-    ("demo_cli.py", "llava"),  # the demo runs the bundled LLaVA-1.5 demo checkpoint / its tiny LLaVA twin
+    ("cli/demo.py", "llava"),  # the demo runs the bundled LLaVA-1.5 demo checkpoint / its tiny LLaVA twin
 }
 
 

@@ -63,6 +63,7 @@ from typing import Literal
 import torch
 
 from ..errors import ArgumentError
+from ..models import families
 from .base import Method, Selection, Stage, register, split_budget, to_device
 
 _REL_EPS = 1e-9  # a residual below this fraction of the item's own diagonal counts as zero
@@ -210,7 +211,7 @@ class CDPruner(Method):
 
     def prepare(self, family: str, num_layers: int) -> None:
         super().prepare(family, num_layers)
-        if self.relevance_source == "clip_text" and family not in ("llava", "llava_next"):
+        if self.relevance_source == "clip_text" and "cls_attention" not in families.get(family).capabilities:
             raise ArgumentError(f"cdpruner: relevance='clip_text' needs a CLIP vision tower (LLaVA); {family} has "
                                 "none. Use relevance='llm_embeddings' or 'off'.")
 
