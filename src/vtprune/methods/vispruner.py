@@ -39,8 +39,11 @@ Remaining differences from the official code:
   than its budget; here the candidates are the unpadded patches only, so every crop keeps its whole
   budget. ``layout="flat"`` gives the official selection on the full grids (without the unpadding
   and newline tokens that the official LLaVA-NeXT code adds afterwards).
-* Ties (equal attention or equal scores) go to the lower position (stable sorts); the official
-  ``argsort`` leaves their order to the backend.
+* Precision: the cosine similarities are computed as the official code does, in the features' dtype,
+  and ranked with the same unstable ``argsort``, so equal scores (frequent in fp16) fall in the order
+  the official code gets on the same device. The attention ranking the important tokens is vtprune's
+  fp32 ``ctx.cls_attention``; the official code ranks the attention as the tower returns it (fp16 for
+  an fp16 model), so near-equal attentions may rank differently on a real model.
 * Qwen2.5-VL / Qwen3-VL: the official repository has no code for them (its ``llava_qwen`` model is not
   wired to VisPruner's budget). Its CLS-less SigLIP tower ranks by the attention each patch receives
   at the tower's last block, averaged over queries and heads; we do the same with
