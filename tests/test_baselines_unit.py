@@ -234,7 +234,8 @@ def test_visionzip_uses_each_crops_own_cls_row():
 
 
 # -- VisPruner -----------------------------------------------------------------------------------------
-def test_vispruner_important_then_no_near_duplicates():
+@pytest.mark.parametrize("dedup", ["bipartite", "pairwise"])
+def test_vispruner_important_then_no_near_duplicates(dedup):
     torch.manual_seed(1)
     n, dim = 64, 48
     base = F.normalize(torch.randn(n, dim), dim=-1)
@@ -247,10 +248,12 @@ def test_vispruner_important_then_no_near_duplicates():
     cls = torch.full((4, n), 1e-3)
     cls[:, :16] = torch.linspace(1, 0.5, 16)  # tokens 0..15 are the most attended
     cls = cls / cls.sum(-1, keepdim=True)
-    sel = VisPruner(keep=32).select_vision(image_ctx(feats, cls=cls))
+    sel = VisPruner(keep=32, dedup=dedup).select_vision(image_ctx(feats, cls=cls))
     assert_valid(sel, n, 32)
     kept = set(sel.keep.tolist())
     assert set(range(16)) <= kept  # important ratio 0.5 → the 16 most attended
+    if dedup == "bipartite":  # the official rounds: no guarantee against a kept pair of near-duplicates
+        return
     xn = F.normalize(feats, dim=-1)
     sim = xn @ xn.T
     sim.fill_diagonal_(-1)
@@ -260,6 +263,27 @@ def test_vispruner_important_then_no_near_duplicates():
     assert not (dropped_distinct and kept_dups)
     # here 48 residual tokens hold 32 distinct directions: the 16 diverse slots must not be wasted on copies
     assert not kept_dups
+
+
+def test_vispruner_crop_budgets():
+    """LLaVA-NeXT: the official code gives every crop the same budget; crop_budget="proportional" splits
+    it by the crops' token counts."""
+    ctx = random_image_ctx(family="llava_next", crops=2, seed=3)
+    small = image_ctx(ctx.features[:100], grids=[(8, 8), (6, 6)], slices=[slice(0, 64), slice(64, 100)],
+                      family="llava_next", cls=ctx.cls_attention[:, :100])
+    equal = VisPruner(keep=20).select_vision(small)
+    assert equal.info["important_diverse"] == [(5, 5), (5, 5)]
+    proportional = VisPruner(keep=20, crop_budget="proportional").select_vision(small)
+    assert proportional.info["important_diverse"] == [(6, 7), (3, 4)]
+    for sel in (equal, proportional):
+        assert_valid(sel, 100, 20)
+
+
+def test_vispruner_rejects_unknown_choices():
+    with pytest.raises(ArgumentError):
+        VisPruner(keep=8, dedup="greedy")
+    with pytest.raises(ArgumentError):
+        VisPruner(keep=8, crop_budget="even")
 
 
 @pytest.mark.parametrize("name", PROJECTED)

@@ -14,7 +14,7 @@ from vtprune.methods.cdpruner import CDPruner, greedy_dpp_map, llm_relevance
 from vtprune.methods.dart import DART
 from vtprune.methods.divprune import DivPrune, cosine_distance
 from vtprune.methods.hiprune import HiPrune
-from vtprune.methods.vispruner import VisPruner, remove_duplicates
+from vtprune.methods.vispruner import VisPruner, equal_budget, remove_duplicates
 
 
 def features(seed, n, dim, ties=False, copies=False):
@@ -169,13 +169,14 @@ def test_vispruner_duplicate_removal_matches_reference(seed, target):
 
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("k", [3, 10, 25, 60])
-def test_vispruner_matches_reference(seed, k):
-    """The whole method on two crops: the important half by [CLS] attention, the rest de-duplicated."""
+def test_vispruner_pairwise_matches_reference(seed, k):
+    """dedup="pairwise", crop_budget="proportional" on two crops: the important half by [CLS] attention,
+    the rest de-duplicated one pair at a time."""
     x = features(seed, 72, 8, ties=seed % 2 == 1)
     g = torch.Generator().manual_seed(seed)
     cls = torch.softmax(torch.randint(0, 3, (4, 72), generator=g).float(), -1)
-    sel = VisPruner(keep=k).select_vision(image_ctx(x, grids=[(6, 6)] * 2, slices=[slice(0, 36), slice(36, 72)],
-                                                    cls=cls))
+    m = VisPruner(keep=k, dedup="pairwise", crop_budget="proportional")
+    sel = m.select_vision(image_ctx(x, grids=[(6, 6)] * 2, slices=[slice(0, 36), slice(36, 72)], cls=cls))
     imp = cls.mean(0)
     expected = []
     for sl, b in zip([slice(0, 36), slice(36, 72)], split_budget(k, [36, 36])):
@@ -185,6 +186,54 @@ def test_vispruner_matches_reference(seed, k):
         rest = torch.tensor(residual)
         expected += important + [residual[i] for i in dedup_reference(x[rest], imp[rest], b - n_imp)]
     assert sel.keep.tolist() == sorted(expected)
+
+
+# -- VisPruner default: the official rounds (even positions lose their most duplicated, 8 per round) -------
+def bipartite_reference(x, score, budget, ratio=0.5):
+    """The official removal written token by token (inputs without ties: random floats)."""
+    n = x.shape[0]
+    if budget >= n:
+        return list(range(n))
+    n_imp = int(budget * ratio)
+    diverse = budget - n_imp
+    s = score.tolist()
+    ranked = sorted(range(n), key=lambda i: -s[i])
+    important, residual = ranked[:n_imp], ranked[n_imp:]
+    xn = x / x.norm(dim=-1, keepdim=True)
+    sim = (xn @ xn.T).tolist()
+    while diverse > 0 and len(residual) > diverse:
+        r = min(8, len(residual) - diverse, (len(residual) + 1) // 2)
+        even, odd = residual[::2], residual[1::2]
+        best = [max(sim[e][o] for o in odd) for e in even]
+        by_score = sorted(range(len(even)), key=lambda i: -best[i])
+        residual = [even[i] for i in by_score[r:]] + odd
+    return sorted(important + (residual if diverse > 0 else []))
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("k", [1, 3, 10, 25, 37, 60])
+@pytest.mark.parametrize("ratio", [0.5, 0.3])
+def test_vispruner_matches_reference(seed, k, ratio):
+    """The default on two crops of different sizes (odd residual lists and tiny budgets included):
+    equal crop budgets, the important share by [CLS] attention, the rest in the official rounds."""
+    x = features(seed, 66, 8)
+    g = torch.Generator().manual_seed(seed)
+    cls = torch.softmax(torch.randn(4, 66, generator=g), -1)
+    slices = [slice(0, 36), slice(36, 66)]
+    sel = VisPruner(keep=k, important_ratio=ratio).select_vision(
+        image_ctx(x, grids=[(6, 6), (5, 6)], slices=slices, cls=cls))
+    imp = cls.mean(0)
+    expected = []
+    for sl, b in zip(slices, equal_budget(k, [36, 30])):
+        expected += [i + sl.start for i in bipartite_reference(x[sl], imp[sl], b, ratio)]
+    assert sel.keep.tolist() == sorted(expected)
+
+
+def test_equal_budget():
+    assert equal_budget(10, [36, 30]) == [5, 5]
+    assert equal_budget(7, [36, 30, 30]) == [3, 2, 2]
+    assert equal_budget(10, [2, 36, 30]) == [2, 4, 4]  # what a small crop cannot take goes to the others
+    assert equal_budget(66, [36, 30]) == [36, 30]
 
 
 # -- DART: pivots, then each pivot's least similar tokens ----------------------------------------------
