@@ -29,7 +29,7 @@ LLM = ["pyramiddrop", "dart", "sparsevlm"]
 
 # -- context builders --------------------------------------------------------------------------------
 def image_ctx(features, grids=None, slices=None, family="llava", cls=None, received=None, vattn=None,
-              text=None, extra=0):
+              text=None, extra=0, keys=None):
     n = features.shape[0]
     grids = grids or [(int(math.isqrt(n)), int(math.isqrt(n)))]
     slices = slices or [slice(0, n)]
@@ -42,6 +42,8 @@ def image_ctx(features, grids=None, slices=None, family="llava", cls=None, recei
         providers["vision_attention"] = lambda layer: vattn[layer]
     if text is not None:
         providers["text_embeddings"] = lambda: text
+    if keys is not None:
+        providers["keys"] = lambda: keys
     return ImageContext(features=features, grids=grids, crop_slices=slices, family=family, image_index=0,
                         extra=extra, providers=providers)
 
@@ -57,8 +59,10 @@ def random_image_ctx(n_side=8, dim=32, family="llava", seed=0, text_tokens=5, cr
     text = torch.randn(text_tokens, dim, generator=g)
     qwen = family.startswith("qwen")
     slices = [slice(i * n_side * n_side, (i + 1) * n_side * n_side) for i in range(crops)]
+    keys = torch.randn(4, n, 8, generator=g)  # drawn last: the draws above stay those of older goldens
     return image_ctx(feats, grids=[(n_side, n_side)] * crops, slices=slices, family=family,
-                     cls=None if qwen else cls, received=received, vattn=None if qwen else vattn, text=text)
+                     cls=None if qwen else cls, received=received, vattn=None if qwen else vattn, text=text,
+                     keys=None if qwen else keys)
 
 
 def llm_ctx(hidden, visual, text_after, attention=None, keys=None, stage=0, layer=2, original=None,
@@ -111,11 +115,16 @@ def assert_valid(sel, n, k=None):
     assert keep.dtype == torch.long
     assert keep.numel() == torch.unique(keep).numel()
     assert bool((keep[1:] > keep[:-1]).all())
-    assert int(keep.min()) >= 0 and int(keep.max()) < n
+    assert keep.numel() == 0 or (int(keep.min()) >= 0 and int(keep.max()) < n)
     if k is not None:
         assert keep.numel() == k
     if sel.values is not None:
         assert sel.values.shape[0] == keep.numel()
+
+
+def cls_tokens(method, ctx):
+    """Tokens of the budget that are not candidates: each crop's [CLS], where the method forwards it."""
+    return len(ctx.crop_slices) if method.forwards_cls else 0
 
 
 def min_pairwise_distance(x, idx):
@@ -132,7 +141,7 @@ def test_image_methods_exact_budget_and_deterministic(name, keep):
     method = make_method(name, keep=keep)
     first = select(method, random_image_ctx(seed=keep))
     again = select(make_method(name, keep=keep), random_image_ctx(seed=keep))
-    assert_valid(first, 64, keep)
+    assert_valid(first, 64, keep - cls_tokens(method, random_image_ctx()))
     assert torch.equal(first.keep, again.keep)
     if first.values is not None:
         assert torch.equal(first.values, again.values)
@@ -142,16 +151,20 @@ def test_image_methods_exact_budget_and_deterministic(name, keep):
 def test_image_methods_per_crop_budget(name):
     """Two crops (LLaVA-NeXT): exact total; per-crop methods split it in proportion to crop sizes."""
     ctx = random_image_ctx(family="llava_next", crops=2, seed=3)
-    sel = select(make_method(name, keep=21), ctx)
-    assert_valid(sel, 128, 21)
+    method = make_method(name, keep=21)
+    sel = select(method, ctx)
+    cls = cls_tokens(method, ctx)
+    assert_valid(sel, 128, 21 - cls)
     if name != "divprune":  # DivPrune ranks all crops together
-        assert sorted([int((sel.keep < 64).sum()), int((sel.keep >= 64).sum())]) == [10, 11]
+        per_crop = [int((sel.keep < 64).sum()) + cls // 2, int((sel.keep >= 64).sum()) + cls // 2]
+        assert sorted(per_crop) == [10, 11]
 
 
 @pytest.mark.parametrize("name", VISION + PROJECTED)
 def test_image_methods_ratio_and_bad_budgets(name):
-    sel = select(make_method(name, ratio=0.25), random_image_ctx())
-    assert sel.keep.numel() == 16
+    method = make_method(name, ratio=0.25)
+    sel = select(method, random_image_ctx())
+    assert sel.keep.numel() + cls_tokens(method, random_image_ctx()) == 16
     with pytest.raises(BudgetError):
         select(make_method(name, keep=64), random_image_ctx())
     with pytest.raises(BudgetError):
@@ -188,14 +201,49 @@ def test_visionzip_paper_splits():
     assert m.split(64) == (54, 10) and m.split(128) == (108, 20) and m.split(192) == (162, 30)
 
 
-def test_visionzip_dominant_and_contextual_groups():
+def test_visionzip_official_default_forwards_cls_groups_by_keys_and_adds_the_target():
+    torch.manual_seed(0)
+    n, k = 64, 16
+    feats, keys = torch.randn(n, 24), torch.randn(4, n, 6)
+    cls = torch.softmax(torch.randn(4, n) * 3, -1)
+    method = VisionZip(keep=k)
+    sel = method.select_vision(image_ctx(feats, cls=cls, keys=keys))
+    assert method.forwards_cls and method.split(k) == (14, 2)
+    assert_valid(sel, n, k - 1)  # 13 dominant patches + 2 contextual; the [CLS] is the 16th token
+    dominant = torch.sort(torch.sort(cls.sum(0), descending=True, stable=True).indices[:13]).values
+    remaining = torch.tensor([i for i in range(n) if i not in set(dominant.tolist())])
+    targets = remaining[torch.arange(0, len(remaining), len(remaining) // 2)[:2]]
+    assert torch.equal(sel.keep, torch.sort(torch.cat([dominant, targets])).values)
+    pos = {int(i): j for j, i in enumerate(sel.keep)}
+    metric = keys.mean(0)
+    members = {int(t): [] for t in targets}
+    for i in remaining.tolist():
+        if i not in members:
+            sims = torch.stack([F.cosine_similarity(metric[i], metric[t], dim=0) for t in targets])
+            members[int(targets[int(torch.argmax(sims))])].append(i)
+    for t, group in members.items():
+        want = feats[t] + (feats[group].mean(0) if group else 0)
+        assert torch.allclose(sel.values[pos[t]], want, atol=1e-5)
+
+
+def test_visionzip_needs_a_token_per_crop_for_its_cls():
+    ctx = random_image_ctx(family="llava_next", crops=3, seed=1)
+    with pytest.raises(BudgetError, match="crops"):
+        VisionZip(keep=2).select_vision(ctx)
+    assert VisionZip(keep=3).select_vision(ctx).keep.numel() == 0  # three [CLS] tokens, no patch
+    assert VisionZip(keep=2, forward_cls=False).select_vision(ctx).keep.numel() == 2
+
+
+def test_visionzip_paper_variant_dominant_and_contextual_groups():
+    """forward_cls=False, metric="features", merge="mean": b patches, groups by features, group means."""
     torch.manual_seed(0)
     n, k = 64, 16
     feats = torch.randn(n, 24)
     cls = torch.softmax(torch.randn(4, n) * 3, -1)
-    sel = VisionZip(keep=k).select_vision(image_ctx(feats, cls=cls))
+    method = VisionZip(keep=k, forward_cls=False, metric="features", merge="mean")
+    sel = method.select_vision(image_ctx(feats, cls=cls))
     assert_valid(sel, n, k)
-    n_dom, n_ctx = VisionZip(keep=k).split(k)
+    n_dom, n_ctx = method.split(k)
     assert (n_dom, n_ctx) == (14, 2)
     dominant = torch.sort(torch.sort(cls.sum(0), descending=True, stable=True).indices[:n_dom]).values
     remaining = torch.tensor([i for i in range(n) if i not in set(dominant.tolist())])
@@ -227,7 +275,7 @@ def test_visionzip_refuses_qwen():
 def test_visionzip_uses_each_crops_own_cls_row():
     ctx = random_image_ctx(family="llava_next", crops=2, seed=5)
     cls = ctx.cls_attention
-    sel = VisionZip(keep=20, contextual_ratio=0.0).select_vision(ctx)
+    sel = VisionZip(keep=20, contextual_ratio=0.0, forward_cls=False).select_vision(ctx)
     top0 = torch.sort(cls[:, :64].sum(0), descending=True, stable=True).indices[:10]
     top1 = torch.sort(cls[:, 64:].sum(0), descending=True, stable=True).indices[:10] + 64
     assert torch.equal(sel.keep, torch.sort(torch.cat([top0, top1])).values)

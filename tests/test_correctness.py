@@ -162,6 +162,8 @@ def _run_args(name, family):
         kwargs["layers"] = (1, 2, 3)
     if name == "sparsevlm":
         kwargs["recycle"] = False
+    if name == "visionzip":
+        kwargs["keep"] = 8  # its budget holds one [CLS] per crop (five on the tiny LLaVA-NeXT), then patches
     if name == "occamtoken":
         kwargs = {"keep": 4, "layer": 1}
     if name == "ocvtp":

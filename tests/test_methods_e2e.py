@@ -51,6 +51,9 @@ def test_method_runs_and_meets_its_budget(family, name):
         layers = model.config.text_config.num_hidden_layers
         averaged = stats.layer_averaged(layers)
         assert all(6 < a < n for a, n in zip(averaged, stats.tokens_entering_llm))
+    elif handle.method.forwards_cls:  # VisionZip: the budget holds each crop's [CLS], counted as an extra token
+        assert [im.after_pre_llm + im.registers for im in stats.images] == [6, 6]
+        assert all(im.registers >= 1 for im in stats.images)
     else:
         assert stats.patches_entering_llm == [6, 6]
     # every visual token that reached the LLM is counted: patches, registers, LLaVA-NeXT newline tokens
@@ -119,3 +122,31 @@ def test_cdpruner_clip_text_end_to_end(tmp_path):
     stats = handle.stats[0]
     assert stats.patches_entering_llm == [6, 6]
     assert [im.info["relevance"] for im in stats.images] == ["clip_text", "clip_text"]
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next"])
+def test_visionzip_hands_the_llm_each_crops_cls_token(family):
+    """As the official code does, every crop's [CLS] (feature layer, projected) reaches the LLM, after the
+    image's kept patches, inside the budget."""
+    import contextlib
+
+    from vtprune.methods import make_method
+    from vtprune.models.base import adapter_for
+
+    model = model_of(family)
+    inputs = inputs_for(model, family)
+    image_inputs = {k: inputs[k] for k in ("pixel_values", "image_sizes") if k in inputs}
+    adapter = adapter_for(model, **({"layout": "flat"} if family == "llava_next" else {}))
+    method = make_method("visionzip", keep=8)
+    with torch.no_grad():
+        images = adapter.encode_images(image_inputs, method, [None, None], lambda: contextlib.nullcontext())
+        pixels = image_inputs["pixel_values"]
+        crops = adapter.crops_per_image(image_inputs) if family == "llava_next" else [1, 1]
+        flat = torch.cat([pixels[i, :c] for i, c in enumerate(crops)]) if pixels.dim() == 5 else pixels
+        states = model.model.vision_tower(flat, output_hidden_states=True).hidden_states[adapter.feature_layer]
+        cls = adapter.project(states[:, 0])
+    first = 0
+    for im, c in zip(images, crops):
+        assert im.n_extra == c and len(im.keep) == 8 and im.embeds.shape[0] == 8
+        torch.testing.assert_close(im.embeds[-c:], cls[first:first + c])
+        first += c

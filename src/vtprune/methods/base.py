@@ -126,6 +126,9 @@ class Method:
     llm_layers: tuple[int, ...] = ()
     #: extra tokens the method appends per image crop inside the vision tower (test-time registers)
     extra_tokens: int = 0
+    #: True when each crop's [CLS] token (its feature-layer state, projected) reaches the LLM as one more
+    #: extra token after the image's kept patches, counted in the budget (VisionZip's official code)
+    forwards_cls: bool = False
     #: inner vision blocks whose attention the method reads through ``ctx.vision_attention``
     attention_layers: tuple[int, ...] = ()
     #: True when the method needs each crop's full patch grid (LLaVA-NeXT: layout="flat" only)
@@ -293,6 +296,8 @@ class ImageContext:
     text_embeddings (T, D_llm) the LLM's input embeddings of the text tokens after the image.
     vision_features (N, D_vision) projected stage (CLIP towers): the feature layer's candidate tokens
                    before the projector.
+    keys           (H, N, d) the keys of the feature layer's attention at the candidates, as the
+                   block's key projection produced them (CLIP towers).
     hidden(layer)  (N, D) the tower's hidden states after block ``layer`` at candidate positions.
     extra          number of appended non-patch tokens at the end of each crop (registers).
     """
@@ -331,6 +336,10 @@ class ImageContext:
     def register_received_attention(self) -> torch.Tensor:
         """(R,) mean attention each register (one per crop) receives, like ``received_attention``."""
         return self._lazy.get("register_received_attention", "register attention (no register in this tower)")
+
+    @property
+    def keys(self) -> torch.Tensor:
+        return self._lazy.get("keys", "the vision tower's keys at the feature layer")
 
     @property
     def text_embeddings(self) -> torch.Tensor:

@@ -37,7 +37,8 @@ class EncodedImage:
     embeds     (len(keep), D_llm) the LLM inputs of the kept units.
     keep       sorted indices of the kept units among the image's ``n_units + n_extra`` units.
     n_units    units of the full layout that own a position (patches, newline tokens).
-    n_extra    units appended after them (test-time registers); they take the last unit's position.
+    n_extra    units appended after them (test-time registers, forwarded [CLS] tokens); they take the
+               last unit's position.
     candidates number of prunable units (patches; not newline tokens, not registers).
     protected  indices (into the full unit list) that in-LLM methods must keep (registers).
     deepstack  Qwen3-VL: per DeepStack layer, (len(keep), D_llm) features of the kept units.
@@ -179,7 +180,7 @@ class Adapter:
         with timer():
             selection = (method.select_vision if stage == Stage.VISION else method.select_projected)(ctx)
         if selection.keep.numel() == 0:
-            if ctx.extra == 0:  # an image with registers still reaches the LLM through them
+            if ctx.extra == 0 and not method.forwards_cls:  # registers / [CLS] still reach the LLM
                 raise InputError(f"Method '{method.name}' kept no token of image {ctx.image_index}.")
             return selection
         if int(selection.keep.max()) >= ctx.num_tokens or int(selection.keep.min()) < 0:

@@ -13,6 +13,11 @@ from .base import Adapter, EncodedImage, block_index, register_adapter
 from .families import Family, FlopsInfo, TinySpec, register_family
 
 
+def extra_cls(method: Method | None) -> int:
+    """1 when ``method`` forwards each crop's [CLS] token to the LLM, else 0."""
+    return 1 if method is not None and method.forwards_cls else 0
+
+
 def _state_index(block: int) -> int:
     """Index into ``hidden_states`` of the output of encoder block ``block`` (negative = from the end)."""
     return block + 1 if block >= 0 else block
@@ -115,11 +120,15 @@ class LlavaAdapter(Adapter):
                 parts.append(probs.mean(0)[1 + c])
             return torch.cat(parts)
 
+        def keys():
+            return torch.cat([recs[fb].calls[0].key[r][:, first + c] for r, c in zip(rows, cols)], dim=1)
+
         def register_received_attention():
             return torch.cat([recs[fb].calls[0].rows(r).mean(0).mean(0)[reg_cols] for r in rows])
 
         providers = {
             "received_attention": received_attention,
+            "keys": keys,
             "register_received_attention": register_received_attention,
             "hidden": lambda layer: torch.cat([hidden_states[_state_index(layer)][r, first + c] for r, c in zip(rows, cols)]),
             "vision_attention": lambda layer: torch.stack([recs[layer % num_layers].calls[0].rows(r) for r in rows]),
@@ -130,6 +139,7 @@ class LlavaAdapter(Adapter):
                            image_index=family_image, extra=extra, providers=providers)
         ctx.register_features = (feature[rows][:, 1 + n:1 + n + extra].reshape(-1, feature.shape[-1])
                                  if extra else feature.new_zeros(0, feature.shape[-1]))
+        ctx.cls_features = feature[rows][:, 0]  # (crops, D): forwarded by methods with ``forwards_cls``
         return ctx
 
     def select_and_project(self, ctx: ImageContext, method, timer, instruction) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -156,6 +166,8 @@ class LlavaAdapter(Adapter):
             embeds = psel.values if psel.values is not None else embeds[keep]
         if ctx.extra:
             embeds = torch.cat([embeds, self.project(ctx.register_features)])
+        if extra_cls(method):
+            embeds = torch.cat([embeds, self.project(ctx.cls_features)])
         return keep, embeds, info
 
     def encode_images(self, inputs, method, instructions, timer):
@@ -163,16 +175,17 @@ class LlavaAdapter(Adapter):
         self.check_inputs(pixel_values)
         hidden_states, recs = self.run_tower(pixel_values, method)
         extra = method.extra_tokens if method is not None else 0
+        extra_units = extra + extra_cls(method)  # per crop: registers, then the forwarded [CLS]
         side, images = self.grid_side, []
         for i in range(pixel_values.shape[0]):
             ctx = self.crop_context(hidden_states, recs, [i], i, extra, [(side, side)])
             keep, embeds, info = self.select_and_project(ctx, method, timer, instructions[i])
             n = ctx.num_tokens + (0 if self.drops_cls else 0)
-            keep_units = torch.cat([keep, torch.arange(n, n + extra, device=keep.device)])
+            keep_units = torch.cat([keep, torch.arange(n, n + extra_units, device=keep.device)])
             cells = torch.stack([torch.zeros(n, dtype=torch.long), torch.arange(n) // side, torch.arange(n) % side], 1)
-            cells = torch.cat([cells, torch.full((extra, 3), -1)])
-            images.append(EncodedImage(embeds=embeds, keep=keep_units, n_units=n, n_extra=extra, candidates=n,
-                                       protected=torch.arange(n, n + extra), info=info, unit_cells=cells))
+            cells = torch.cat([cells, torch.full((extra_units, 3), -1)])
+            images.append(EncodedImage(embeds=embeds, keep=keep_units, n_units=n, n_extra=extra_units, candidates=n,
+                                       protected=torch.arange(n, n + extra_units), info=info, unit_cells=cells))
         return images
 
 

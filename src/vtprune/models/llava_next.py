@@ -13,7 +13,7 @@ import torch
 from ..errors import InputError
 from .base import EncodedImage, register_adapter
 from .families import Family, FlopsInfo, TinySpec, register_family
-from .llava import CLIP_VISION_CLASSES, ClipTower, LlavaAdapter, clip_vision, llama_text
+from .llava import CLIP_VISION_CLASSES, ClipTower, LlavaAdapter, clip_vision, extra_cls, llama_text
 
 
 @register_adapter
@@ -57,6 +57,7 @@ class LlavaNextAdapter(LlavaAdapter):
         flat_pixels = torch.cat([pixel_values[i, :c] for i, c in enumerate(crops)]) if pixel_values.dim() == 5 else pixel_values
         hidden_states, recs = self.run_tower(flat_pixels, method)
         extra = method.extra_tokens if method is not None else 0
+        extra_units = extra + extra_cls(method)  # per crop: registers, then the forwarded [CLS]
         side, n = self.grid_side, self.grid_side ** 2
         images, first = [], 0
         for i, c in enumerate(crops):
@@ -84,13 +85,14 @@ class LlavaNextAdapter(LlavaAdapter):
             ordered = torch.where((kept_table < 0).unsqueeze(1), newline.expand(len(kept_table), -1),
                                   patch_embeds[rank[kept_table.clamp(min=0)].clamp(min=0)])
             n_units = len(table)
-            keep_units = torch.cat([keep_units, torch.arange(n_units, n_units + c * extra)])
+            extras = torch.arange(n_units, n_units + c * extra_units)  # registers / [CLS] of every crop
+            keep_units = torch.cat([keep_units, extras])
             ordered = torch.cat([ordered, embeds[len(kept_patches):]])
             cells = torch.stack([table.clamp(min=0) // n, (table.clamp(min=0) % n) // side, table.clamp(min=0) % side], 1)
             cells[table < 0] = -1
-            cells = torch.cat([cells, torch.full((c * extra, 3), -1)])
-            images.append(EncodedImage(embeds=ordered, keep=keep_units, n_units=n_units, n_extra=c * extra,
-                                       candidates=len(present), protected=torch.arange(n_units, n_units + c * extra),
+            cells = torch.cat([cells, torch.full((c * extra_units, 3), -1)])
+            images.append(EncodedImage(embeds=ordered, keep=keep_units, n_units=n_units, n_extra=c * extra_units,
+                                       candidates=len(present), protected=extras,
                                        info=info, unit_cells=cells))
         return images
 

@@ -19,8 +19,8 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from .vllm_plugin import (SPEC_FIELD, ClipTowerRun, Host, ImageSlot, PlaceholderCountMixin, PruneSpec,
                           PrunedPositionsMixin, attach_positions, check_count, chosen_methods, clip_context,
-                          feature_pool_index, image_record, register_features, register_of, select_and_project,
-                          strip_request_keys, watched_blocks)
+                          cls_features, feature_pool_index, forwarded_cls, image_record, register_features,
+                          register_of, select_and_project, strip_request_keys, watched_blocks)
 
 FAMILY = "llava"
 
@@ -124,11 +124,15 @@ class ClipLlavaPruneMixin(PrunedPositionsMixin):
                             feature_block=self.vtprune_feature_index - 1, num_full_layers=self.vtprune_layers,
                             family=self.vtprune_host.family, grids=[(self.vtprune_side, self.vtprune_side)] * len(crops))
 
-    def vtprune_registers(self, run: ClipTowerRun, crops: list[int]) -> torch.Tensor:
-        """The LLM embeddings of the crops' test-time registers ((0, D) without a register)."""
-        if run.register is None:
+    def vtprune_registers(self, run: ClipTowerRun, crops: list[int], method=None) -> torch.Tensor:
+        """The LLM embeddings of the crops' test-time registers, then of their [CLS] tokens where ``method``
+        forwards them ((0, D) without either)."""
+        parts = [register_features(run, crops, self.vtprune_feature_index)] if run.register is not None else []
+        if forwarded_cls(method):
+            parts.append(cls_features(run, crops, self.vtprune_feature_index))
+        if not parts:
             return run.hidden[0].new_zeros(0, self.config.text_config.hidden_size)
-        return self.multi_modal_projector(register_features(run, crops, self.vtprune_feature_index))
+        return self.multi_modal_projector(torch.cat(parts))
 
 
 @MULTIMODAL_REGISTRY.register_processor(VTPruneLlavaMultiModalProcessor, info=VTPruneLlavaProcessingInfo,
@@ -160,7 +164,7 @@ class VTPruneLlavaForConditionalGeneration(ClipLlavaPruneMixin, LlavaForConditio
         out = []
         for (method, kept, _), (run, crops) in zip(chosen, placement):
             keep, embeds = select_and_project(method, self.vtprune_context(run, crops, [cols]), self.multi_modal_projector)
-            registers = self.vtprune_registers(run, crops)  # at the image's last position, as on the HF path
+            registers = self.vtprune_registers(run, crops, method)  # at the image's last position, as on HF
             embeds = torch.cat([embeds, registers])
             rel = torch.cat([keep, torch.full((len(registers),), n - 1, device=keep.device, dtype=keep.dtype)])
             if method is not None:

@@ -134,7 +134,7 @@ class VTPruneLlavaNextForConditionalGeneration(ClipLlavaPruneMixin, LlavaNextFor
             kept_patches = present[keep]
             unit_is_kept = (table < 0) | torch.isin(table, kept_patches)
             keep_units = torch.nonzero(unit_is_kept).flatten()
-            registers = self.vtprune_registers(run, rows)  # one per crop, at the last unit's position
+            registers = self.vtprune_registers(run, rows, method)  # one per crop (+ [CLS]), at the last unit
             if method is not None:
                 check_count(method, len(keep_units) + len(registers), kept)
             rank = torch.full((crops * n,), -1, dtype=torch.long)

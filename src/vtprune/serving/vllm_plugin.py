@@ -277,6 +277,7 @@ def _synthetic_context(host: Host, grids: tuple[tuple[int, int], ...], sizes: tu
     if host.family in ("llava", "llava_next"):
         columns = n + extra * len(sizes)  # one column per register of each crop, after the candidates
         providers["cls_attention"] = lambda: torch.softmax(torch.randn(heads, columns, generator=g), -1)
+        providers["keys"] = lambda: torch.randn(heads, n, 8, generator=g)
         providers["vision_attention"] = attention
     return ImageContext(features=feats, grids=list(grids), crop_slices=slices, family=host.family, image_index=0,
                         extra=extra, providers=providers)
@@ -320,10 +321,16 @@ def dry_run(spec: PruneSpec, host: Host, grids: tuple[tuple[int, int], ...], siz
     if stage == Stage.VISION and sel.values is not None and host.family in ("qwen2_5_vl", "qwen3_vl"):
         raise ValueError(f"vtprune: method '{method.name}' merges vision features; on {host.family} merge after the "
                          f"projector (Stage.PROJECTED) instead.")
+    expected -= forwarded_cls(method) * len(grids)  # each crop's [CLS] takes one token of the budget
     if sel.keep.numel() != expected:
         raise ValueError(f"vtprune: method '{method.name}' kept {sel.keep.numel()} of {n} tokens for a budget of "
                          f"{expected}; vLLM needs a method that keeps exactly its budget.")
     return expected
+
+
+def forwarded_cls(method: Method | None) -> int:
+    """1 when ``method`` hands the LLM each crop's [CLS] token (after the image's kept units), else 0."""
+    return 1 if method is not None and method.forwards_cls else 0
 
 
 def select(method: Method, stage: Stage, ctx: ImageContext) -> Selection:
@@ -337,16 +344,17 @@ def select(method: Method, stage: Stage, ctx: ImageContext) -> Selection:
 def image_record(spec: PruneSpec, host: Host, grids: Sequence[tuple[int, int]], sizes: Sequence[int] | None = None,
                  fixed_units: int = 0) -> list[int]:
     """The per-image record for the model (placeholders = kept candidates + ``fixed_units`` that are
-    never pruned, e.g. LLaVA-NeXT's newline tokens, + the method's registers, one per crop); runs the
-    front-end checks."""
+    never pruned, e.g. LLaVA-NeXT's newline tokens, + the method's registers and forwarded [CLS] tokens,
+    one each per crop); runs the front-end checks."""
     grids = tuple((int(r), int(c)) for r, c in grids)
     sizes = tuple(int(x) for x in sizes) if sizes is not None else tuple(r * c for r, c in grids)
     n = sum(sizes)
     if not spec.enabled:
         return spec.record(n + fixed_units, n)
     kept = dry_run(spec, host, grids, sizes)
-    registers = spec.build(host.family, host.llm_layers).extra_tokens * len(grids)
-    return spec.record(kept + fixed_units + registers, n)
+    method = spec.build(host.family, host.llm_layers)
+    extras = (method.extra_tokens + forwarded_cls(method)) * len(grids)
+    return spec.record(kept + fixed_units + extras, n)
 
 
 def clip_tower_blocks(config) -> tuple[int, int]:
@@ -656,11 +664,14 @@ def clip_context(run: ClipTowerRun, *, crops: list[int], cols: list[torch.Tensor
     def hidden(layer):
         return torch.cat([run.hidden[layer + 1][r, 1 + c] for r, c in zip(crops, cols)])
 
+    def keys():
+        return torch.cat([run.qk[feature_block][1][r][:, 1 + c] for r, c in zip(crops, cols)], dim=1)
+
     def vision_attention(layer):
         return torch.stack([run.rows(layer % num_full_layers, r) for r in crops])
 
     providers = {"cls_attention": cls_attention, "received_attention": received_attention, "hidden": hidden,
-                 "vision_attention": vision_attention}
+                 "keys": keys, "vision_attention": vision_attention}
     return ImageContext(features=feats, grids=list(grids), crop_slices=slices, family=family, image_index=0,
                         extra=extra, providers=providers)
 
@@ -668,6 +679,11 @@ def clip_context(run: ClipTowerRun, *, crops: list[int], cols: list[torch.Tensor
 def register_features(run: ClipTowerRun, crops: list[int], feature_index: int) -> torch.Tensor:
     """(crops, D) the registers' rows of the feature layer (they reach the LLM, as on the HF path)."""
     return run.hidden[feature_index][crops, -1]
+
+
+def cls_features(run: ClipTowerRun, crops: list[int], feature_index: int) -> torch.Tensor:
+    """(crops, D) the crops' [CLS] rows of the feature layer (forwarded by methods with ``forwards_cls``)."""
+    return run.hidden[feature_index][crops, 0]
 
 
 def watched_blocks(method: Method | None, feature_block: int, num_full_layers: int) -> set[int]:
