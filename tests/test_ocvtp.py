@@ -56,7 +56,7 @@ def test_same_input_and_seed_give_the_same_indices_independent_of_the_batch():
     assert torch.equal(a, pruner.select(x.clone(), 5, seed=3))
     assert torch.equal(a[2:3], pruner.select(x[2:3], 5, seed=3))  # batch composition does not matter
     # a stochastic draw is available and differs from run to run somewhere
-    draws = {tuple(pruner.select(x, 5, stochastic=True).flatten().tolist()) for _ in range(8)}
+    draws = {tuple(pruner.select(x, 5, noise="per_call").flatten().tolist()) for _ in range(8)}
     assert len(draws) > 1
 
 
