@@ -118,7 +118,8 @@ PLAUSIBLE = {
     "contextual_ratio": st.floats(0, 0.9), "important_ratio": st.floats(0, 1), "theta": st.floats(0, 0.9),
     "relevance": st.booleans(), "recycle": st.booleans(), "schedule": st.just(None), "scale": st.floats(0, 20),
     "pivot_visual": st.integers(0, 5), "pivot_text": st.integers(0, 5), "fill": st.sampled_from(["attention", "slots"]),
-    "register_mode": st.sampled_from(["per_channel", "signed_max"]), "stochastic": st.booleans(),
+    "register_mode": st.sampled_from(["per_channel", "signed_max"]), "noise": st.sampled_from(["fixed", "per_call"]),
+    "cls_slot": st.booleans(), "truncate": st.sampled_from(["set_order", "attention"]),
     "checkpoint": st.just(str(checkpoint_dir() / "synthetic-d32")),
 }
 

@@ -132,6 +132,8 @@ SYNC_LINES = {
     ("sparsevlm.py", "_rater_rank"): "SparseVLM's rank rule sets the kept count (only where it applies)",
     ("cdpruner.py", "log_det"): "a diagnostic for tests, never called while pruning",
     ("_clip_text.py", "instruction_text"): "CDPruner's CLIP relevance tokenises the instruction's text (once per image)",
+    ("ocvtp.py", "_set_order_cut"): "OC-VTP's public code cuts its token set in CPython set order (default "
+                                    "truncate='set_order'; truncate='attention' reads nothing back)",
 }
 
 
@@ -386,16 +388,21 @@ def test_occamtoken_stage2_reads_back_once():
     assert torch.is_tensor(sel.info["stage2_ratios"]) and torch.is_tensor(sel.info["stage2_threshold"])
 
 
-def test_ocvtp_never_reads_back(tmp_path):
+def test_ocvtp_reads_back_only_for_the_set_order_cut(tmp_path):
     from vtprune.ocvtp.pruner import PrunerConfig, SlotPruner, save_pruner
 
     torch.manual_seed(0)
     path = save_pruner(SlotPruner(PrunerConfig(input_dim=32, slot_dim=16, layer=1)), tmp_path / "ckpt")
     ctx = random_image_ctx(seed=2)
     ctx._lazy._providers["hidden"] = lambda layer: ctx.features
-    m = make_method("ocvtp", keep=10, checkpoint=str(path), layer=1)
+    m = make_method("ocvtp", keep=10, checkpoint=str(path), layer=1, truncate="attention")
     sel, hits = _record(lambda: m.select_vision(ctx))
     assert sel.keep.numel() == 10 and not _unmarked(hits) and not _syncs(hits), hits
+    # the default replays the public code's set-order cut: its one read-back (.tolist(), which the
+    # recorder cannot see) is the marked line of _set_order_cut (SYNC_LINES); nothing else reads back
+    m = make_method("ocvtp", keep=10, checkpoint=str(path), layer=1)
+    sel, hits = _record(lambda: m.select_vision(ctx))
+    assert sel.keep.numel() == 10 and not _unmarked(hits), hits
 
 
 # -- (c) golden selections -------------------------------------------------------------------------------

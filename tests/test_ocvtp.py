@@ -56,7 +56,7 @@ def test_same_input_and_seed_give_the_same_indices_independent_of_the_batch():
     assert torch.equal(a, pruner.select(x.clone(), 5, seed=3))
     assert torch.equal(a[2:3], pruner.select(x[2:3], 5, seed=3))  # batch composition does not matter
     # a stochastic draw is available and differs from run to run somewhere
-    draws = {tuple(pruner.select(x, 5, stochastic=True).flatten().tolist()) for _ in range(8)}
+    draws = {tuple(pruner.select(x, 5, noise="per_call").flatten().tolist()) for _ in range(8)}
     assert len(draws) > 1
 
 
@@ -190,7 +190,7 @@ def test_generate_keeps_exactly_k_tokens_per_image(family):
             assert [len(im.entering_cells) for im in stats.images] == [keep, keep]
             if layout == "flat" or family != "llava_next":
                 assert stats.tokens_entering_llm == [keep, keep]
-            assert stats.images[0].info["slots"] == keep
+            assert stats.images[0].info["slots"] == keep + 1  # the public code's CLS place (cls_slot=True)
             runs.append(stats.kept_columns)
         assert runs[0] == runs[1]  # deterministic
 
@@ -304,3 +304,28 @@ def test_extract_features_from_a_generator(tmp_path):
     index = read_index(tmp_path / "f")
     assert index["count"] == 5 and index["layer"] == 1  # default: the paper's relative depth of 3 blocks
     assert index["shards"][0]["sources"] == ["#0", "#1"]
+
+
+def test_cls_slot_and_truncate_arguments_keep_the_budget_slot_rule(tmp_path):
+    """Default: keep + 1 slots and the public code's set-order cut; cls_slot=False with truncate='attention'
+    is vtprune's earlier rule (keep slots, the weakest nominee dropped, no read-back)."""
+    from vtprune.methods import make_method
+    from vtprune.methods.base import ImageContext
+
+    pruner = small_pruner()
+    x = torch.randn(1, 36, 8)
+    fill = torch.rand(1, 36)
+    _, attn_keep = pruner(x, 6, seed=1)
+    _, attn_plus = pruner(x, 7, seed=1)
+    assert torch.equal(pruner.select(x, 6, fill, seed=1, cls_slot=False), select_from_attention(attn_keep, 6, fill))
+    assert torch.equal(pruner.select(x, 6, fill, seed=1), select_from_attention(attn_plus, 6, fill))
+
+    path = save_pruner(pruner, tmp_path / "ckpt")
+    ctx = ImageContext(features=x[0], grids=[(6, 6)], crop_slices=[slice(0, 36)], family="llava", image_index=0,
+                       providers={"received_attention": lambda: fill[0], "hidden": lambda layer: x[0]})
+    old = make_method("ocvtp", keep=6, seed=1, checkpoint=str(path), cls_slot=False, truncate="attention")
+    sel = old.select_vision(ctx)
+    assert sel.info["slots"] == 6 and torch.equal(sel.keep, select_from_attention(attn_keep, 6, fill)[0])
+    new = make_method("ocvtp", keep=6, seed=1, checkpoint=str(path))
+    sel = new.select_vision(ctx)
+    assert sel.info["slots"] == 7 and sel.keep.numel() == 6

@@ -30,7 +30,7 @@ def _extract(args) -> int:
 
     out = extract_folder(args.model, args.images, args.out, layer=args.layer, batch_size=args.batch_size,
                          device=args.device, image_size=args.image_size, shard_size=args.shard_size,
-                         dtype=args.dtype, progress=not args.quiet)
+                         dtype=args.dtype, progress=not args.quiet, squash=args.squash)
     index = read_index(out)
     print(f"[ocvtp] {index['count']} images × {index['num_tokens']} tokens × {index['dim']} "
           f"(block {index['layer']} of {index['tower']['depth']}) in {len(index['shards'])} shard(s) under {out}")
@@ -83,6 +83,9 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
     e.add_argument("--image-size", type=int, default=None,
                    help="Qwen towers: resize images to this square size (a multiple of patch x merge; default 448)")
     e.add_argument("--shard-size", type=int, default=256, help="images per shard")
+    e.add_argument("--squash", action="store_true",
+                   help="LLaVA: resize images to the tower's square input first, as the public code's extraction "
+                        "(default: the model's processor, as at inference)")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.set_defaults(func=_extract)
 

@@ -7,6 +7,11 @@ reads the slots as memory and predicts every token from queries in which a rando
 replaced by a learned mask token. The loss is an MSE weighted towards tokens held by small slots.
 None of this is needed at inference; checkpoints hold the pruner alone.
 
+As the public code (``ARRandTransformerDecoder``), the first layer's pre-norm is moved in front of the
+stack (``input_norm=True``, the default): the residual stream starts from the normalised query. With the
+same weights, slot noise and visible set the loss equals the public code's (fixture
+``tests/fixtures/parity/ocvtp.json``, unmasked cases); ``input_norm=False`` keeps standard pre-norm layers.
+
 Deviations from the public code:
 
 * No physical shuffling: the public code permutes tokens and position embeddings, masks a prefix of the
@@ -15,8 +20,6 @@ Deviations from the public code:
   (the same distribution of visible sets, the same outputs).
 * The "small constant" visible count (``int(256 · 0.1) − 1 = 24`` of 576 tokens in the public code) is
   scaled to the token count: ``round(24 / 576 · N)``, clipped to [0, N − 2].
-* The public code moves the first layer's pre-norm in front of the decoder; we keep the standard
-  pre-norm layers (``nn.TransformerDecoderLayer(norm_first=True)``), bias-free as theirs.
 * Masking is also used for validation (with a fixed generator), so validation measures the training
   objective on held-out images; the public code validated unmasked (and on a training batch).
 """
@@ -32,7 +35,11 @@ class SlotDecoder(nn.Module):
     """Masked, slot-conditioned reconstruction of the tower's tokens (training only)."""
 
     def __init__(self, dim: int, num_tokens: int, slot_dim: int, layers: int = 4, heads: int = 4,
-                 ffn_mult: int = 4):
+                 ffn_mult: int = 4, input_norm: bool = True):
+        """``input_norm=True`` (the public code): the first layer's pre-norm is taken out of the layer and
+        applied once to the query in front of the stack, so the residual stream starts from the
+        normalised query. ``input_norm=False``: standard pre-norm layers (the residual stream starts from
+        the raw query)."""
         super().__init__()
         if dim % heads:
             raise ValueError(f"The decoder width {dim} is not divisible by its {heads} heads.")
@@ -49,6 +56,10 @@ class SlotDecoder(nn.Module):
         layer = nn.TransformerDecoderLayer(d_model=dim, nhead=heads, dim_feedforward=ffn_mult * dim, dropout=0.0,
                                            activation="gelu", batch_first=True, norm_first=True, bias=False)
         self.backbone = nn.TransformerDecoder(layer, num_layers=layers)
+        self.input_norm: nn.Module = nn.Identity()
+        if input_norm:
+            self.input_norm = self.backbone.layers[0].norm1
+            self.backbone.layers[0].norm1 = nn.Identity()
 
     def visible_mask(self, batch: int, generator: torch.Generator | None = None,
                      p_uniform: float = 0.5) -> torch.Tensor:
@@ -74,7 +85,7 @@ class SlotDecoder(nn.Module):
             query = torch.where(visible.unsqueeze(-1), query, self.mask_token.to(query.dtype))
         query = query + self.position
         memory = self.memory_norm(self.memory_proj(slots))
-        return self.backbone(query, memory)
+        return self.backbone(self.input_norm(query), memory)
 
 
 def area_weighted_mse(pred: torch.Tensor, target: torch.Tensor, attn: torch.Tensor, *, power: float = 0.5,
@@ -111,7 +122,9 @@ class OCVTPModel(nn.Module):
         self.decoder = decoder
 
     def forward(self, tokens: torch.Tensor, k: int, generator: torch.Generator | None = None,
-                mask: bool = True) -> torch.Tensor:
-        slots, attn = self.pruner(tokens, k, generator=generator, stochastic=generator is None)
+                mask: bool = True, epsilon: torch.Tensor | None = None) -> torch.Tensor:
+        """``epsilon`` passes the slot noise explicitly; otherwise each image draws its own (from
+        ``generator`` when given, else from the global RNG, as the public code's training does)."""
+        slots, attn = self.pruner(tokens, k, generator=generator, noise="per_call", epsilon=epsilon)
         recon = self.decoder(tokens, slots, mask=mask, generator=generator)
         return area_weighted_mse(recon, tokens, attn, reduction="none")

@@ -9,6 +9,13 @@ The tokens are read through the same vtprune adapter code that feeds the pruner 
 
 * LLaVA-1.5 / LLaVA-NeXT: the image processor's base view (the whole image at the tower's input size;
   for LLaVA-NeXT the first "crop" of the processor's output), patch tokens in raster order, no CLS.
+  Preprocessing: by default the model's own image processor (for the HF LLaVA processors: shortest side
+  to 336, centre crop), because that is what produces the tokens the pruner reads at inference — the
+  training distribution should be the inference one. The public code's ``get_training_only_data.py``
+  instead squashes every image to 336 × 336 (bicubic, aspect ratio lost) before LLaVA's
+  ``process_images``; ``squash=True`` (``vtprune ocvtp extract --squash``) does the same. The two agree
+  on square images (the demo scenes); on COCO photos the squash keeps the image borders that the crop
+  drops but distorts shapes.
 * Qwen2.5-VL / Qwen3-VL: merged units (mean of each 2×2 group of patch features) in raster order. The
   towers take any resolution; images are resized to ``image_size`` × ``image_size`` (a multiple of
   patch × merge, default 448) so that every image has the same token count.
@@ -203,11 +210,18 @@ def qwen_image_size(model, image_size: int | None) -> int:
     return size
 
 
-def preprocess(model, processor, images: list, image_size: int | None = None) -> tuple[dict, tuple[int, int]]:
-    """Model inputs for the tower and the token grid (rows, cols) of every image."""
+def preprocess(model, processor, images: list, image_size: int | None = None,
+               squash: bool = False) -> tuple[dict, tuple[int, int]]:
+    """Model inputs for the tower and the token grid (rows, cols) of every image. ``squash`` (LLaVA
+    families) resizes each image to the tower's square input (bicubic) first, as the public code's
+    feature extraction does."""
     family = _family(model)
     vc = model.config.vision_config
     pil = [_open(im) for im in images]
+    if squash and not _is_qwen(family):
+        from PIL import Image
+
+        pil = [im.resize((vc.image_size, vc.image_size), Image.BICUBIC) for im in pil]
     if _is_qwen(family):
         size = qwen_image_size(model, image_size)
         pil = [im.resize((size, size)) for im in pil]
@@ -339,12 +353,13 @@ def _source_name(item, i: int) -> str:
 @torch.no_grad()
 def extract_features(model, images: Iterable, layer: int | None, out_dir: str | Path, *, processor=None,
                      image_size: int | None = None, batch_size: int = 8, shard_size: int = 256,
-                     progress: bool = True, total: int | None = None) -> Path:
+                     progress: bool = True, total: int | None = None, squash: bool = False) -> Path:
     """Run ``model``'s vision tower over ``images`` (PIL images or paths, any iterable — a generator is
     fine) and store the tokens after block ``layer`` (None: :func:`default_layer`) under ``out_dir``.
 
     Resumable: shards already recorded in ``out_dir/index.json`` are skipped (their images are not
-    processed; with a generator they are still drawn, in order). Returns ``out_dir``.
+    processed; with a generator they are still drawn, in order). ``squash``: see :func:`preprocess`.
+    Returns ``out_dir``.
     """
     from tqdm.auto import tqdm
 
@@ -358,7 +373,7 @@ def extract_features(model, images: Iterable, layer: int | None, out_dir: str | 
     param = next(tower_module(model).parameters())
     ident = tower_identity(model)
     extra = {"image_size": qwen_image_size(model, image_size) if _is_qwen(family) else model.config.vision_config.image_size,
-             "model": str(getattr(model, "name_or_path", "") or "")}
+             "model": str(getattr(model, "name_or_path", "") or ""), "squash": bool(squash)}
     writer = FeatureWriter(out_dir, layer=layer, dim=tower_width(model), tower=ident, shard_size=shard_size,
                            extra=extra)
     if total is None and hasattr(images, "__len__"):
@@ -374,7 +389,7 @@ def extract_features(model, images: Iterable, layer: int | None, out_dir: str | 
                 continue
             parts = []
             for batch in _chunks(items, batch_size):
-                inputs, grid = preprocess(model, processor, batch, image_size)
+                inputs, grid = preprocess(model, processor, batch, image_size, squash)
                 inputs = {k: (v.to(param.device, param.dtype) if k == "pixel_values" else v.to(param.device))
                           for k, v in inputs.items()}
                 tokens = tower_tokens(model, inputs, layer)
@@ -419,10 +434,11 @@ def load_vlm(path: str | Path, device: str | None = None, dtype: str | None = No
 
 def extract_folder(model_path: str | Path, images: str | Path, out_dir: str | Path, *, layer: int | None = None,
                    batch_size: int = 8, device: str | None = None, image_size: int | None = None,
-                   shard_size: int = 256, dtype: str | None = None, progress: bool = True) -> Path:
+                   shard_size: int = 256, dtype: str | None = None, progress: bool = True,
+                   squash: bool = False) -> Path:
     """``vtprune ocvtp extract``: a local model folder + an image folder → a feature set."""
     model, processor = load_vlm(model_path, device, dtype)
     files = image_files(images)
     return extract_features(model, files, layer, out_dir, processor=processor, image_size=image_size,
-                            batch_size=batch_size, shard_size=shard_size, progress=progress)
+                            batch_size=batch_size, shard_size=shard_size, progress=progress, squash=squash)
 

@@ -1,30 +1,28 @@
 """The OC-VTP pruner: slot attention over a vision tower's middle-layer tokens (inference part).
 
 Li, Zhao, Deng, Wang, Pajarinen, "Object-Centric Vision Token Pruning for Vision Language Models",
-arXiv 2511.20439. A small encoder MLP projects the tower's tokens, K slots (K = the token budget) compete
-for the tokens in three iterations of slot attention, and each slot keeps the token it attends to most.
-Only this module is needed at inference; the decoder (:mod:`vtprune.ocvtp.decoder`) exists for training.
+arXiv 2511.20439. A small encoder MLP projects the tower's tokens, K slots compete for the tokens in
+three iterations of slot attention, and each slot nominates the token it attends to most. Only this
+module is needed at inference; the decoder (:mod:`vtprune.ocvtp.decoder`) exists for training.
 
-Architecture as the paper's public code: encoder LayerNorm → Linear(d, 2d) → GELU → Linear(2d, s);
-one shared learned Gaussian (mean, log-std) from which the K initial slots are drawn; slot attention with
-a single head of width s: inputs LayerNorm'd, keys/values/queries without bias, softmax over the *slots*,
-weighted-mean updates, ``GRUCell``, residual FFN s → 4s → s (GELU); straight-through gradient to the
-initial slots on the last iteration; every linear and GRU bias starts at zero.
+Architecture as the paper's public code (``OC-VTP/model.py``, ``LLaVA/llava/model/ocl_model.py``):
+encoder LayerNorm → Linear(d, 2d) → GELU → Linear(2d, s); one shared learned Gaussian (mean, log-std)
+from which the K initial slots are drawn; slot attention with a single head of width s: inputs
+LayerNorm'd, keys/values/queries without bias, softmax over the *slots*, weighted-mean updates,
+``GRUCell``, residual FFN s → 4s → s (GELU); straight-through gradient to the initial slots on the last
+iteration; every linear and GRU bias starts at zero. With the same weights and the same ε the slot
+attention equals the public code's (fixture ``tests/fixtures/parity/ocvtp.json``).
 
-Deviations from the public code (each deliberate):
+Slot noise: ``initial_slots`` draws ε per ``noise``: ``"fixed"`` (the default of
+:class:`vtprune.methods.ocvtp.OCVTP`) from a CPU generator seeded with ``seed`` — the same numbers as
+the public code's ``randn_like`` after ``torch.manual_seed(seed)`` for one image — shared by every image
+of a batch; ``"per_call"`` a fresh draw per image from the global RNG, as the public code does on every
+call; ``epsilon`` passes ε explicitly.
 
-* Deterministic by default: the K initial slots are ``mean + std · ε`` with ε drawn from a generator
-  seeded with ``seed``, identical for every image of a batch, so the same input and seed always keep
-  the same tokens and an image's selection does not depend on the batch it is in (up to floating-point
-  rounding of near-ties). ``stochastic=True`` draws ε from the
-  global RNG as the public code does at inference.
-* K = budget slots (the public code used budget + 1 because one slot stood for the CLS token).
-* Duplicates and truncation are resolved by rank, never by Python ``set`` order: the tokens chosen by
-  the slots are ranked by the largest attention value a slot gave them, the remaining budget is filled
-  with the tokens of the highest *fill score* (the feature layer's received attention, or the slot
-  attention mass when no score is given), ties go to the lower index, and the result is sorted.
+Deviations from the public code:
+
 * The slot width ``s`` is configurable (512 in the paper; the shipped demo checkpoint uses a smaller
-  width to stay a few MB); the public code's FFN dropout (0.01) is not used.
+  width to stay near 1 MB); the public code's FFN dropout (0.01, active in its training only) is not used.
 * The log-std starts at 0 (std 1). The public code initialised the (1, 1, s) log-std with Xavier-uniform,
   which yields values within ±0.11, i.e. a std close to 1 as well.
 * Checkpoints are safetensors files holding the pruner alone, loaded strictly, with a JSON config
@@ -175,27 +173,35 @@ class SlotPruner(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def initial_slots(self, batch: int, k: int, *, seed: int = 0, stochastic: bool = False,
-                      generator: torch.Generator | None = None) -> torch.Tensor:
+    def initial_slots(self, batch: int, k: int, *, seed: int = 0, noise: str = "fixed",
+                      generator: torch.Generator | None = None, epsilon: torch.Tensor | None = None) -> torch.Tensor:
         """(batch, k, s) initial slots: ``mean + std · ε``.
 
-        Deterministic (default): ε is drawn on the CPU from a generator seeded with ``seed`` and shared
-        by every image of the batch. ``generator`` (on the parameters' device) draws a different ε per
-        image (training, validation); ``stochastic=True`` uses the global RNG.
+        ``epsilon`` (k, s) or (batch, k, s) passes ε explicitly. Otherwise ``noise="fixed"`` (default)
+        draws ε on the CPU from a generator seeded with ``seed`` and shares it by every image of the
+        batch (the same stream as the public code's ``randn_like`` after ``torch.manual_seed(seed)``
+        for one image); ``noise="per_call"`` draws a fresh ε per image from the global RNG, as the public
+        code does. ``generator`` (on the parameters' device) draws a different ε per image (training,
+        validation).
         """
         mean, std = self.slot_mean, self.slot_log_std.exp()
         s = mean.shape[0]
-        if generator is not None:
-            noise = torch.randn(batch, k, s, generator=generator, device=mean.device)
-        elif stochastic:
-            noise = torch.randn(batch, k, s, device=mean.device)
-        else:
+        if epsilon is not None:
+            eps = epsilon.to(mean.device, mean.dtype).expand(batch, k, s)
+        elif generator is not None:
+            eps = torch.randn(batch, k, s, generator=generator, device=mean.device)
+        elif noise == "per_call":
+            eps = torch.randn(batch, k, s, device=mean.device)
+        elif noise == "fixed":
             g = torch.Generator(device="cpu").manual_seed(int(seed))
-            noise = torch.randn(k, s, generator=g).to(mean.device).expand(batch, k, s)
-        return mean + std * noise.to(mean.dtype)
+            eps = torch.randn(k, s, generator=g).to(mean.device).expand(batch, k, s)
+        else:
+            raise ValueError(f"noise must be 'fixed' or 'per_call', got {noise!r}.")
+        return mean + std * eps.to(mean.dtype)
 
-    def forward(self, tokens: torch.Tensor, k: int, *, seed: int = 0, stochastic: bool = False,
-                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, tokens: torch.Tensor, k: int, *, seed: int = 0, noise: str = "fixed",
+                generator: torch.Generator | None = None,
+                epsilon: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """tokens (B, N, input_dim) → slots (B, K, s) and slot attention (B, K, N)."""
         if tokens.dim() != 3:
             raise ValueError(f"Expected tokens of shape (batch, tokens, {self.config.input_dim}), got {tuple(tokens.shape)}.")
@@ -207,16 +213,18 @@ class SlotPruner(nn.Module):
         if not isinstance(k, int) or k <= 0:
             raise ValueError(f"The number of slots must be a positive integer, got {k!r}.")
         x = self.encoder(tokens.to(self.slot_mean.dtype))
-        slots = self.initial_slots(tokens.shape[0], k, seed=seed, stochastic=stochastic, generator=generator)
+        slots = self.initial_slots(tokens.shape[0], k, seed=seed, noise=noise, generator=generator, epsilon=epsilon)
         return self.slot_attention(x, slots)
 
     @torch.no_grad()
     def select(self, tokens: torch.Tensor, keep: int, fill_scores: torch.Tensor | None = None, *, seed: int = 0,
-               stochastic: bool = False) -> torch.Tensor:
+               noise: str = "fixed", cls_slot: bool = True, epsilon: torch.Tensor | None = None) -> torch.Tensor:
         """(B, keep) sorted, unique indices of the tokens to keep for each image of ``tokens`` (B, N, d).
 
-        One slot per kept token (K = keep); see :func:`select_from_attention` for the rule.
-        ``fill_scores`` (B, N) ranks the tokens used to fill the budget when slots share a token.
+        ``cls_slot=True`` runs keep + 1 slots, as the public code does when the CLS token counts in its
+        budget (``OCL_HAS_CLS=1``); ``cls_slot=False`` runs keep slots. See :func:`select_from_attention`
+        for the rule. ``fill_scores`` (B, N) ranks the tokens used to fill the budget when slots share
+        a token.
         """
         if tokens.dim() == 2:
             tokens = tokens.unsqueeze(0)
@@ -225,11 +233,19 @@ class SlotPruner(nn.Module):
             raise ValueError(f"keep must be an integer in [1, {n}], got {keep!r}.")
         if keep == n:
             return torch.arange(n, device=tokens.device).expand(tokens.shape[0], n).clone()
-        _, attn = self(tokens, keep, seed=seed, stochastic=stochastic)
+        _, attn = self(tokens, slot_count(keep, cls_slot), seed=seed, noise=noise, epsilon=epsilon)
         return select_from_attention(attn, keep, fill_scores)
 
 
-def select_from_attention(attn: torch.Tensor, keep: int, fill_scores: torch.Tensor | None = None) -> torch.Tensor:
+def slot_count(keep: int, cls_slot: bool = True) -> int:
+    """Slots run for a budget of ``keep`` patch tokens: keep + 1 when the CLS token takes a place in the
+    public code's kept set (``OCL_HAS_CLS=1``: target keep + 1, CLS always added, CLS dropped by the
+    LLaVA feature selection afterwards), else keep."""
+    return keep + 1 if cls_slot else keep
+
+
+def select_from_attention(attn: torch.Tensor, keep: int, fill_scores: torch.Tensor | None = None,
+                          exclude: torch.Tensor | None = None) -> torch.Tensor:
     """The kept tokens from slot attention ``attn`` (B, K, N): (B, keep) sorted unique indices.
 
     Each slot nominates its argmax token (first index on ties). Nominated tokens are ranked by the
@@ -237,6 +253,7 @@ def select_from_attention(attn: torch.Tensor, keep: int, fill_scores: torch.Tens
     ``fill_scores`` (B, N) — by default each token's slot-attention mass, Σ_k A[k, n] / Σ_n' A[k, n'] (its
     weight in the slots' updates; the plain column sum is 1 for every token since the softmax runs over
     the slots). Every remaining tie is broken by the lower index. The result is sorted ascending.
+    ``exclude`` (B, N) bool: nominated tokens that lose their nomination (they rank with the others).
     """
     if attn.dim() == 2:
         attn = attn.unsqueeze(0)
@@ -251,6 +268,8 @@ def select_from_attention(attn: torch.Tensor, keep: int, fill_scores: torch.Tens
     best, nominated = attn.max(dim=2)  # (B, K) per slot: its largest attention and the token
     chosen = torch.full((b, n), float("-inf"), device=attn.device)
     chosen.scatter_reduce_(1, nominated, best, reduce="amax", include_self=True)
+    if exclude is not None:
+        chosen = chosen.masked_fill(exclude.to(attn.device).reshape(b, n), float("-inf"))
     # order: by fill score (stable → lower index first on ties), then stably by nomination strength;
     # tokens nobody nominated (-inf) keep the fill order behind every nominated token
     by_fill = torch.sort(fill, dim=1, descending=True, stable=True).indices

@@ -196,7 +196,8 @@ def _plot(history: dict, path: Path) -> None:
 def train(features: str | Path, out_dir: str | Path, *, epochs: int = 30, batch_size: int = 12, lr: float = 1e-3,
           slots: Sequence[int] = DEFAULT_SLOTS, val_fraction: float = 0.05, warmup_epochs: float = 4.0,
           weight_decay: float = 0.01, max_steps: int | None = None, slot_dim: int = 512,
-          decoder_layers: int = 4, decoder_heads: int = 4, seed: int = 0, log_every: int = 10,
+          decoder_layers: int = 4, decoder_heads: int = 4, decoder_input_norm: bool = True, seed: int = 0,
+          log_every: int = 10,
           val_every: int | None = None, save_every: int | None = None, num_workers: int = 0,
           mixed_precision: str = "no", cpu: bool = False, resume: bool = True, progress: bool = True,
           save_dtype: torch.dtype | None = None) -> TrainResult:
@@ -204,7 +205,8 @@ def train(features: str | Path, out_dir: str | Path, *, epochs: int = 30, batch_
 
     Files: ``pruner.safetensors`` + ``pruner.json`` (the best-validation pruner; the last one when there
     is no validation split), ``state/`` (resumable: model with decoder, optimizer, scheduler, RNG,
-    ``progress.json``), ``history.json`` and ``loss.png``. A run with an existing ``state/`` continues
+    ``progress.json``), ``history.json`` and ``loss.png``. ``decoder_input_norm`` places the decoder's first
+    pre-norm in front of the stack as the public code does (see :class:`SlotDecoder`). A run with an existing ``state/`` continues
     from it (``resume=False`` starts over). ``max_steps`` caps the run (default: ``epochs`` epochs).
     """
     from accelerate import Accelerator
@@ -231,7 +233,7 @@ def train(features: str | Path, out_dir: str | Path, *, epochs: int = 30, batch_
     config = PrunerConfig(input_dim=dim, slot_dim=slot_dim, layer=int(data.index["layer"]),
                           tower=data.index.get("tower"), num_tokens=n_tokens)
     model = OCVTPModel(SlotPruner(config), SlotDecoder(dim, n_tokens, slot_dim, layers=decoder_layers,
-                                                       heads=decoder_heads))
+                                                       heads=decoder_heads, input_norm=decoder_input_norm))
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     loader_gen = torch.Generator().manual_seed(seed)
     train_loader = DataLoader(torch.utils.data.Subset(data, train_idx), batch_size=batch_size, shuffle=True,
@@ -251,7 +253,8 @@ def train(features: str | Path, out_dir: str | Path, *, epochs: int = 30, batch_
         "features": str(features), "epochs": epochs, "max_steps": max_steps, "total_steps": total,
         "batch_size": batch_size, "processes": accelerator.num_processes, "lr": lr, "warmup_steps": warmup,
         "slots": k_choices, "val_fraction": val_fraction, "train_images": len(train_idx),
-        "val_images": len(val_idx), "tokens": n_tokens, "dim": dim, "slot_dim": slot_dim, "seed": seed}}
+        "val_images": len(val_idx), "tokens": n_tokens, "dim": dim, "slot_dim": slot_dim, "seed": seed,
+        "decoder_input_norm": decoder_input_norm}}
     step, best_val, elapsed = 0, None, 0.0
     state_dir = out / STATE_DIR
     if resume and (state_dir / PROGRESS_NAME).is_file():
@@ -460,13 +463,15 @@ def object_coverage(pruner: SlotPruner, features: torch.Tensor, scenes: list, ke
 def make_demo_checkpoint(out_dir: str | Path | None = None, *, scenes: int = 3000, layer: int | None = None,
                          budget_seconds: float = 1200.0, slot_dim: int = 128, batch_size: int = 12,
                          slots: Sequence[int] = DEFAULT_SLOTS, work_dir: str | Path | None = None,
-                         eval_scenes: int = 200, seed: int = 0, progress: bool = True) -> dict:
+                         eval_scenes: int = 200, seed: int = 0, progress: bool = True, val_points: int = 8,
+                         max_steps: int | None = None) -> dict:
     """Build the checkpoint shipped for the demo model (``checkpoints/demo``).
 
     Renders ``scenes`` training-split scenes (:mod:`vtprune.demo.scenes`), extracts the demo model's
     tower tokens after its middle block (``depth // 2`` unless ``layer`` is given), trains for as many
     steps as fit in ``budget_seconds`` on this machine (``slot_dim`` 128 keeps the file around 1 MB),
-    and evaluates object coverage on held-out test-split scenes. Resumable through ``work_dir``
+    and evaluates object coverage on held-out test-split scenes. ``max_steps`` replaces the time budget by
+    a fixed step count; ``val_points`` validations are spread over the run. Resumable through ``work_dir``
     (default ``/tmp/vtprune-ocvtp-demo``). Returns the evaluation.
     """
     import shutil
@@ -499,9 +504,9 @@ def make_demo_checkpoint(out_dir: str | Path | None = None, *, scenes: int = 300
     n_tokens, dim = int(index["num_tokens"]), int(index["dim"])
     remaining = max(60.0, budget_seconds - extract_seconds)
     per_step = _step_seconds(dim, n_tokens, slot_dim, batch_size, k=64)
-    steps = max(50, int(0.85 * remaining / per_step))
+    steps = max(50, int(0.85 * remaining / per_step)) if max_steps is None else int(max_steps)
     result = train(work / "features", work / "run", epochs=10_000, max_steps=steps, batch_size=batch_size, lr=1e-3,
-                   slots=slots, slot_dim=slot_dim, val_fraction=0.05, val_every=max(1, steps // 8), seed=seed,
+                   slots=slots, slot_dim=slot_dim, val_fraction=0.05, val_every=max(1, steps // val_points), seed=seed,
                    progress=progress)
     out.mkdir(parents=True, exist_ok=True)
     pruner = load_pruner(work / "run")
