@@ -58,3 +58,14 @@ def test_parity(path, fixture, case):
         else:
             value = got[key].tolist() if isinstance(got[key], torch.Tensor) else got[key]
             assert value == want, f"{key}: vtprune {value} != official {want}"
+
+
+def test_each_method_names_the_code_its_fixture_came_from():
+    """``official_code`` (shown in the README's matrix) is the repository and commit the fixture was made from."""
+    from vtprune.methods import method_class
+
+    for path in sorted(FIXTURES.glob("*.json")):
+        fixture = json.loads(path.read_text())
+        official = fixture["official"]
+        code = method_class(fixture["method"]).official_code
+        assert code.startswith(f"{official['repo']}@{official['commit']} "), (fixture["method"], code)

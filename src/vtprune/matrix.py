@@ -38,15 +38,28 @@ def support_matrix() -> list[dict]:
                             else "no: " + family_reason("fixed_grid"))
             else:
                 cells[f] = "yes"
-        rows.append({"method": name, "stage": stages, **cells})
+        rows.append({"method": name, "stage": stages, **cells, "positions": cls.default_positions,
+                     "official": official_link(cls.official_code)})
     return rows
+
+
+def official_link(code: str) -> str:
+    """``owner/repo@commit path::function`` as a markdown link to that file at that commit ("–" if none)."""
+    if not code:
+        return "–"
+    where, _, function = code.partition("::")
+    repo_commit, _, path = where.partition(" ")
+    repo, _, commit = repo_commit.partition("@")
+    return f"[{repo}@{commit[:7]}](https://github.com/{repo}/blob/{commit}/{path}) `{function}`"
 
 
 def markdown_matrix() -> str:
     rows = support_matrix()
-    head = "| method | insertion point | " + " | ".join(FAMILY_NAMES[f] for f in FAMILIES) + " |"
-    sep = "|" + "---|" * (2 + len(FAMILIES))
-    body = ["| " + " | ".join([r["method"], r["stage"]] + [r[f] for f in FAMILIES]) + " |" for r in rows]
+    head = ("| method | insertion point | " + " | ".join(FAMILY_NAMES[f] for f in FAMILIES)
+            + " | positions (LLaVA) | default follows |")
+    sep = "|" + "---|" * (4 + len(FAMILIES))
+    body = ["| " + " | ".join([r["method"], r["stage"]] + [r[f] for f in FAMILIES] + [r["positions"], r["official"]])
+            + " |" for r in rows]
     return "\n".join([head, sep, *body])
 
 
