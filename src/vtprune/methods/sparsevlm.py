@@ -68,6 +68,7 @@ token after the image). ``info['rank']`` is None at a stage whose count does not
 """
 from __future__ import annotations
 
+import bisect
 import math
 from typing import Literal
 
@@ -87,17 +88,17 @@ PAPER_DEFAULT = 192
 def paper_fractions(budget: float) -> tuple[float, ...]:
     """Per-layer fractions of the visual tokens kept for a layer-averaged budget of ``budget`` tokens
     per 576: the code's table where it has one, linear between its rows, proportional beyond them."""
-    points = sorted(PAPER_SCHEDULES)
+    rows = sorted(PAPER_SCHEDULES)
     if budget in PAPER_SCHEDULES:
         counts = PAPER_SCHEDULES[budget]
-    elif budget < points[0] or budget > points[-1]:
-        edge = points[0] if budget < points[0] else points[-1]
-        counts = tuple(min(c * budget / edge, PAPER_VISUAL) for c in PAPER_SCHEDULES[edge])
+    elif budget < rows[0] or budget > rows[-1]:
+        edge = rows[0] if budget < rows[0] else rows[-1]
+        counts = [min(c * budget / edge, PAPER_VISUAL) for c in PAPER_SCHEDULES[edge]]
     else:
-        lo = max(p for p in points if p < budget)
-        hi = min(p for p in points if p > budget)
-        w = (budget - lo) / (hi - lo)
-        counts = tuple(a + w * (b - a) for a, b in zip(PAPER_SCHEDULES[lo], PAPER_SCHEDULES[hi]))
+        i = bisect.bisect(rows, budget)
+        lo, hi = PAPER_SCHEDULES[rows[i - 1]], PAPER_SCHEDULES[rows[i]]
+        w = (budget - rows[i - 1]) / (rows[i] - rows[i - 1])
+        counts = [a + w * (b - a) for a, b in zip(lo, hi)]
     return tuple(c / PAPER_VISUAL for c in counts)
 
 
@@ -206,7 +207,7 @@ class SparseVLM(Method):
             fractions = paper_fractions(budget)
         else:
             fractions = self.schedule
-        return max(1, int(round(fractions[ctx.stage_index] * total)))
+        return max(1, round(fractions[ctx.stage_index] * total))
 
     def target(self, ctx, rank: int | None) -> int:
         """Visual tokens kept by score at this stage (recycled tokens come on top with
@@ -229,22 +230,22 @@ class SparseVLM(Method):
         if not self.recycle or target >= n:
             return target, 0, 0
         if self.recycled_count == "extra":  # the official code: clusters come on top of the count
-            n_rec = int((n - target) * self.recycle_ratio) + 1
-            return target, n_rec, int(n_rec / 10) + 1
+            n_rec = math.floor((n - target) * self.recycle_ratio) + 1
+            return target, n_rec, n_rec // 10 + 1
         if target <= 1:
             return target, 0, 0
-        clusters = min(int((int((n - target) * self.recycle_ratio) + 1) / 10) + 1, target - 1)
+        clusters = min((math.floor((n - target) * self.recycle_ratio) + 1) // 10 + 1, target - 1)
         by_score = target - clusters
         n_deleted = n - by_score
-        return by_score, min(n_deleted, int(n_deleted * self.recycle_ratio) + 1), clusters
+        return by_score, min(n_deleted, math.floor(n_deleted * self.recycle_ratio) + 1), clusters
 
     # -- who rates ---------------------------------------------------------------------------------
     def raters(self, ctx) -> torch.Tensor:
         """(T,) bool over ``ctx.text_after``: the text tokens whose attention rates the visual tokens,
         those with above-mean relevance ``R_t = mean_v softmax_t(h_v · h_t)``."""
         if self.rater_source == "embeddings":  # the official code: the LLM's input embeddings, unscaled
-            hv, ht = (e.float() for e in ctx.input_embeddings())
-            logits = hv @ ht.T
+            hv, ht = ctx.input_embeddings()
+            logits = hv.float() @ ht.float().T
         else:
             h = ctx.hidden.float()
             hv, ht = h[to_device(ctx.visual, h.device)], h[to_device(ctx.text_after, h.device)]
