@@ -25,9 +25,10 @@ Budgets other than the table's: ``keep=N`` / ``ratio=r`` is expressed per 576 to
 (``N · 576 / V₀``, ``V₀`` the image's visual tokens entering the LLM) and the per-layer counts are
 interpolated linearly between the table's rows, scaled proportionally below 64 and above 192, then
 scaled back to ``V₀``. ``schedule=(f1, f2, f3)`` gives fractions of ``V₀`` instead. ``schedule=None``
-is the v1 code's adaptive rule: ``min(int(rank(P) · scale + bias), V − 1)`` from the rank of the
-rater→visual attention matrix ``P`` (with ``keep`` / ``ratio``: exactly that many after the last
-stage, the rank rule clamped between it and the tokens present before).
+is the paper's rank-based adaptive rule (vtprune's earlier default, not in the v1.5 code):
+``min(int(rank(P) · scale + bias), V − 1)`` from the rank of the rater→visual attention matrix ``P``
+(with ``keep`` / ``ratio``: exactly that many after the last stage, the rank rule clamped between it
+and the tokens present before); add ``recycled_count="within"`` for an exact final count.
 
 Arguments for the other behaviours (each one argument away from the default):
 
@@ -57,6 +58,8 @@ Remaining differences from the official code:
   is the closest port: the same per-stage rule, the table scaled to the image's token count.
 * The 96 row comes from the main branch's ``score.py`` (``USE_VERSION=1_0``); the v1.5 branch lists
   192 / 128 / 64.
+* The code assumes one sample per batch (its counts are batch sums); here each sample is pruned on
+  its own.
 * No text tokens after the image: ``UnsupportedMethodError`` (there is nothing to rate with).
 
 On a GPU a stage reads one thing back to the host, and only where the rank rule sets its kept count
