@@ -37,7 +37,10 @@ Arguments for the other behaviours (each one argument away from the default):
 * ``recycled_count="within"``: the merged tokens count inside the stage's count (``T − c`` by score plus
   ``c`` merged, never more than ``T``);
 * ``merged_position="centre"``: a merged token takes the place (and, with original positions, the
-  position) of its cluster's centre instead of following the kept tokens;
+  position) of its cluster's centre instead of following the kept tokens. The default moves the kept
+  tokens' values forward in the visual span to make room for the merged ones at its end, which is the
+  official sequence under contiguous positions; with ``positions="original"`` use ``"centre"`` so that
+  every kept token keeps its own position;
 * ``neighbours=k``: DPC-kNN density from ``k`` neighbours (the token itself included) instead of
   ``k`` = cluster count;
 * ``layers=(...)``: other pruning layers (their input; attention of the layer before).
