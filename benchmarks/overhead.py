@@ -159,6 +159,8 @@ def method_plan(family: str, num_layers: int, keep: int, methods: list[str] | No
             from vtprune.ocvtp import checkpoint_dir
 
             kwargs["checkpoint"] = checkpoint_dir() / "synthetic-d32" if tiny else None
+        if name == "sparsevlm":  # merged tokens in their centres' rows: the reference matches rows in order
+            kwargs["merged_position"] = "centre"
         layout = "flat" if family == "llava_next" and getattr(cls, "needs_full_grid", False) else None
         plan.append(Config(name, name, kwargs, layout))
     if methods:

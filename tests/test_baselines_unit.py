@@ -25,6 +25,9 @@ from tiny_models import tiny_clip_checkpoint
 VISION = ["visionzip", "vispruner", "hiprune"]
 PROJECTED = ["divprune", "cdpruner"]
 LLM = ["pyramiddrop", "dart", "sparsevlm"]
+#: arguments for an exact final budget (SparseVLM's default follows the paper's layer-averaged table)
+EXACT = {"dart": {}, "pyramiddrop": {"layers": (2, 3, 4)},
+         "sparsevlm": {"layers": (2, 3, 4), "schedule": None, "recycled_count": "within"}}
 
 
 # -- context builders --------------------------------------------------------------------------------
@@ -66,8 +69,9 @@ def random_image_ctx(n_side=8, dim=32, family="llava", seed=0, text_tokens=5, cr
 
 
 def llm_ctx(hidden, visual, text_after, attention=None, keys=None, stage=0, layer=2, original=None,
-            family="llava"):
-    providers = {}
+            family="llava", embeddings=None):
+    providers = {"input_embeddings": lambda: embeddings if embeddings is not None else
+                 (hidden[visual], hidden[text_after])}
     if attention is not None:
         providers["attention"] = lambda rows: attention[:, torch.as_tensor(rows)]
     if keys is not None:
@@ -96,7 +100,7 @@ def run_llm(method, hidden, visual, text, attention, keys, family="llava"):
     current, sels, lefts = visual, [], []
     for s, layer in enumerate(method.llm_layers):
         ctx = llm_ctx(hidden, current, text, attention, keys, stage=s, layer=layer, original=len(visual),
-                      family=family)
+                      family=family, embeddings=(hidden[visual], hidden[text]))
         sel = method.select_llm(ctx)
         sels.append(sel)
         current = current[sel.keep]
@@ -175,10 +179,9 @@ def test_image_methods_ratio_and_bad_budgets(name):
 @pytest.mark.parametrize("keep", [1, 5, 12])
 def test_llm_methods_exact_final_budget_and_deterministic(name, keep):
     hidden, visual, text, attention, keys = random_llm_sample(seed=keep)
-    method = make_method(name, keep=keep, **({} if name == "dart" else {"layers": (2, 3, 4)}))
+    method = make_method(name, keep=keep, **EXACT[name])
     sels, lefts = run_llm(method, hidden, visual, text, attention, keys)
-    sels2, _ = run_llm(make_method(name, keep=keep, **({} if name == "dart" else {"layers": (2, 3, 4)})),
-                       hidden, visual, text, attention, keys)
+    sels2, _ = run_llm(make_method(name, keep=keep, **EXACT[name]), hidden, visual, text, attention, keys)
     sizes = [len(visual)] + [len(x) for x in lefts]
     for sel, n, sel2 in zip(sels, sizes, sels2):
         assert_valid(sel, n)
@@ -190,7 +193,7 @@ def test_llm_methods_exact_final_budget_and_deterministic(name, keep):
 @pytest.mark.parametrize("name", LLM)
 def test_llm_methods_work_on_qwen(name):
     hidden, visual, text, attention, keys = random_llm_sample(seed=7)
-    method = make_method(name, keep=9, **({} if name == "dart" else {"layers": (2, 3, 4)}))
+    method = make_method(name, keep=9, **EXACT[name])
     _, lefts = run_llm(method, hidden, visual, text, attention, keys, family="qwen2_5_vl")
     assert len(lefts[-1]) == 9
 
@@ -664,9 +667,38 @@ def test_dart_picks_least_similar_to_a_single_pivot():
 
 
 # -- SparseVLM -----------------------------------------------------------------------------------------
-def test_sparsevlm_paper_schedule_and_recycling_values():
+def test_sparsevlm_default_follows_the_official_table_plus_recycled_tokens():
     hidden, visual, text, attention, keys = random_llm_sample(v=576, before=2, after=5, dim=16, seed=8)
-    m = SparseVLM(keep=64, schedule="paper")
+    m = SparseVLM(keep=64)
+    assert m.llm_layers == (3, 7, 16) and m.default_positions == "contiguous"
+    sels, lefts = run_llm(m, hidden, visual, text, attention, keys)
+    # 66 / 30 / 17 kept by score, plus 16 / 2 / 1 merged tokens (the official counts)
+    assert [len(x) for x in lefts] == [82, 32, 18]
+    assert [s.info["recycled"] for s in sels] == [16, 2, 1]
+    for sel, n in zip(sels, [576, 82, 32]):
+        assert_valid(sel, n)
+    # the kept tokens come first with their own values, in order, then the merged ones
+    sel = sels[0]
+    own = hidden[visual[sel.info["by_score"]]]
+    assert torch.allclose(sel.values[:66], own)
+    assert not torch.allclose(sel.values[66:], hidden[visual[sel.keep[66:]]])
+
+
+def test_sparsevlm_paper_budgets_between_rows_and_on_other_token_counts():
+    from vtprune.methods.sparsevlm import paper_fractions
+    assert [round(f * 576) for f in paper_fractions(64)] == [66, 30, 17]
+    assert [round(f * 576, 1) for f in paper_fractions(80)] == [152.0, 39.0, 21.5]  # halfway 64 -> 96
+    assert [round(f * 576, 1) for f in paper_fractions(32)] == [33.0, 15.0, 8.5]
+    # LLaVA-NeXT-sized image (2880 tokens): keep=320 is the 64 setting, scaled
+    m = SparseVLM(keep=320)
+    counts = [m.scheduled_count(llm_ctx(torch.zeros(3000, 4), torch.arange(2880), torch.arange(2880, 2890),
+                                        stage=s, original=2880)) for s in range(3)]
+    assert counts == [330, 150, 85]
+
+
+def test_sparsevlm_old_placement_counts_recycled_tokens_within():
+    hidden, visual, text, attention, keys = random_llm_sample(v=576, before=2, after=5, dim=16, seed=8)
+    m = SparseVLM(keep=64, recycled_count="within", merged_position="centre", raters="hidden")
     sels, lefts = run_llm(m, hidden, visual, text, attention, keys)
     assert [len(x) for x in lefts] == [66, 30, 17]
     for sel, n in zip(sels, [576, 66, 30]):
@@ -692,7 +724,7 @@ def test_sparsevlm_raters_decide_the_ranking():
         attention[:, t, [before + f for f in favoured]] = 50.0
     attention = attention / attention.sum(-1, keepdim=True)
     visual = torch.arange(before, before + v)
-    m = SparseVLM(keep=6, layers=(2,), recycle=False)
+    m = SparseVLM(keep=6, layers=(2,), recycle=False, schedule=None)
     sel = m.select_llm(llm_ctx(hidden, visual, text, attention=attention, keys=None, layer=2))
     assert_valid(sel, v, 6)
     assert set(favoured) <= set(sel.keep.tolist())
@@ -700,7 +732,7 @@ def test_sparsevlm_raters_decide_the_ranking():
 
 def test_sparsevlm_adaptive_rank_rule():
     hidden, visual, text, attention, keys = random_llm_sample(v=200, before=2, after=4, seed=10)
-    m = SparseVLM(layers=(2,), scale=13.5, recycle=False)
+    m = SparseVLM(layers=(2,), scale=13.5, recycle=False, schedule=None)
     ctx = llm_ctx(hidden, visual, text, attention=attention, layer=2)
     sel = m.select_llm(ctx)
     rank = sel.info["rank"]

@@ -33,8 +33,8 @@ def test_method_runs_and_meets_its_budget(family, name):
     kwargs = {"keep": 6}
     if name == "pyramiddrop":
         kwargs["layers"] = (1, 2, 3)
-    if name == "sparsevlm":
-        kwargs["layers"] = (1, 2, 3)
+    if name == "sparsevlm":  # an exact final budget (the default follows the paper's layer-averaged table)
+        kwargs.update(layers=(1, 2, 3), schedule=None, recycled_count="within")
     if family in cls.unsupported:
         with pytest.raises(UnsupportedMethodError):
             vtprune.apply(model, name, **kwargs)
@@ -93,11 +93,12 @@ def test_sparsevlm_reaches_its_budget_in_an_early_stage_without_error():
 
     model = tiny_model("llava")
     inputs = make_inputs(model, [Sample([1, 7, 8], [9, 10, 11], 0, (56, 56))])
-    with vtprune.pruned(model, "sparsevlm", keep=4, layers=(1, 2), scale=0.0) as handle, torch.no_grad():
+    with vtprune.pruned(model, "sparsevlm", keep=4, layers=(1, 2), scale=0.0, schedule=None,
+                        recycled_count="within") as handle, torch.no_grad():
         model(**inputs)
     assert handle.last.images[0].after_pre_llm > 4
     stages = handle.last.llm_stages[0]  # {layer: visual tokens kept from it on}
-    assert sorted(stages) == [1, 2] and stages[2] <= 4 + 1  # the budget (plus SparseVLM's recycled token)
+    assert sorted(stages) == [1, 2] and stages[2] <= 4
 
 
 def test_cdpruner_clip_text_end_to_end(tmp_path):
@@ -150,3 +151,21 @@ def test_visionzip_hands_the_llm_each_crops_cls_token(family):
         assert im.n_extra == c and len(im.keep) == 8 and im.embeds.shape[0] == 8
         torch.testing.assert_close(im.embeds[-c:], cls[first:first + c])
         first += c
+
+
+def test_sparsevlm_default_counts_per_layer_follow_the_official_rule():
+    """The official v1.5 count at each stage: ``min(table, V - 1)`` by score plus the merged tokens."""
+    from vtprune.methods.sparsevlm import paper_fractions
+    from vtprune.tiny import Sample, make_inputs, tiny_model
+
+    model = tiny_model("llava")
+    inputs = make_inputs(model, [Sample([1, 7, 8], [9, 10, 11], 0, (56, 56))])
+    with vtprune.pruned(model, "sparsevlm", keep=8, layers=(1, 2, 3)) as handle, torch.no_grad():
+        model(**inputs)
+    entered = handle.last.images[0].after_pre_llm
+    expected, v = {}, entered
+    for layer, fraction in zip((1, 2, 3), paper_fractions(8 * 576 / entered)):
+        kept = min(max(1, round(fraction * entered)), v - 1)
+        recycled = int((v - kept) * 0.3) + 1
+        v = expected[layer] = kept + int(recycled / 10) + 1
+    assert handle.last.llm_stages[0] == expected

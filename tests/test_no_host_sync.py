@@ -92,10 +92,10 @@ ALLOWED_LINES = {
         "sizes = [sl.stop - sl.start for sl in ctx.crop_slices]",
         "for (rows, cols), sl, budget in zip(ctx.grids, ctx.crop_slices, split_budget(total, sizes)):",
     ],
-    "sparsevlm.py": [
-        "n_rec = int((n - target) * self.recycle_ratio) + 1",  # Python ints of token counts
-        "clusters = min(int(n_rec / 10) + 1, target - 1)",
-        "n_rec = min(n_deleted, int(n_deleted * self.recycle_ratio) + 1)",
+    "sparsevlm.py": [  # the paper table's three per-layer counts (Python numbers)
+        "counts = [min(c * budget / edge, PAPER_VISUAL) for c in PAPER_SCHEDULES[edge]]",
+        "counts = [a + w * (b - a) for a, b in zip(lo, hi)]",
+        "return tuple(c / PAPER_VISUAL for c in counts)",
     ],
     "visionzip.py": [
         "sizes = [sl.stop - sl.start for sl in ctx.crop_slices]",  # crops
@@ -307,7 +307,8 @@ def test_image_methods_never_read_back(name, family, crops, keep):
 LLM_CASES = [("fastv", {"keep": 5}), ("pyramiddrop", {"keep": 5, "layers": (2, 3, 4)}),
              ("pyramiddrop", {"layers": (2, 3, 4)}), ("dart", {"keep": 5}), ("dart", {"keep": 30}),
              ("dart", {"keep": 7, "pivot_visual": 0, "pivot_text": 3}),
-             ("sparsevlm", {"schedule": (0.5, 0.25, 0.1), "layers": (2, 3, 4)})]
+             ("sparsevlm", {"schedule": (0.5, 0.25, 0.1), "layers": (2, 3, 4)}), ("sparsevlm", {"keep": 5}),
+             ("sparsevlm", {"keep": 5, "recycled_count": "within", "merged_position": "centre", "raters": "hidden"})]
 
 
 @pytest.mark.parametrize("name,kw", LLM_CASES)
@@ -333,7 +334,8 @@ def test_sparsevlm_rank_rule_reads_back_once_per_stage(monkeypatch):
     real = sv._rater_rank
     monkeypatch.setattr(sv, "_rater_rank", lambda *a: calls.append(1) or real(*a))
     hidden, visual, text, attention, keys = random_llm_sample(seed=6)
-    for kw, expected in (({"keep": 5, "layers": (2, 3, 4)}, 2), ({"layers": (2, 3, 4)}, 3)):
+    for kw, expected in (({"keep": 5, "layers": (2, 3, 4), "schedule": None}, 2),
+                         ({"layers": (2, 3, 4), "schedule": None}, 3)):
         calls.clear()
         _, hits = _record(lambda: run_llm(make_method("sparsevlm", **kw), hidden, visual, text, attention, keys))
         assert not _unmarked(hits), hits
@@ -469,6 +471,10 @@ GOLDEN = {
 GOLDEN_ARGS = {"vispruner": {"dedup": "pairwise", "crop_budget": "proportional"},
                "visionzip": {"forward_cls": False, "metric": "features", "merge": "mean"}}
 
+#: SparseVLM's behaviour before its default followed the official code (issue 20)
+SPARSEVLM_BEFORE = {"layers": (2, 3, 4), "schedule": None, "recycled_count": "within", "merged_position": "centre",
+                    "raters": "hidden", "neighbours": 6}
+
 
 @pytest.mark.parametrize("key", list(GOLDEN))
 def test_selections_match_the_implementation_before_issue_21(key):
@@ -486,7 +492,7 @@ def test_selections_match_the_implementation_before_issue_21(key):
             assert float(sel.values.double().sum()) == pytest.approx(values, abs=2e-3)
     else:
         seed, k = a, b
-        kw = {"dart": {}, "fastv": {}}.get(name, {"layers": (2, 3, 4)})
+        kw = {"dart": {}, "fastv": {}, "sparsevlm": SPARSEVLM_BEFORE}.get(name, {"layers": (2, 3, 4)})
         hidden, visual, text, attention, keys = random_llm_sample(seed=seed)
         sels, _ = run_llm(make_method(name, keep=k, **kw), hidden, visual, text, attention, keys)
         assert [s.keep.tolist() for s in sels] == keep

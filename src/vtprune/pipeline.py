@@ -25,7 +25,7 @@ import torch
 from ._compat import cache_argument, output_cache
 from .attention import record_attention
 from .errors import InputError, UnsupportedMethodError
-from .methods.base import Instruction, LLMContext, Method, Stage
+from .methods.base import Instruction, LLMContext, Method, Stage, to_device
 from .models.base import Adapter, EncodedImage
 from .stats import CallStats, ImageStats
 
@@ -74,6 +74,7 @@ class PrefillCall:
     source_columns: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (left pad, input columns)
     caller_positions: bool = False  # the caller passed position ids (numbered from each first real token)
     layouts_after: dict[int, Layout] = field(default_factory=dict)  # the layout after each in-LLM stage
+    input_embeds: torch.Tensor | None = None  # (B, L, D) entering the first decoder layer (in-LLM methods)
 
 
 def _left_pad(rows: list[torch.Tensor], fill) -> torch.Tensor:
@@ -326,6 +327,7 @@ class Pruner:
     def _install_llm_hooks(self):
         layers = self.adapter.decoder_layers
         first = min(self.method.llm_layers)
+        self._hooks.append(layers[0].register_forward_pre_hook(self._keep_input_embeds, with_kwargs=True))
         for i, layer in enumerate(layers):
             if i >= first:
                 self._hooks.append(layer.register_forward_pre_hook(
@@ -353,6 +355,10 @@ class Pruner:
         if cache is not None and call.stage_layouts:
             self._compact_cache(call, cache)
         return out
+
+    def _keep_input_embeds(self, module, args, kwargs):
+        if self._call is not None and self._call.layout is not None:
+            self._call.input_embeds = args[0] if args else kwargs["hidden_states"]
 
     def _layer_pre_hook(self, layer_idx, module, args, kwargs):
         call = self._call
@@ -397,7 +403,10 @@ class Pruner:
                 layer=K, stage_index=stage, family=self.adapter.family,
                 original_visual=len(entering.candidates[b]), registers=register_slots[register_slots >= 0] - offset,
                 providers={"attention": lambda rows, b=b, o=offset: record.rows(b, torch.as_tensor(rows) + o)[:, :, o:],
-                           "keys": lambda b=b, o=offset: record.key[b][:, o:]})
+                           "keys": lambda b=b, o=offset: record.key[b][:, o:],
+                           "input_embeddings": lambda b=b: tuple(
+                               call.input_embeds[b, to_device(cols, call.input_embeds.device)]
+                               for cols in (entering.candidates[b], entering.text_after[b]))})
             with call.stats.timer():
                 selection = self.method.select_llm(ctx)
             kept = selection.keep.cpu()  # sync: the kept tokens decide the new layout (one per sample and stage)

@@ -30,6 +30,10 @@ STAGE2_LAYER = 1
 #: at its paper's relative depths (8/16/24 of 32); SparseVLM after layer 1, where the decoder reads the
 #: asked objects (at layers 1/2/3 its rank rule cut to ~67 tokens at layer 1: 32.5 % at every budget)
 DECODER_LAYERS = {"pyramiddrop": (1, 2, 3), "sparsevlm": (2, 3)}
+#: SparseVLM as these results were made: the rank rule with an exact final budget (its default now follows
+#: the official v1.5 code, whose per-layer table is defined for three layers of a 32-layer decoder)
+DECODER_EXTRA = {"sparsevlm": {"schedule": None, "recycled_count": "within", "raters": "hidden",
+                               "merged_position": "centre", "neighbours": 6}}
 
 
 def add_benchmark_arguments(p) -> None:
@@ -55,7 +59,7 @@ def stage1_target(budget: int) -> int:
 def _method_kwargs(name: str, budget: int, model, processor, calibration) -> tuple[str, dict]:
     """The registered method and its arguments for one row of the table."""
     if name in DECODER_LAYERS:
-        return name, {"keep": budget, "layers": DECODER_LAYERS[name]}
+        return name, {"keep": budget, "layers": DECODER_LAYERS[name], **DECODER_EXTRA.get(name, {})}
     if name not in OCCAM_VARIANTS:
         return name, {"keep": budget}
     from ..calibrate import calibrate_budget

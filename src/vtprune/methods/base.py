@@ -375,6 +375,9 @@ class LLMContext:
     attention(rows) (H, R, L) fp32 attention probabilities of layer ``layer-1`` for query rows
                  ``rows`` (positions in [0, L)), causal, full softmax rows.
     keys()       (H_kv, L, head_dim) the keys of layer ``layer-1`` after RoPE.
+    input_embeddings() (visual (V0, D), text (T, D)): the input embeddings of the first decoder layer
+                 for the candidates that entered the LLM (before any stage pruned them) and for
+                 ``text_after``.
     stage_index  which of the method's ``llm_layers`` this is.
     """
 
@@ -407,6 +410,9 @@ class LLMContext:
 
     def keys(self) -> torch.Tensor:
         return self._lazy.get("keys", "decoder keys")
+
+    def input_embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._lazy.get("input_embeddings", "the decoder's input embeddings")
 
 
 # -- registry --------------------------------------------------------------------------------
