@@ -137,9 +137,10 @@ def test_image_methods_exact_budget_and_deterministic(name, keep):
 
 @pytest.mark.parametrize("name", VISION + PROJECTED)
 def test_image_methods_per_crop_budget(name):
-    """Two crops (LLaVA-NeXT): exact total; per-crop methods split it in proportion to crop sizes."""
+    """Two crops (LLaVA-NeXT): exact total; per-crop methods split it in proportion to crop sizes
+    (HiPrune's official split is keep // crops per crop: see test_hiprune_equal_crop_budget_*)."""
     ctx = random_image_ctx(family="llava_next", crops=2, seed=3)
-    sel = select(make_method(name, keep=21), ctx)
+    sel = select(make_method(name, keep=21, **({"crop_budget": "proportional"} if name == "hiprune" else {})), ctx)
     assert_valid(sel, 128, 21)
     if name != "divprune":  # DivPrune ranks all crops together
         assert sorted([int((sel.keep < 64).sum()), int((sel.keep >= 64).sum())]) == [10, 11]
@@ -298,7 +299,7 @@ def test_hiprune_keeps_anchor_neighbours_without_wrapping():
     interior, corner, right_edge = 3 * 8 + 4, 0, 2 * 8 + 7
     ctx = hiprune_ctx([interior, corner, right_edge], register_cells=[60, 61, 62, 63, 50])
     # alpha 0.75 with budget 20 → round(20 · 0.75 / 5) = 3 anchors
-    sel = HiPrune(keep=20, alpha=0.75).select_vision(ctx)
+    sel = HiPrune(keep=20, alpha=0.75, neighbours="grid").select_vision(ctx)
     assert_valid(sel, 64, 20)
     kept = set(sel.keep.tolist())
     assert {interior, interior - 8, interior + 8, interior - 1, interior + 1} <= kept
@@ -311,6 +312,27 @@ def test_hiprune_keeps_anchor_neighbours_without_wrapping():
                        right_edge, right_edge - 8, right_edge + 8, right_edge - 1}
     rest = [i for i in range(64) if i not in anchors_buffers and i not in {60, 61, 62, 63, 50}]
     assert kept == anchors_buffers | {60, 61, 62, 63, 50} | set(rest[:3])
+
+
+def test_hiprune_official_neighbours_wrap_and_clamp():
+    interior, corner, right_edge = 3 * 8 + 4, 0, 2 * 8 + 7
+    ctx = hiprune_ctx([interior, corner, right_edge], register_cells=[60, 61, 62, 63, 50])
+    sel = HiPrune(keep=20, alpha=0.75).select_vision(ctx)  # neighbours="official" (the default)
+    assert_valid(sel, 64, 20)
+    kept = set(sel.keep.tolist())
+    # i ± 1 and i ± 8 clamped to 0..63: the corner's -1 / -8 land on 0 itself, the right edge's +1 wraps to 24
+    anchors_buffers = {interior, interior - 8, interior + 8, interior - 1, interior + 1, corner, 1, 8,
+                       right_edge, right_edge - 8, right_edge + 8, right_edge - 1, right_edge + 1}
+    assert right_edge + 1 == 3 * 8  # the first cell of the next row
+    assert anchors_buffers <= kept
+    assert sel.info["anchors_buffers_registers"].tolist() == [[3, 10, 7]]
+
+
+def test_hiprune_equal_crop_budget_is_the_official_split():
+    ctx = random_image_ctx(crops=3)
+    assert HiPrune(keep=20).select_vision(ctx).keep.numel() == 18  # 20 // 3 per crop
+    sel = HiPrune(keep=20, crop_budget="proportional").select_vision(ctx)
+    assert sel.keep.numel() == 20
 
 
 def test_hiprune_default_alpha_and_layer():
