@@ -63,6 +63,8 @@ def llm_ctx(hidden, visual, text_after, attention=None, keys=None, stage=0, laye
     providers = {}
     if attention is not None:
         providers["attention"] = lambda rows: attention[:, torch.as_tensor(rows)]
+        providers["layer_attention"] = lambda rows: attention[:, torch.as_tensor(rows)]  # same map here
+    providers["final_norm"] = lambda x: x  # a norm without weight: cosine similarities unchanged
     if keys is not None:
         providers["keys"] = lambda: keys
     return LLMContext(hidden=hidden, visual=visual, text_after=text_after, layer=layer, stage_index=stage,
@@ -160,10 +162,10 @@ def test_image_methods_ratio_and_bad_budgets(name):
 @pytest.mark.parametrize("keep", [1, 5, 12])
 def test_llm_methods_exact_final_budget_and_deterministic(name, keep):
     hidden, visual, text, attention, keys = random_llm_sample(seed=keep)
-    method = make_method(name, keep=keep, **({} if name == "dart" else {"layers": (2, 3, 4)}))
+    args = {"budget_rule": "exact"} if name == "dart" else {"layers": (2, 3, 4)}  # DART's official: 4 + 8·(k//8)
+    method = make_method(name, keep=keep, **args)
     sels, lefts = run_llm(method, hidden, visual, text, attention, keys)
-    sels2, _ = run_llm(make_method(name, keep=keep, **({} if name == "dart" else {"layers": (2, 3, 4)})),
-                       hidden, visual, text, attention, keys)
+    sels2, _ = run_llm(make_method(name, keep=keep, **args), hidden, visual, text, attention, keys)
     sizes = [len(visual)] + [len(x) for x in lefts]
     for sel, n, sel2 in zip(sels, sizes, sels2):
         assert_valid(sel, n)
@@ -175,7 +177,7 @@ def test_llm_methods_exact_final_budget_and_deterministic(name, keep):
 @pytest.mark.parametrize("name", LLM)
 def test_llm_methods_work_on_qwen(name):
     hidden, visual, text, attention, keys = random_llm_sample(seed=7)
-    method = make_method(name, keep=9, **({} if name == "dart" else {"layers": (2, 3, 4)}))
+    method = make_method(name, keep=9, **({"budget_rule": "exact"} if name == "dart" else {"layers": (2, 3, 4)}))
     _, lefts = run_llm(method, hidden, visual, text, attention, keys, family="qwen2_5_vl")
     assert len(lefts[-1]) == 9
 
@@ -505,7 +507,7 @@ def test_dart_never_keeps_identical_tokens_while_a_distinct_one_is_dropped():
     visual = torch.arange(before, before + v)
     text = torch.arange(before + v, length)
     for k in (8, 16, 24):
-        sel = DART(keep=k).select_llm(llm_ctx(hidden, visual, text, keys=keys))
+        sel = DART(keep=k, budget_rule="exact", duplicate_eps=1e-6).select_llm(llm_ctx(hidden, visual, text, keys=keys))
         assert_valid(sel, v, k)
         kept = sel.keep.tolist()
         assert {0, 1, 2, 3} <= set(kept)
@@ -524,11 +526,34 @@ def test_dart_picks_least_similar_to_a_single_pivot():
     keys[:, 5] = 10  # visual token 5 (position 5) is the only pivot
     visual = torch.arange(0, v)
     text = torch.arange(v, v + 3)
-    sel = DART(keep=6, pivot_visual=1, pivot_text=0).select_llm(llm_ctx(hidden, visual, text, keys=keys))
     xv = F.normalize(hidden[:v], dim=-1)
     sims = xv @ xv[5]
-    least = torch.sort(sims, stable=True).indices[:5]
-    assert sel.keep.tolist() == sorted([5] + least.tolist())
+    exact = DART(keep=6, pivot_visual=1, pivot_text=0, budget_rule="exact")
+    sel = exact.select_llm(llm_ctx(hidden, visual, text, keys=keys))
+    assert sel.keep.tolist() == sorted([5] + torch.sort(sims, stable=True).indices[:5].tolist())
+    # the official budget: the pivot keeps keep // (pivots) = 6 more tokens, 7 in all
+    sel = DART(keep=6, pivot_visual=1, pivot_text=0).select_llm(llm_ctx(hidden, visual, text, keys=keys))
+    assert sel.keep.tolist() == sorted([5] + torch.sort(sims, stable=True).indices[:6].tolist())
+
+
+def test_dart_official_budget_and_set_order():
+    assert DART(keep=128).kept_count(128, 576, 4, 4) == 132 and DART(keep=5).kept_count(5, 576, 4, 4) == 4
+    assert DART(keep=576).kept_count(576, 576, 4, 4) == 576
+    from vtprune.methods.dart import python_set_order
+    for values in ([40, 41, 42, 43, 611, 620, 630, 634], [3, 11, 19, 27, 35, 1000, 7, 2], [5]):
+        order = python_set_order(torch.tensor(values)).tolist()
+        assert [values[i] for i in order] == list(set(values))
+
+
+def test_dart_similarity_after_the_final_norm():
+    torch.manual_seed(3)
+    hidden, visual, text, attention, keys = random_llm_sample(v=40, seed=3)
+    weight = torch.rand(hidden.shape[1]) * 2 + 0.05
+    ctx = llm_ctx(hidden, visual, text, keys=keys)
+    ctx._lazy._providers["final_norm"] = lambda x: x * weight
+    normed = DART(keep=16).select_llm(ctx).keep
+    assert torch.equal(normed, DART(keep=16, similarity="raw").select_llm(llm_ctx(hidden * weight, visual, text,
+                                                                                   keys=keys)).keep)
 
 
 # -- SparseVLM -----------------------------------------------------------------------------------------

@@ -11,7 +11,8 @@ from .llm_sequence import sequence
 def sample(case: dict) -> dict[str, torch.Tensor]:
     inputs, seq = case["inputs"], case.get("sequence", {})
     return sequence(inputs["kind"], inputs["seed"], n=inputs.get("n", 576), llm_dim=inputs.get("llm_dim", 256),
-                    text=inputs.get("text", 24), prefix=seq.get("prefix", 35), heads=seq.get("heads", 8))
+                    text=inputs.get("text", 24), dim=inputs.get("dim", 1024), prefix=seq.get("prefix", 35),
+                    heads=seq.get("heads", 8))
 
 
 def context(s: dict[str, torch.Tensor], providers: dict | None = None, layer: int = 2, stage: int = 0,

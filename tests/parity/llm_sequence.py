@@ -16,10 +16,10 @@ from .inputs import make
 
 
 def sequence(kind: str = "random", seed: int = 0, n: int = 576, prefix: int = 35, text: int = 24,
-             llm_dim: int = 256, heads: int = 8) -> dict[str, torch.Tensor]:
+             llm_dim: int = 256, heads: int = 8, dim: int = 1024) -> dict[str, torch.Tensor]:
     """hidden (L, llm_dim), attention (heads, L, L) causal fp32, keys (heads, L, llm_dim/heads),
     image_start (= prefix), image_length (= n); L = prefix + n + text."""
-    m = make(kind, seed, n=n, llm_dim=llm_dim, text=text)
+    m = make(kind, seed, n=n, dim=dim, llm_dim=llm_dim, text=text)
     g = torch.Generator().manual_seed(1_000_003 + seed)
     system = torch.randn(prefix, llm_dim, generator=g)
     visual = m["projected"] / m["projected"].std()

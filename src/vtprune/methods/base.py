@@ -306,6 +306,10 @@ class LLMContext:
     attention(rows) (H, R, L) fp32 attention probabilities of layer ``layer-1`` for query rows
                  ``rows`` (positions in [0, L)), causal, full softmax rows.
     keys()       (H_kv, L, head_dim) the keys of layer ``layer-1`` after RoPE.
+    layer_attention(rows) (H, R, L) fp32 attention probabilities for query rows ``rows`` computed by
+                 layer ``layer`` itself (its input norm, q/k projections and RoPE) on ``hidden``, the
+                 states entering it — what PyramidDrop's official code ranks with.
+    final_norm(x) the LLM's final norm (e.g. RMSNorm with its weight) applied to ``x`` (..., D).
     stage_index  which of the method's ``llm_layers`` this is.
     """
 
@@ -331,6 +335,12 @@ class LLMContext:
 
     def keys(self) -> torch.Tensor:
         return self._lazy.get("keys", "decoder keys")
+
+    def layer_attention(self, rows: torch.Tensor) -> torch.Tensor:
+        return self._lazy.function("layer_attention", "attention rows computed by the pruning layer")(rows)
+
+    def final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        return self._lazy.function("final_norm", "the LLM's final norm")(x)
 
 
 # -- registry --------------------------------------------------------------------------------
