@@ -26,7 +26,7 @@ VISION = ["visionzip", "vispruner", "hiprune"]
 PROJECTED = ["divprune", "cdpruner"]
 LLM = ["pyramiddrop", "dart", "sparsevlm"]
 #: arguments for an exact final budget (SparseVLM's default follows the paper's layer-averaged table)
-EXACT = {"dart": {}, "pyramiddrop": {"layers": (2, 3, 4)},
+EXACT = {"dart": {"budget_rule": "exact"}, "pyramiddrop": {"layers": (2, 3, 4)},
          "sparsevlm": {"layers": (2, 3, 4), "schedule": None, "recycled_count": "within"}}
 
 
@@ -74,6 +74,8 @@ def llm_ctx(hidden, visual, text_after, attention=None, keys=None, stage=0, laye
                  (hidden[visual], hidden[text_after])}
     if attention is not None:
         providers["attention"] = lambda rows: attention[:, torch.as_tensor(rows)]
+        providers["layer_attention"] = lambda rows: attention[:, torch.as_tensor(rows)]  # same map here
+    providers["final_norm"] = lambda x: x  # a norm without weight: cosine similarities unchanged
     if keys is not None:
         providers["keys"] = lambda: keys
     return LLMContext(hidden=hidden, visual=visual, text_after=text_after, layer=layer, stage_index=stage,
@@ -153,9 +155,10 @@ def test_image_methods_exact_budget_and_deterministic(name, keep):
 
 @pytest.mark.parametrize("name", VISION + PROJECTED)
 def test_image_methods_per_crop_budget(name):
-    """Two crops (LLaVA-NeXT): exact total; per-crop methods split it in proportion to crop sizes."""
+    """Two crops (LLaVA-NeXT): exact total; per-crop methods split it in proportion to crop sizes
+    (HiPrune's official split is keep // crops per crop: see test_hiprune_equal_crop_budget_*)."""
     ctx = random_image_ctx(family="llava_next", crops=2, seed=3)
-    method = make_method(name, keep=21)
+    method = make_method(name, keep=21, **({"crop_budget": "proportional"} if name == "hiprune" else {}))
     sel = select(method, ctx)
     cls = cls_tokens(method, ctx)
     assert_valid(sel, 128, 21 - cls)
@@ -376,7 +379,7 @@ def test_hiprune_keeps_anchor_neighbours_without_wrapping():
     interior, corner, right_edge = 3 * 8 + 4, 0, 2 * 8 + 7
     ctx = hiprune_ctx([interior, corner, right_edge], register_cells=[60, 61, 62, 63, 50])
     # alpha 0.75 with budget 20 → round(20 · 0.75 / 5) = 3 anchors
-    sel = HiPrune(keep=20, alpha=0.75).select_vision(ctx)
+    sel = HiPrune(keep=20, alpha=0.75, neighbours="grid").select_vision(ctx)
     assert_valid(sel, 64, 20)
     kept = set(sel.keep.tolist())
     assert {interior, interior - 8, interior + 8, interior - 1, interior + 1} <= kept
@@ -389,6 +392,27 @@ def test_hiprune_keeps_anchor_neighbours_without_wrapping():
                        right_edge, right_edge - 8, right_edge + 8, right_edge - 1}
     rest = [i for i in range(64) if i not in anchors_buffers and i not in {60, 61, 62, 63, 50}]
     assert kept == anchors_buffers | {60, 61, 62, 63, 50} | set(rest[:3])
+
+
+def test_hiprune_official_neighbours_wrap_and_clamp():
+    interior, corner, right_edge = 3 * 8 + 4, 0, 2 * 8 + 7
+    ctx = hiprune_ctx([interior, corner, right_edge], register_cells=[60, 61, 62, 63, 50])
+    sel = HiPrune(keep=20, alpha=0.75).select_vision(ctx)  # neighbours="official" (the default)
+    assert_valid(sel, 64, 20)
+    kept = set(sel.keep.tolist())
+    # i ± 1 and i ± 8 clamped to 0..63: the corner's -1 / -8 land on 0 itself, the right edge's +1 wraps to 24
+    anchors_buffers = {interior, interior - 8, interior + 8, interior - 1, interior + 1, corner, 1, 8,
+                       right_edge, right_edge - 8, right_edge + 8, right_edge - 1, right_edge + 1}
+    assert right_edge + 1 == 3 * 8  # the first cell of the next row
+    assert anchors_buffers <= kept
+    assert sel.info["anchors_buffers_registers"].tolist() == [[3, 10, 7]]
+
+
+def test_hiprune_equal_crop_budget_is_the_official_split():
+    ctx = random_image_ctx(crops=3)
+    assert HiPrune(keep=20).select_vision(ctx).keep.numel() == 18  # 20 // 3 per crop
+    sel = HiPrune(keep=20, crop_budget="proportional").select_vision(ctx)
+    assert sel.keep.numel() == 20
 
 
 def test_hiprune_default_alpha_and_layer():
@@ -640,7 +664,7 @@ def test_dart_never_keeps_identical_tokens_while_a_distinct_one_is_dropped():
     visual = torch.arange(before, before + v)
     text = torch.arange(before + v, length)
     for k in (8, 16, 24):
-        sel = DART(keep=k).select_llm(llm_ctx(hidden, visual, text, keys=keys))
+        sel = DART(keep=k, budget_rule="exact", duplicate_eps=1e-6).select_llm(llm_ctx(hidden, visual, text, keys=keys))
         assert_valid(sel, v, k)
         kept = sel.keep.tolist()
         assert {0, 1, 2, 3} <= set(kept)
@@ -659,11 +683,34 @@ def test_dart_picks_least_similar_to_a_single_pivot():
     keys[:, 5] = 10  # visual token 5 (position 5) is the only pivot
     visual = torch.arange(0, v)
     text = torch.arange(v, v + 3)
-    sel = DART(keep=6, pivot_visual=1, pivot_text=0).select_llm(llm_ctx(hidden, visual, text, keys=keys))
     xv = F.normalize(hidden[:v], dim=-1)
     sims = xv @ xv[5]
-    least = torch.sort(sims, stable=True).indices[:5]
-    assert sel.keep.tolist() == sorted([5] + least.tolist())
+    exact = DART(keep=6, pivot_visual=1, pivot_text=0, budget_rule="exact")
+    sel = exact.select_llm(llm_ctx(hidden, visual, text, keys=keys))
+    assert sel.keep.tolist() == sorted([5] + torch.sort(sims, stable=True).indices[:5].tolist())
+    # the official budget: the pivot keeps keep // (pivots) = 6 more tokens, 7 in all
+    sel = DART(keep=6, pivot_visual=1, pivot_text=0).select_llm(llm_ctx(hidden, visual, text, keys=keys))
+    assert sel.keep.tolist() == sorted([5] + torch.sort(sims, stable=True).indices[:6].tolist())
+
+
+def test_dart_official_budget_and_set_order():
+    assert DART(keep=128).kept_count(128, 576, 4, 4) == 132 and DART(keep=5).kept_count(5, 576, 4, 4) == 4
+    assert DART(keep=576).kept_count(576, 576, 4, 4) == 576
+    from vtprune.methods.dart import python_set_order
+    for values in ([40, 41, 42, 43, 611, 620, 630, 634], [3, 11, 19, 27, 35, 1000, 7, 2], [5]):
+        order = python_set_order(torch.tensor(values)).tolist()
+        assert [values[i] for i in order] == list(set(values))
+
+
+def test_dart_similarity_after_the_final_norm():
+    torch.manual_seed(3)
+    hidden, visual, text, attention, keys = random_llm_sample(v=40, seed=3)
+    weight = torch.rand(hidden.shape[1]) * 2 + 0.05
+    ctx = llm_ctx(hidden, visual, text, keys=keys)
+    ctx._lazy._providers["final_norm"] = lambda x: x * weight
+    normed = DART(keep=16).select_llm(ctx).keep
+    assert torch.equal(normed, DART(keep=16, similarity="raw").select_llm(llm_ctx(hidden * weight, visual, text,
+                                                                                   keys=keys)).keep)
 
 
 # -- SparseVLM -----------------------------------------------------------------------------------------

@@ -292,7 +292,9 @@ def test_dart_matches_reference(seed, k, pivots):
     keys = torch.randint(0, 3, (2, before + v + after, 4), generator=g).float()  # ties in the key norms
     visual = torch.arange(before, before + v)
     text = torch.arange(before + v, before + v + after)
-    m = DART(keep=k, pivot_visual=pivots[0], pivot_text=pivots[1])
+    # the reference: exact budget, pivots in key-norm order, duplicates passed over, raw hidden states
+    m = DART(keep=k, pivot_visual=pivots[0], pivot_text=pivots[1], budget_rule="exact", pivot_order="norm",
+             duplicate_eps=1e-6, similarity="raw")
     sel = m.select_llm(llm_ctx(hidden, visual, text, keys=keys))
     assert sel.keep.tolist() == dart_reference(hidden, visual, text, keys, k, *pivots)
 
@@ -323,7 +325,8 @@ def test_hiprune_matches_reference(seed, k, alpha):
     slices = [slice(0, n), slice(n, 2 * n)]
     ctx = image_ctx(torch.randn(n * crops, 4, generator=g), grids=[(rows, cols)] * crops, slices=slices,
                     received=deep, vattn={8: att})
-    sel = HiPrune(keep=k, alpha=alpha).select_vision(ctx)
+    # the reference takes true grid neighbours and splits the budget in proportion (the corrected behaviour)
+    sel = HiPrune(keep=k, alpha=alpha, neighbours="grid", crop_budget="proportional").select_vision(ctx)
     expected, counts = [], []
     for c, (sl, b) in enumerate(zip(slices, split_budget(k, [n, n]))):
         if b == 0:

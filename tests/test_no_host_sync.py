@@ -74,6 +74,9 @@ ALLOWED_LINES = {
     "dart.py": [
         "vis_piv = [step(s, vis_order, True) for s in range(n_vp)]",  # the (≤ 4) visual pivots
         "for s in range(n_b):",  # one step per kept token
+        "for _ in range(_PROBE_ROUNDS):",  # python_set_order: fixed rounds over the ≤ 8 pivots
+        "for j in range(n):",  # python_set_order: one insert per pivot
+        "for r in range(j + 1):",  # python_set_order: one re-insert per pivot at a resize
     ],
     "divprune.py": [
         "for _ in range(1, k):",  # one step per kept token
@@ -81,8 +84,9 @@ ALLOWED_LINES = {
     "hiprune.py": [
         "sizes = [sl.stop - sl.start for sl in ctx.crop_slices]",
         "for (rows, cols), size in zip(ctx.grids, sizes):",  # crops
-        "for k, ((rows, cols), sl, budget) in enumerate(zip(ctx.grids, ctx.crop_slices, split_budget(total, sizes))):",
+        "for k, ((rows, cols), sl, budget) in enumerate(zip(ctx.grids, ctx.crop_slices, budgets)):",
         "n_anchor = int(round(budget * self.alpha / 5))",  # Python numbers
+        "budgets = [total // len(sizes)] * len(sizes) if equal else split_budget(total, sizes)",  # Python ints
     ],
     "occamtoken.py": [
         "scores = torch.cat([columns[sl] for sl in slices])",  # crops
@@ -300,12 +304,19 @@ def test_image_methods_never_read_back(name, family, crops, keep):
     if keep < cls:
         return  # refused with a BudgetError (test_baselines_unit)
     sel, hits = _record(lambda: m.select_projected(ctx) if name in PROJECTED else m.select_vision(ctx))
-    assert sel.keep.numel() + cls == keep or name == "pooling"  # pooling rounds to a grid
+    official_split = name == "hiprune" and keep >= crops  # HiPrune: keep // crops per crop, as the official code
+    assert sel.keep.numel() + cls == (keep // crops * crops if official_split else keep) or name == "pooling"  # pooling rounds to a grid
     assert not _unmarked(hits) and not _syncs(hits), hits
 
 
+#: HiPrune's arguments for the behaviour before reference parity (issue 20)
+HIPRUNE_BEFORE_PARITY = {"neighbours": "grid", "crop_budget": "proportional"}
+#: DART's arguments for the behaviour before reference parity (issue 20), which the golden selections hold
+DART_BEFORE_PARITY = {"budget_rule": "exact", "pivot_order": "norm", "duplicate_eps": 1e-6}
+
 LLM_CASES = [("fastv", {"keep": 5}), ("pyramiddrop", {"keep": 5, "layers": (2, 3, 4)}),
              ("pyramiddrop", {"layers": (2, 3, 4)}), ("dart", {"keep": 5}), ("dart", {"keep": 30}),
+             ("dart", {"keep": 30, **{"budget_rule": "exact", "pivot_order": "norm", "duplicate_eps": 1e-6}}),
              ("dart", {"keep": 7, "pivot_visual": 0, "pivot_text": 3}),
              ("sparsevlm", {"schedule": (0.5, 0.25, 0.1), "layers": (2, 3, 4)}), ("sparsevlm", {"keep": 5}),
              ("sparsevlm", {"keep": 5, "recycled_count": "within", "merged_position": "centre", "raters": "hidden"})]
@@ -322,9 +333,11 @@ def test_dart_on_identical_tokens_never_reads_back():
     """The branchy cases (pivots that do not exist, cursors that run out, duplicates taken last)."""
     hidden, visual, text, attention, keys = random_llm_sample(seed=5)
     hidden[visual] = hidden[visual[0]].clone()
-    (sels, lefts), hits = _record(lambda: run_llm(make_method("dart", keep=9), hidden, visual, text, attention, keys))
-    assert not _unmarked(hits) and not _syncs(hits), hits
-    assert len(lefts[-1]) == 9
+    for kw, kept in ((DART_BEFORE_PARITY, 9), ({}, 4 + 8 * (9 // 8))):
+        (sels, lefts), hits = _record(lambda: run_llm(make_method("dart", keep=9, **kw), hidden, visual, text,
+                                                      attention, keys))
+        assert not _unmarked(hits) and not _syncs(hits), hits
+        assert len(lefts[-1]) == kept
 
 
 def test_sparsevlm_rank_rule_reads_back_once_per_stage(monkeypatch):
@@ -484,7 +497,7 @@ def test_selections_match_the_implementation_before_issue_21(key):
         family, k = a, b
         crops = 2 if family == "llava_next" else 1
         ctx = random_image_ctx(seed=k + crops, family=family, crops=crops)
-        m = make_method(name, keep=k, **GOLDEN_ARGS.get(name, {}))
+        m = make_method(name, keep=k, **(HIPRUNE_BEFORE_PARITY if name == "hiprune" else GOLDEN_ARGS.get(name, {})))
         sel = m.select_projected(ctx) if name in PROJECTED else m.select_vision(ctx)
         assert sel.keep.tolist() == keep
         assert (sel.values is None) == (values is None)
@@ -492,7 +505,7 @@ def test_selections_match_the_implementation_before_issue_21(key):
             assert float(sel.values.double().sum()) == pytest.approx(values, abs=2e-3)
     else:
         seed, k = a, b
-        kw = {"dart": {}, "fastv": {}, "sparsevlm": SPARSEVLM_BEFORE}.get(name, {"layers": (2, 3, 4)})
+        kw = {"dart": DART_BEFORE_PARITY, "fastv": {}, "sparsevlm": SPARSEVLM_BEFORE}.get(name, {"layers": (2, 3, 4)})
         hidden, visual, text, attention, keys = random_llm_sample(seed=seed)
         sels, _ = run_llm(make_method(name, keep=k, **kw), hidden, visual, text, attention, keys)
         assert [s.keep.tolist() for s in sels] == keep

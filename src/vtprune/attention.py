@@ -114,7 +114,8 @@ def record_attention(attn_module: nn.Module) -> Iterator[AttentionRecorder]:
         raise TypeError(f"{type(attn_module).__name__} has no config; cannot route its attention.")
     recorder = AttentionRecorder()
     original_config = attn_module.config
-    implementation = _implementation_of(original_config)
+    outer = getattr(attn_module, "_vtprune_capture", None)  # already recorded: nest, then hand it back
+    implementation = outer[1] if outer is not None else _implementation_of(original_config)
     if implementation is None:
         import sys
 
@@ -127,4 +128,7 @@ def record_attention(attn_module: nn.Module) -> Iterator[AttentionRecorder]:
         yield recorder
     finally:
         attn_module.config = original_config
-        del attn_module._vtprune_capture
+        if outer is None:
+            del attn_module._vtprune_capture
+        else:
+            attn_module._vtprune_capture = outer

@@ -384,6 +384,8 @@ class Pruner:
         call.stage_layouts.append((K, layout))
         entering = call.stage_layouts[0][1]  # the layout the LLM started with (later stages see fewer)
         keep_slots, new_hidden_rows, new_candidates = [], [], []
+        entering_call = functools.cache(lambda: self._attention_entering(K, hidden, kwargs))
+        final_norm = self.adapter.language_model.norm
         for b in range(hidden.shape[0]):
             valid = torch.nonzero(layout.index[b] >= 0).flatten()  # CPU; left-padded, so contiguous
             offset = int(valid[0]) if len(valid) else 0
@@ -406,7 +408,10 @@ class Pruner:
                            "keys": lambda b=b, o=offset: record.key[b][:, o:],
                            "input_embeddings": lambda b=b: tuple(
                                call.input_embeds[b, to_device(cols, call.input_embeds.device)]
-                               for cols in (entering.candidates[b], entering.text_after[b]))})
+                               for cols in (entering.candidates[b], entering.text_after[b])),
+                           "layer_attention": lambda rows, b=b, o=offset: entering_call().rows(
+                               b, torch.as_tensor(rows) + o)[:, :, o:],
+                           "final_norm": final_norm})
             with call.stats.timer():
                 selection = self.method.select_llm(ctx)
             kept = selection.keep.cpu()  # sync: the kept tokens decide the new layout (one per sample and stage)
@@ -431,6 +436,18 @@ class Pruner:
         call.layouts_after[K] = call.layout
         call.layer_kwargs = self._layer_inputs(call, kwargs, gather, new_hidden)
         return new_hidden
+
+    def _attention_entering(self, K, hidden, kwargs):
+        """The query/key states layer K computes from ``hidden`` (its input norm, q/k projections and
+        RoPE, with the positions and mask it is given), recorded by running its attention module once."""
+        layer = self.adapter.decoder_layers[K]
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, dict):
+            mask = mask.get("full_attention", next(iter(mask.values())))
+        with torch.no_grad(), record_attention(layer.self_attn) as recorder:
+            layer.self_attn(hidden_states=layer.input_layernorm(hidden), attention_mask=mask,
+                            position_embeddings=kwargs["position_embeddings"])
+        return recorder.last
 
     def _layer_inputs(self, call: PrefillCall, kwargs, gather, new_hidden):
         """Position embeddings, position ids and the causal mask for the new layout."""

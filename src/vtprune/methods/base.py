@@ -378,6 +378,10 @@ class LLMContext:
     input_embeddings() (visual (V0, D), text (T, D)): the input embeddings of the first decoder layer
                  for the candidates that entered the LLM (before any stage pruned them) and for
                  ``text_after``.
+    layer_attention(rows) (H, R, L) fp32 attention probabilities for query rows ``rows`` computed by
+                 layer ``layer`` itself (its input norm, q/k projections and RoPE) on ``hidden``, the
+                 states entering it — what PyramidDrop's official code ranks with.
+    final_norm(x) the LLM's final norm (e.g. RMSNorm with its weight) applied to ``x`` (..., D).
     stage_index  which of the method's ``llm_layers`` this is.
     """
 
@@ -413,6 +417,12 @@ class LLMContext:
 
     def input_embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self._lazy.get("input_embeddings", "the decoder's input embeddings")
+
+    def layer_attention(self, rows: torch.Tensor) -> torch.Tensor:
+        return self._lazy.function("layer_attention", "attention rows computed by the pruning layer")(rows)
+
+    def final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        return self._lazy.function("final_norm", "the LLM's final norm")(x)
 
 
 # -- registry --------------------------------------------------------------------------------

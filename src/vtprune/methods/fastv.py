@@ -6,7 +6,10 @@ At decoder layer K the visual tokens least attended by the **last** query token 
 Deviations: the paper keeps layers 0..K−1's KV cache at full length; we compact it to the kept
 tokens after the prefill (every layer then holds the same tokens, as in our other in-LLM methods),
 so decoding attends to fewer tokens in the first K layers too. The budget is given as keep=N visual
-tokens (or ratio) rather than the paper's drop ratio R (keep = (1 − R)·N).
+tokens (or ratio) rather than the paper's drop ratio R (keep = round((1 − R)·N), as the official code).
+The official code averages the heads of the attention in the model's dtype (fp16); we average in fp32,
+which can only reorder near-ties. Selection, layer and positions (original) are otherwise the official
+code's (tests/fixtures/parity/fastv.json).
 """
 from __future__ import annotations
 
@@ -21,6 +24,8 @@ class FastV(Method):
     name = "fastv"
     needs_budget = True
     stages = (Stage.LLM,)
+    official_code = ("pkunlp-icler/FastV@d1659729b5bf1be225e99ee15783deeea80f63b1 "
+                     "src/FastV/llava-hf/transformers/src/transformers/models/llama/modeling_llama.py::LlamaModel.forward")
 
     def __init__(self, keep: int | None = None, ratio: float | None = None, layer: int = 2, seed: int = 0):
         super().__init__(keep=keep, ratio=ratio, seed=seed)

@@ -4,31 +4,48 @@ Vision-Language Models" (Liu et al., arXiv 2508.00553).
 Vision stage, per crop. Of each crop's budget ``b``:
 
 * *anchors*: the ``round(b · α / 5)`` patches with the largest global attention (mean over heads and
-  over all query tokens) at the middle "object" layer (default: layer 9 of CLIP ViT-L, 1-based as in
-  the paper, i.e. ``ctx.vision_attention(8)``);
-* *buffers*: the 4-neighbours (up, down, left, right) of every anchor on the crop's patch grid;
+  over all query tokens, [CLS] included) at the middle "object" layer (default: layer 9 of CLIP ViT-L,
+  1-based as in the paper, i.e. ``ctx.vision_attention(8)``);
+* *buffers*: the 4 neighbours of every anchor (below);
 * *registers*: the patches with the largest global attention at the feature layer
   (``ctx.received_attention``) among the rest, filling the budget exactly.
 
-Defaults as the paper's code: α = 0.1 (anchors + buffers ≈ α of the budget), object layer 9 for CLIP
-(the paper uses 16 for Qwen2.5-VL's tower). A tower with fewer than 24 blocks (the demo model's) gets
-the same relative depth, ``max(1, round(depth · 9 / 24))``; an ``object_layer`` beyond the tower's
-depth is refused by ``apply()``.
+Defaults as the official code (``Danielement321/HiPrune``, ``LLaVA/llava/model/llava_arch.py``,
+``encode_images``; tests/fixtures/parity/hiprune.json): α = 0.1, object layer 9 for CLIP (the paper
+uses 16 for Qwen2.5-VL's tower), and
 
-Differences from the paper / official code:
+* ``neighbours="official"``: the buffers are the indices ``i ± 1`` and ``i ± side`` clamped to
+  ``0 .. n-1``, as the official code computes them (it hard-codes 24 and 575, CLIP-336's grid; we use
+  the crop's own grid). Left/right neighbours wrap across rows (the last patch of the previous row,
+  the first of the next), and an anchor in the top/bottom row adds patch 0 / n-1.
+  ``neighbours="grid"`` takes true up/down/left/right grid neighbours instead (nothing off the grid).
+* ``crop_budget="equal"``: every crop gets ``keep // crops`` tokens (the official
+  ``int(RETENTION / B)``; LLaVA-NeXT keeps up to ``crops - 1`` tokens fewer than ``keep``).
+  ``crop_budget="proportional"`` splits ``keep`` exactly, in proportion to the crops' token counts.
 
-* Buffers are true grid neighbours; the official code adds index ±1 and ±side, which wraps around at
-  the left/right border of the grid.
+A tower with fewer than 24 blocks (the demo model's) gets the paper's relative depth,
+``max(1, round(depth · 9 / 24))``; an ``object_layer`` beyond the tower's depth is refused by
+``apply()``. Positions: the kept tokens are renumbered contiguously (``default_positions``), as in the
+official LLaVA code where the pruned features simply fill the image span.
+
+Remaining differences from the official code:
+
 * If anchors and buffers alone exceed a (tiny) budget, they are taken anchor by anchor (each anchor
-  followed by its neighbours) until the budget is met.
-* LLaVA-NeXT: the image budget is split over crops in proportion to their token counts
-  (``split_budget``); the official code gives each crop the same budget. Each crop must hold its full
-  grid (use ``layout='flat'``): with the model's unpadded layout the candidates' grid cells are not
-  known to the method.
-* Qwen2.5-VL / Qwen3-VL: the adapter provides no inner-layer vision attention, so the anchors cannot
-  be found; the method raises ``UnsupportedMethodError`` (registers alone would not be HiPrune).
+  followed by its neighbours) until the budget is met; the official code fails there (a negative
+  top-k).
+* The official code marks the anchors and buffers by subtracting 1 from their feature-layer attention
+  before its top-k; we exclude them outright (the same unless an attention value exceeds 1 − ε).
+* LLaVA-NeXT: each crop must hold its full grid (use ``layout='flat'``): with the model's unpadded
+  layout the candidates' grid cells are not known to the method. The official code (its
+  ``mm_patch_merge_type`` is forced to ``'spatial'``) also keeps every crop's full grid, without
+  newline tokens; the order of the sub-crops' tokens in the sequence is the pipeline's.
+* Qwen2.5-VL / Qwen3-VL: the authors' Qwen2.5-VL code is not ported; the adapter provides no
+  inner-layer vision attention, so the anchors cannot be found and the method raises
+  ``UnsupportedMethodError`` (registers alone would not be HiPrune).
 """
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 
@@ -49,6 +66,12 @@ def grid_neighbours(cells: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     return torch.stack([up, down, left, right], dim=1)
 
 
+def official_neighbours(cells: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """(n, 4) the official code's neighbours ``cells ∓ cols``, ``cells ∓ 1``, clamped to the grid's
+    index range: left/right wrap across rows, and off the top/bottom they land on the first/last cell."""
+    return torch.stack([cells - cols, cells + cols, cells - 1, cells + 1], dim=1).clamp(0, rows * cols - 1)
+
+
 _QWEN_REASON = "the anchors need a middle vision layer's attention, which the Qwen adapter does not record"
 
 
@@ -61,9 +84,13 @@ class HiPrune(Method):
     #: the Qwen adapter does not provide ``vision_attention`` (yet)
     needs = frozenset({"vision_attention"})
     need_reasons = {"vision_attention": _QWEN_REASON}
+    default_positions = "contiguous"
+    official_code = "Danielement321/HiPrune@6e83a1240874e99a25df34f54221a29bb24b7bc2 LLaVA/llava/model/llava_arch.py::encode_images"
 
     def __init__(self, keep: int | None = None, ratio: float | None = None,
-                 alpha: float = 0.1, object_layer: int | None = None, seed: int = 0):
+                 alpha: float = 0.1, object_layer: int | None = None,
+                 neighbours: Literal["official", "grid"] = "official",
+                 crop_budget: Literal["equal", "proportional"] = "equal", seed: int = 0):
         super().__init__(keep=keep, ratio=ratio, seed=seed)
         if not 0.0 <= alpha <= 1.0:
             raise ArgumentError(f"hiprune: alpha={alpha!r} is not allowed; alpha lies in [0, 1].")
@@ -71,6 +98,8 @@ class HiPrune(Method):
             raise ArgumentError(f"hiprune: object_layer={object_layer!r} is not allowed; "
                                 f"it is 1-based (the paper's layer 9 is object_layer=9).")
         self.alpha = alpha
+        self.neighbours = neighbours
+        self.crop_budget = crop_budget
         self.requested_object_layer = object_layer
         self.object_layer = object_layer or PAPER_OBJECT_LAYER
         self.attention_layers = (self.object_layer - 1,)
@@ -109,7 +138,9 @@ class HiPrune(Method):
         deep = ctx.received_attention.float()
         device = ctx.features.device
         keeps, counts = [], []
-        for k, ((rows, cols), sl, budget) in enumerate(zip(ctx.grids, ctx.crop_slices, split_budget(total, sizes))):
+        equal = self.crop_budget == "equal" and total >= len(sizes)  # (a budget below one per crop: split)
+        budgets = [total // len(sizes)] * len(sizes) if equal else split_budget(total, sizes)
+        for k, ((rows, cols), sl, budget) in enumerate(zip(ctx.grids, ctx.crop_slices, budgets)):
             size = sl.stop - sl.start
             if budget == 0:
                 continue
@@ -128,7 +159,7 @@ class HiPrune(Method):
             n_anchors = n_buffers = torch.zeros((), dtype=torch.long, device=device)
             if n_anchor > 0:
                 order = torch.sort(glob, descending=True, stable=True).indices[:n_anchor]
-                nbrs = grid_neighbours(order, rows, cols)
+                nbrs = (official_neighbours if self.neighbours == "official" else grid_neighbours)(order, rows, cols)
                 seq = torch.cat([order[:, None], nbrs], dim=1).flatten()  # anchor, its 4 neighbours, ...
                 is_anchor = torch.arange(seq.numel(), device=device) % 5 == 0
                 # first occurrence of each cell on the grid, in anchor order, at most the budget
