@@ -541,6 +541,9 @@ def prepare_config(model, inputs: dict, config: Config) -> Slot | dict:
     row: dict[str, Any] = {"method": config.label, "name": config.name,
                            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in config.kwargs.items()}}
     options = {"layout": config.layout} if config.layout and family == "llava_next" else {}
+    # the reference finds each kept row by its rotary row, so every method runs with original positions
+    # (renumbering them is one cumsum per call: the same bookkeeping cost)
+    options["positions"] = "original"
     pruned = make_twin(model)
     try:
         method = make_method(config.name, **config.kwargs)
