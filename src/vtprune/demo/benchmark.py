@@ -26,14 +26,11 @@ FULL_TOKENS = 576
 #: OccamToken's stage-II layer on the 4-layer demo decoder: the paper's l = 11 of 32 layers is about a
 #: third of the depth; layer 1 is also where the demo decoder's object words read their objects' patches
 STAGE2_LAYER = 1
-#: multi-stage in-LLM methods on the 4-layer demo decoder (their defaults lie beyond layer 3): PyramidDrop
-#: at its paper's relative depths (8/16/24 of 32); SparseVLM after layer 1, where the decoder reads the
-#: asked objects (at layers 1/2/3 its rank rule cut to ~67 tokens at layer 1: 32.5 % at every budget)
-DECODER_LAYERS = {"pyramiddrop": (1, 2, 3), "sparsevlm": (2, 3)}
-#: SparseVLM as these results were made: the rank rule with an exact final budget (its default now follows
-#: the official v1.5 code, whose per-layer table is defined for three layers of a 32-layer decoder)
-DECODER_EXTRA = {"sparsevlm": {"schedule": None, "recycled_count": "within", "raters": "hidden",
-                               "merged_position": "centre", "neighbours": 6}}
+#: multi-stage in-LLM methods on the 4-layer demo decoder (their defaults lie beyond layer 3): each of
+#: the three stages one layer apart (PyramidDrop's 8/16/24 and SparseVLM's 3/7/16 of 32 layers scaled down)
+DECODER_LAYERS = {"pyramiddrop": (1, 2, 3), "sparsevlm": (1, 2, 3)}
+#: methods whose selection depends on their seed: their rows average ``seeds`` runs (seeds 0, 1, …)
+STOCHASTIC = {"random", "ocvtp"}
 
 
 def add_benchmark_arguments(p) -> None:
@@ -43,6 +40,7 @@ def add_benchmark_arguments(p) -> None:
     p.add_argument("--questions", type=int, default=2000, help="test-split questions (default 2000)")
     p.add_argument("--calibration", type=int, default=64, help="validation scenes for OccamToken's λ2")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seeds", type=int, default=1, help="runs averaged for stochastic methods (random, ocvtp)")
     p.add_argument("--out", default="vtprune-scenes", help="folder for scenes.json and scenes.png")
 
 
@@ -59,7 +57,7 @@ def stage1_target(budget: int) -> int:
 def _method_kwargs(name: str, budget: int, model, processor, calibration) -> tuple[str, dict]:
     """The registered method and its arguments for one row of the table."""
     if name in DECODER_LAYERS:
-        return name, {"keep": budget, "layers": DECODER_LAYERS[name], **DECODER_EXTRA.get(name, {})}
+        return name, {"keep": budget, "layers": DECODER_LAYERS[name]}
     if name not in OCCAM_VARIANTS:
         return name, {"keep": budget}
     from ..calibrate import calibrate_budget
@@ -91,8 +89,9 @@ def _tokens_after_last_stage(handle) -> float:
 
 
 def run_benchmark(model, processor, methods: list[str], budgets: list[int], questions: int = 2000,
-                  calibration: int = 64, batch_size: int = 16, progress: bool = True) -> dict:
-    """Accuracy per method and budget (mean visual tokens entering the LLM and layer-averaged)."""
+                  calibration: int = 64, batch_size: int = 16, progress: bool = True, seeds: int = 1) -> dict:
+    """Accuracy per method and budget (mean visual tokens entering the LLM and layer-averaged); the
+    rows of stochastic methods average ``seeds`` runs and list each run's accuracy."""
     import vtprune
 
     from . import scenes
@@ -110,15 +109,23 @@ def run_benchmark(model, processor, methods: list[str], budgets: list[int], ques
             if budget >= FULL_TOKENS:
                 continue
             method, kwargs = _method_kwargs(name, budget, model, processor, calib)
-            with vtprune.pruned(model, method, **kwargs) as handle:
-                acc = evaluate(model, processor, test, batch_size=batch_size, progress=progress)
-                summary = handle.summary()
+            runs = []
+            for seed in range(seeds if name in STOCHASTIC else 1):
+                run_kwargs = {**kwargs, "seed": seed} if name in STOCHASTIC else kwargs
+                with vtprune.pruned(model, method, **run_kwargs) as handle:
+                    acc = evaluate(model, processor, test, batch_size=batch_size, progress=progress)
+                    summary = handle.summary()
+                runs.append(acc)
+            acc = {k: sum(r[k] for r in runs) / len(runs) for k in runs[0]}
             tokens = _tokens_after_last_stage(handle) if name in OCCAM_VARIANTS else summary["mean_tokens_entering_llm"]
-            rows.append({"method": name, "budget": budget, "tokens": tokens,
-                         "layer_avg_tokens": summary["mean_tokens_layer_averaged"], "args": kwargs, **acc,
-                         "relative": 100.0 * acc["overall"] / max(full["overall"], 1e-9)})
+            row = {"method": name, "budget": budget, "tokens": tokens,
+                   "layer_avg_tokens": summary["mean_tokens_layer_averaged"], "args": kwargs, **acc,
+                   "relative": 100.0 * acc["overall"] / max(full["overall"], 1e-9)}
+            if len(runs) > 1:
+                row["overall_per_seed"] = [r["overall"] for r in runs]
+            rows.append(row)
     return {"rows": rows, "questions": questions, "layers": layers, "seconds": time.time() - start,
-            "torch": torch.__version__}
+            "torch": torch.__version__, "seeds": seeds}
 
 
 def format_table(result: dict) -> str:
@@ -156,7 +163,8 @@ def run_cli(args) -> int:
         if name not in OCCAM_VARIANTS:
             method_class(name)
     budgets = [int(b) for b in args.budgets.split(",")]
-    result = run_benchmark(model, processor, methods, budgets, args.questions, args.calibration, args.batch_size)
+    result = run_benchmark(model, processor, methods, budgets, args.questions, args.calibration, args.batch_size,
+                           seeds=getattr(args, "seeds", 1))
     print(format_table(result))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

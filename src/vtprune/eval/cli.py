@@ -72,6 +72,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     bench.add_argument("--questions", type=int, default=2000, help="with --benchmark: test questions")
     bench.add_argument("--calibration", type=int, default=64, help="with --benchmark: OccamToken calibration scenes")
     bench.add_argument("--out", default="vtprune-scenes", help="with --benchmark: folder for scenes.json/png")
+    bench.add_argument("--seeds", type=int, default=1,
+                       help="with --benchmark: runs averaged for stochastic methods (random, ocvtp)")
 
 
 def model_args_string(args) -> str:
