@@ -141,7 +141,10 @@ def test_an_unknown_family_is_a_clear_error():
 
 
 def test_the_pipeline_takes_every_declared_image_input():
-    from vtprune.models.families import image_input_keys
-    from vtprune.pipeline import _IMAGE_KWARGS
+    import inspect
 
-    assert set(image_input_keys()) <= set(_IMAGE_KWARGS)
+    from vtprune.models.families import image_input_keys
+    from vtprune.pipeline import prefill
+
+    assert prefill.image_input_keys is image_input_keys
+    assert "for k in image_input_keys() if k in kwargs" in inspect.getsource(prefill.run_prefill)

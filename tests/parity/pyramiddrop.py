@@ -1,7 +1,7 @@
 """Parity runner for ``pyramiddrop`` (fixture: tests/fixtures/parity/pyramiddrop.json).
 
-The ranking attention comes from the pipeline's own provider (``Pruner._attention_entering``) run on a
-transformers ``LlamaDecoderLayer`` with seeded weights (``layer_weights``), as the official code's
+The ranking attention comes from the pipeline's own provider (``pipeline.llm_stage.attention_entering``)
+run on a transformers ``LlamaDecoderLayer`` with seeded weights (``layer_weights``), as the official code's
 ``self.layers[rank_layer]``."""
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
 from vtprune.methods.pyramiddrop import PyramidDrop
-from vtprune.pipeline import Pruner
+from vtprune.pipeline.llm_stage import attention_entering
 
 from .llm_runner import context, sample
 
@@ -48,8 +48,8 @@ def run(case: dict) -> dict:
     positions = torch.arange(hidden.shape[1])[None]
     with torch.no_grad():
         cos_sin = LlamaRotaryEmbedding(config)(hidden, positions)
-    pruner = SimpleNamespace(adapter=SimpleNamespace(decoder_layers={K: layer}))
-    call = Pruner._attention_entering(pruner, K, hidden, {"position_embeddings": cos_sin, "attention_mask": None})
+    adapter = SimpleNamespace(decoder_layers={K: layer})
+    call = attention_entering(adapter, K, hidden, {"position_embeddings": cos_sin, "attention_mask": None})
     providers = {"layer_attention": lambda rows: call.rows(0, torch.as_tensor(rows))}
     selection = PyramidDrop(**case["args"]).select_llm(context(s, providers, layer=K))
     return {"keep": selection.keep.sort().values, "count": selection.keep.numel()}

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
 from ..attention import AttentionRecorder, record_attention
 from ..errors import InputError, UnsupportedModelError  # noqa: F401
 from ..methods.base import ImageContext, Instruction, Method, Selection, Stage
+
+if TYPE_CHECKING:
+    from ..pipeline.layout import Layout
 
 
 def supported_classes() -> list[str]:
@@ -171,6 +174,13 @@ class Adapter:
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
         return {"image": BaseModelOutputWithPooling(pooler_output=tuple(im.embeds for im in images))}
+
+    # -- in-LLM pruning ------------------------------------------------------------------------
+    def patch_decoder(self, current_layout: Callable[[], Layout | None]) -> Callable[[], None]:
+        """Patch what the language model does outside its decoder layers that in-LLM pruning must see
+        (``current_layout()``: the layout inside the decoder during a pruned prefill, else None);
+        returns the function that restores it. Nothing to patch by default."""
+        return lambda: None
 
     # -- helpers for subclasses ----------------------------------------------------------------
     @staticmethod

@@ -193,7 +193,7 @@ def supported_classes() -> list[str]:
 
 def image_input_keys() -> tuple[str, ...]:
     """Every processor image input any family's forward takes (union of ``input_keys``, in order);
-    what ``pipeline._IMAGE_KWARGS`` lists by hand today."""
+    what the pipeline takes out of a prefill's arguments."""
     return tuple(dict.fromkeys(k for f in all_families() for k in f.input_keys))
 
 

@@ -28,6 +28,32 @@ class Qwen3VLAdapter(Qwen25VLAdapter):
             pooler_output=tuple(im.embeds for im in images),
             deepstack_features=[tuple(im.deepstack[k] for im in images) for k in range(layers)])}
 
+    def patch_decoder(self, current_layout):
+        """DeepStack adds the tower's features at the image tokens' positions of the first decoder layers;
+        after an in-LLM prune, the visual mask and features are carried onto the current layout."""
+        lm = self.language_model
+        if not hasattr(lm, "_deepstack_process"):
+            return super().patch_decoder(current_layout)
+        original = lm._deepstack_process
+
+        def deepstack(hidden_states, visual_pos_masks, visual_embeds):
+            layout = current_layout()
+            if layout is not None and visual_pos_masks.shape[1] != hidden_states.shape[1]:
+                rank = visual_pos_masks.flatten().long().cumsum(0).view_as(visual_pos_masks) - 1
+                idx = layout.index.clamp(min=0).to(visual_pos_masks.device)
+                new_mask = visual_pos_masks.gather(1, idx) & (layout.index >= 0).to(visual_pos_masks.device)
+                picked = rank.gather(1, idx)[new_mask]
+                return original(hidden_states, new_mask, visual_embeds[picked])
+            return original(hidden_states, visual_pos_masks, visual_embeds)
+
+        lm._deepstack_process = deepstack
+
+        def restore():
+            if "_deepstack_process" in lm.__dict__:
+                del lm._deepstack_process
+
+        return restore
+
 
 def _tiny_config():
     from transformers import Qwen3VLConfig

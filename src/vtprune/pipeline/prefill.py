@@ -1,0 +1,182 @@
+"""One pruned prefill: the vision side, the compact left-padded layout of text + kept image units, the
+model's own forward (with the in-LLM stage when the method has one), the stats and the cache's session.
+
+Everything of one call lives in a ``PrefillCall``, which the pruner creates when the prefill starts and
+drops when it returns or raises."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from .._compat import output_cache
+from ..methods.base import Instruction, Stage
+from ..models.base import EncodedImage
+from ..models.families import image_input_keys
+from ..stats import CallStats, ImageStats
+from .decode import Session
+from .layout import CANDIDATE, NEWLINE, REGISTER, TEXT, Layout, first_real, left_pad, real_columns, unit_kinds
+from .positions import as_rows_or_none, contiguous_positions, contiguous_shift, rewritten_positions
+from .records import ColumnRecord
+
+if TYPE_CHECKING:
+    from .pruner import Pruner
+
+
+@dataclass
+class PrefillCall:
+    """Everything that belongs to one pruned prefill. The pruner creates it when the prefill starts
+    and drops it when the prefill returns or raises, so nothing of one call can leak into the next."""
+
+    stats: CallStats
+    layout: Layout | None = None  # the current layout inside the decoder (in-LLM methods)
+    layer_kwargs: dict | None = None  # positions and mask of the current layout, for later layers
+    stage_layouts: list[tuple[int, Layout]] = field(default_factory=list)  # layout entering each stage
+    recorders: dict = field(default_factory=dict)  # attention recorders per pruning layer
+    source_columns: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (left pad, input columns)
+    caller_positions: bool = False  # the caller passed position ids (numbered from each first real token)
+    layouts_after: dict[int, Layout] = field(default_factory=dict)  # the layout after each in-LLM stage
+    input_embeds: torch.Tensor | None = None  # (B, L, D) entering the first decoder layer (in-LLM methods)
+
+
+def run_prefill(pruner: Pruner, call: PrefillCall, kwargs):
+    adapter = pruner.adapter
+    t_start = time.perf_counter()
+    stats = call.stats
+    input_ids = kwargs.pop("input_ids")
+    attention_mask = kwargs.pop("attention_mask", None)
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    user_positions = kwargs.pop("position_ids", None)
+    call.caller_positions = user_positions is not None
+    image_inputs = {k: kwargs.pop(k) for k in image_input_keys() if k in kwargs}
+    adapter.check_prefill_inputs(input_ids, image_inputs, user_positions)
+    spans = adapter.image_spans(input_ids, image_inputs)
+    real = attention_mask.detach().to("cpu", torch.bool)  # sync: the inputs' padding, read once per call
+    instructions = [Instruction(ids, adapter.embed_tokens) for ids in text_after_each_image(input_ids, real, spans)]
+    images = adapter.encode_images(image_inputs, pruner.method, instructions, stats.timer)
+    full_ids, full_mask, span_units, rewritten = rewrite_spans(input_ids, attention_mask, spans, images,
+                                                               adapter.image_token_id)
+    position_shift = None
+    if rewritten:
+        user_positions, position_shift = rewritten_positions(
+            attention_mask, full_mask, input_ids.shape[1], full_ids.shape[1], user_positions is not None)
+    positions = adapter.full_positions(
+        full_ids, full_mask, {**image_inputs, "mm_token_type_ids": None} if rewritten else image_inputs,
+        as_rows_or_none(user_positions))
+    if rewritten:
+        real = full_mask.detach().to("cpu", torch.bool)  # sync: the rewritten sequence's padding
+    ids, mask, pos, layout, newline_counts = compact(call, full_ids, full_mask, real, positions, span_units, images)
+    if pruner.contiguous:
+        pos = contiguous_positions(mask, call.caller_positions).unsqueeze(0)
+    for im, newlines in zip(images, newline_counts):
+        stats.images.append(ImageStats(candidates=im.candidates, after_pre_llm=len(im.keep) - im.n_extra - newlines,
+                                       registers=im.n_extra, newlines=newlines, info=dict(im.info)))
+    kwargs.update(input_ids=ids, attention_mask=mask, position_ids=adapter.format_positions(pos),
+                  mm_encoder_outputs=adapter.mm_encoder_outputs(images))
+    if Stage.LLM in pruner.method.stages:
+        out = pruner.llm_stage.run_with_llm_pruning(call, pruner.original_forward, kwargs, layout)
+    else:
+        out = pruner.original_forward(**kwargs)
+    final_layout = call.layout if call.layout is not None else layout
+    stats.defer(ColumnRecord(call.source_columns, layout, final_layout, dict(call.layouts_after), span_units,
+                             [im.unit_cells for im in images]))
+    cache = output_cache(out)
+    if cache is not None:
+        if pruner.contiguous:
+            position_shift = contiguous_shift(final_layout.mask, attention_mask, call.caller_positions)
+        pruner.sessions[cache] = Session(compact_mask=final_layout.mask.to(mask),
+                                         original_prompt_len=attention_mask.shape[1],
+                                         original_seen=input_ids.shape[1], position_shift=position_shift)
+    stats.total_seconds = time.perf_counter() - t_start
+    pruner.stats_log.append(stats)
+    return out
+
+
+def text_after_each_image(input_ids, real, spans) -> list[torch.Tensor]:
+    """Per image, the token ids of the text after it (up to the next image); ``real``: the CPU mask
+    of the non-padding columns."""
+    out = []
+    for b, sample_spans in enumerate(spans):
+        for k, (start, end) in enumerate(sample_spans):
+            stop = sample_spans[k + 1][0] if k + 1 < len(sample_spans) else input_ids.shape[1]
+            cols = real_columns(real[b], end, stop).to(input_ids.device)
+            out.append(input_ids[b, cols])
+    return out
+
+
+def rewrite_spans(input_ids, attention_mask, spans, images: list[EncodedImage], image_token_id: int):
+    """Full-length sequences in which each image occupies its ``n_units`` (layouts may differ from
+    the processor's placeholder count, e.g. LLaVA-NeXT 'flat'). Returns ids, mask, per-sample
+    (start, n_units) of each image in the new sequence, and whether anything changed."""
+    rows_ids, rows_mask, span_units, changed, k = [], [], [], False, 0
+    for b, sample_spans in enumerate(spans):
+        ids, msk, units, cursor = [], [], [], 0
+        for start, end in sample_spans:
+            im = images[k]
+            k += 1
+            ids.append(input_ids[b, cursor:start])
+            msk.append(attention_mask[b, cursor:start])
+            units.append((sum(len(x) for x in ids), im.n_units))
+            ids.append(torch.full((im.n_units,), image_token_id, dtype=input_ids.dtype, device=input_ids.device))
+            msk.append(torch.ones(im.n_units, dtype=attention_mask.dtype, device=attention_mask.device))
+            changed |= im.n_units != end - start
+            cursor = end
+        ids.append(input_ids[b, cursor:])
+        msk.append(attention_mask[b, cursor:])
+        rows_ids.append(torch.cat(ids))
+        rows_mask.append(torch.cat(msk))
+        span_units.append(units)
+    if not changed:
+        return input_ids, attention_mask, span_units, False
+    # re-pad on the left so that the sequences line up again
+    trimmed = [(r[first_real(m):], m[first_real(m):]) for r, m in zip(rows_ids, rows_mask)]
+    shift = [len(r) - len(t[0]) for r, t in zip(rows_ids, trimmed)]
+    span_units = [[(s - sh, n) for s, n in u] for u, sh in zip(span_units, shift)]
+    ids = left_pad([t[0] for t in trimmed], 0)
+    mask = left_pad([t[1] for t in trimmed], 0)
+    pad = [ids.shape[1] - len(t[0]) for t in trimmed]
+    span_units = [[(s + p, n) for s, n in u] for u, p in zip(span_units, pad)]
+    return ids, mask, span_units, True
+
+
+def compact(call: PrefillCall, ids, mask, real, positions, span_units, images):
+    """Drop pruned image units and insert registers; left-pad the result. The bookkeeping runs on
+    small CPU index tensors, vectorised (no per-token Python); ``real``: the CPU mask of ``mask``."""
+    rows_cols, rows_kinds, newline_counts, k = [], [], [], 0
+    for b, units in enumerate(span_units):
+        cols, kinds, cursor = [], [], 0
+        for start, n_units in units:
+            im = images[k]
+            k += 1
+            text = real_columns(real[b], cursor, start)
+            keep = im.keep.cpu()  # sync: the units the method kept (one per image)
+            kinds_of_units = unit_kinds(im, keep)
+            newline_counts.append(int((kinds_of_units == NEWLINE).sum()))  # CPU tensor: no sync
+            cols += [text, start + keep.clamp(max=n_units - 1)]  # extras sit at the last unit's position
+            kinds += [torch.full_like(text, TEXT), kinds_of_units]
+            cursor = start + n_units
+        text = real_columns(real[b], cursor, ids.shape[1])
+        rows_cols.append(torch.cat(cols + [text]))
+        rows_kinds.append(torch.cat(kinds + [torch.full_like(text, TEXT)]))
+    lengths = [len(c) for c in rows_cols]
+    pads = [max(lengths) - n for n in lengths]
+    device_cols = [c.to(ids.device) for c in rows_cols]
+    out_ids = left_pad([ids[b, c] for b, c in enumerate(device_cols)], 0)
+    out_mask = left_pad([torch.ones(n, dtype=mask.dtype, device=mask.device) for n in lengths], 0)
+    out_pos = left_pad([positions[:, b if positions.shape[1] > 1 else 0, c].T for b, c in enumerate(device_cols)],
+                       0).permute(2, 0, 1)
+    call.source_columns = list(zip(pads, rows_cols))
+
+    def slots(kind):
+        return [torch.nonzero(kd == kind).flatten() + p for kd, p in zip(rows_kinds, pads)]
+
+    last_visual = [int(torch.nonzero(kd != TEXT).max()) if bool((kd != TEXT).any()) else -1 for kd in rows_kinds]
+    layout = Layout(
+        index=left_pad([torch.arange(n) + p for n, p in zip(lengths, pads)], -1),
+        candidates=slots(CANDIDATE), protected=slots(REGISTER), fixed=slots(NEWLINE),
+        text_after=[torch.arange(lv + 1, n) + p for lv, n, p in zip(last_visual, lengths, pads)],
+    )
+    return out_ids, out_mask, out_pos, layout, newline_counts
