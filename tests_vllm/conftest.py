@@ -113,7 +113,8 @@ class HFRunner:
             if method is None:
                 return self.model.generate(**inputs, **kwargs)[0, length:].tolist(), 0
             layout = {"layout": "model"} if self.model.config.model_type == "llava_next" else {}  # vLLM's layout
-            with vtprune.pruned(self.model, method, **layout, **method_args) as handle:
+            # the vLLM variants keep every kept token at its original position (docs/vllm.md)
+            with vtprune.pruned(self.model, method, positions="original", **layout, **method_args) as handle:
                 out = self.model.generate(**inputs, **kwargs)
                 pruned = sum(im.candidates - im.after_pre_llm - im.registers for im in handle.stats[0].images)
         return out[0, length:].tolist(), pruned
