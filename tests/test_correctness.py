@@ -7,6 +7,7 @@ import vtprune
 from vtprune.errors import InputError, VTPruneError
 from vtprune.methods import Method, Selection, Stage, available_methods, method_class
 from vtprune.ocvtp import checkpoint_dir
+from vtprune.models.families import get as get_family
 from vtprune.tiny import FAMILIES, Sample, make_inputs, tiny_model
 from reference import capture_language_model_inputs, reference_logits
 from tiny_models import model_of, size_of
@@ -168,7 +169,7 @@ def _run_args(name, family):
         kwargs = {"keep": 4, "layer": 1}
     if name == "ocvtp":
         kwargs["checkpoint"] = checkpoint_dir() / "synthetic-d32"  # shipped: the tiny models' 32-d towers
-    layout = "flat" if cls.needs_full_grid and family == "llava_next" else "model"
+    layout = (get_family(family).full_grid_layout if cls.needs_full_grid else None) or "model"
     return dict(kwargs, layout=layout)
 
 

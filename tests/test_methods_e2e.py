@@ -6,6 +6,7 @@ import torch
 import vtprune
 from vtprune.errors import UnsupportedMethodError
 from vtprune.methods import Stage, method_class
+from vtprune.models.families import get as get_family
 from vtprune.tiny import FAMILIES, Sample, make_inputs, tiny_model
 
 FIXED_BUDGET = ["random", "pooling", "cls_topk", "visionzip", "vispruner", "hiprune", "divprune", "cdpruner",
@@ -29,7 +30,7 @@ def inputs_for(model, family):
 def test_method_runs_and_meets_its_budget(family, name):
     cls = method_class(name)
     model = model_of(family)
-    layout = "flat" if cls.needs_full_grid and family == "llava_next" else "model"
+    layout = (get_family(family).full_grid_layout if cls.needs_full_grid else None) or "model"
     kwargs = {"keep": 6}
     if name == "pyramiddrop":
         kwargs["layers"] = (1, 2, 3)
@@ -61,7 +62,7 @@ def test_method_runs_and_meets_its_budget(family, name):
         assert stats.patches_entering_llm == [6, 6]
     # every visual token that reached the LLM is counted: patches, registers, LLaVA-NeXT newline tokens
     assert stats.tokens_entering_llm == [im.after_pre_llm + im.registers + im.newlines for im in stats.images]
-    if family == "llava_next" and layout == "model" and Stage.LLM not in cls.stages:
+    if get_family(family).anyres and layout == "model" and Stage.LLM not in cls.stages:
         assert all(im.newlines > 0 for im in stats.images)
         assert stats.tokens_entering_llm == [6 + im.newlines for im in stats.images]
 

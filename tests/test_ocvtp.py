@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 import vtprune
 from vtprune.ocvtp import CheckpointError, PrunerConfig, SlotPruner, checkpoint_dir, load_pruner, save_pruner
 from vtprune.ocvtp.pruner import select_from_attention
+from vtprune.models.families import get as get_family
 from vtprune.tiny import FAMILIES, Sample, make_inputs, tiny_model
 
 SYNTHETIC = checkpoint_dir() / "synthetic-d32"  # shipped: 32-d towers (the tiny models), block 1
@@ -178,9 +179,9 @@ def test_generate_keeps_exactly_k_tokens_per_image(family):
     model = tiny_model(family)
     inputs = make_inputs(model, [_sample(family, 0), _sample(family, 1)])
     keep = 3
-    layouts = ["model", "flat"] if family == "llava_next" else ["model"]
+    layouts = get_family(family).layouts
     for layout in layouts:
-        kwargs = {"layout": layout} if family == "llava_next" else {}
+        kwargs = {"layout": layout} if len(layouts) > 1 else {}
         runs = []
         for _ in range(2):
             with vtprune.pruned(model, "ocvtp", keep=keep, checkpoint=SYNTHETIC, **kwargs) as handle:
@@ -188,7 +189,7 @@ def test_generate_keeps_exactly_k_tokens_per_image(family):
                 stats = handle.last
             assert out.shape[0] == 2
             assert [len(im.entering_cells) for im in stats.images] == [keep, keep]
-            if layout == "flat" or family != "llava_next":
+            if layout == "flat" or not get_family(family).anyres:
                 assert stats.tokens_entering_llm == [keep, keep]
             assert stats.images[0].info["slots"] == keep + 1  # the public code's CLS place (cls_slot=True)
             runs.append(stats.kept_columns)

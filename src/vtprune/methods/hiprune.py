@@ -131,7 +131,7 @@ class HiPrune(Method):
             if size != rows * cols:
                 raise UnsupportedMethodError(
                     "Method 'hiprune' needs each crop's full patch grid to find neighbours; this crop holds "
-                    f"{size} of its {rows}×{cols} patches (on LLaVA-NeXT use layout='flat').")
+                    f"{size} of its {rows}×{cols} patches (pass layout='flat' to apply() on AnyRes models).")
         obj = self._object_attention(ctx)
         if obj.shape[0] != len(ctx.crop_slices):
             raise ValueError(f"vision_attention returned {obj.shape[0]} crops for {len(ctx.crop_slices)} crop slices.")

@@ -56,6 +56,7 @@ class EncodedImage:
     deepstack: list[torch.Tensor] | None = None
     info: dict[str, Any] = field(default_factory=dict)
     unit_cells: torch.Tensor | None = None  # (n_units+n_extra, 3): crop, row, col of each unit (-1 = none)
+    modality: str = "image"  # "video": frames of one video (LLaVA-OneVision)
 
 
 class Adapter:
@@ -105,9 +106,15 @@ class Adapter:
 
     def image_spans(self, input_ids: torch.Tensor, inputs: dict) -> list[list[tuple[int, int]]]:
         """Per sample, the (start, end) column ranges of its images, in order; checks the counts."""
-        expected = self.expected_tokens(inputs)
-        is_image = (input_ids == self.image_token_id).to(torch.int8)
-        edges = torch.diff(torch.nn.functional.pad(is_image, (1, 1)), dim=1)  # +1 where a run starts, -1 after it
+        return self.placeholder_spans(input_ids, self.image_token_id, self.expected_tokens(inputs), "image")
+
+    @staticmethod
+    def placeholder_spans(input_ids: torch.Tensor, token_id: int, expected: list[int],
+                          what: str) -> list[list[tuple[int, int]]]:
+        """Per sample, the (start, end) column ranges of the runs of ``token_id``, cut into items of
+        ``expected`` placeholders each (in order over the batch); checks the counts."""
+        is_item = (input_ids == token_id).to(torch.int8)
+        edges = torch.diff(torch.nn.functional.pad(is_item, (1, 1)), dim=1)  # +1 where a run starts, -1 after it
         starts, ends = torch.nonzero(edges > 0), torch.nonzero(edges < 0)
         runs = torch.cat([starts, ends[:, 1:]], dim=1).tolist()  # sync: where the images are (once per call)
         spans: list[list[tuple[int, int]]] = [[] for _ in range(input_ids.shape[0])]
@@ -116,21 +123,21 @@ class Adapter:
             while col < end:  # a run may hold several images back to back
                 if k >= len(expected):
                     raise InputError(
-                        f"input_ids hold more image placeholders than the {len(expected)} image(s) given. "
-                        f"Pass one image per '<image>' in the prompt (use the model's processor to build inputs)."
+                        f"input_ids hold more {what} placeholders than the {len(expected)} {what}(s) given. "
+                        f"Pass one {what} per '<{what}>' in the prompt (use the model's processor to build inputs)."
                     )
                 if end - col < expected[k]:
                     raise InputError(
-                        f"Image {k} needs {expected[k]} placeholder tokens but input_ids hold a run of "
-                        f"{end - col}. Build the inputs with the model's processor so placeholders match images."
+                        f"{what.capitalize()} {k} needs {expected[k]} placeholder tokens but input_ids hold a run of "
+                        f"{end - col}. Build the inputs with the model's processor so placeholders match {what}s."
                     )
                 spans[b].append((col, col + expected[k]))
                 col += expected[k]
                 k += 1
         if k != len(expected):
             raise InputError(
-                f"{len(expected)} image(s) were given but input_ids hold placeholders for {k}. "
-                f"Put one '<image>' per image in the prompt (use the model's processor)."
+                f"{len(expected)} {what}(s) were given but input_ids hold placeholders for {k}. "
+                f"Put one '<{what}>' per {what} in the prompt (use the model's processor)."
             )
         return spans
 

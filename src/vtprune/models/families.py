@@ -138,7 +138,7 @@ class Family:
 
 # -- the registry ------------------------------------------------------------------------------
 #: modules of vtprune.models that declare a family (imported on first use)
-FAMILY_MODULES = ("llava", "llava_next", "qwen2_5_vl", "qwen3_vl")
+FAMILY_MODULES = ("llava", "llava_next", "llava_onevision", "qwen2_5_vl", "qwen3_vl")
 
 _FAMILIES: dict[str, Family] = {}
 _loaded = False

@@ -64,6 +64,11 @@ class LlavaAdapter(Adapter):
     def drops_cls(self) -> bool:
         return self.config.vision_feature_select_strategy == "default"
 
+    @property
+    def patch_offset(self) -> int:
+        """Index of the first patch in the tower's sequence (1: after CLIP's [CLS])."""
+        return 1
+
     def project(self, features: torch.Tensor) -> torch.Tensor:
         return self.model.model.multi_modal_projector(features)
 
@@ -95,7 +100,8 @@ class LlavaAdapter(Adapter):
         """An ImageContext over crops ``rows`` of the tower's batch (one crop for LLaVA-1.5).
 
         ``keep_cols`` optionally restricts each crop to some patch indices (LLaVA-NeXT unpadding)."""
-        first = 1 if self.drops_cls else 0
+        first = self.patch_offset if self.drops_cls else 0  # the first feature the LLM sees
+        at = self.patch_offset  # tower position of patch 0 (attention columns)
         n = self.grid_side ** 2
         feature = hidden_states[self.feature_layer]
         cols = keep_cols or [torch.arange(n, device=feature.device)] * len(rows)
@@ -106,10 +112,10 @@ class LlavaAdapter(Adapter):
             start += len(c)
         num_layers = len(self.vision_blocks)
         fb = block_index(num_layers, self.feature_layer)
-        reg_cols = torch.arange(1 + n, 1 + n + extra, device=feature.device)
+        reg_cols = torch.arange(at + n, at + n + extra, device=feature.device)
 
         def cls_attention():
-            parts = [recs[fb].calls[0].rows(r, [0])[:, 0, 1 + c] for r, c in zip(rows, cols)]
+            parts = [recs[fb].calls[0].rows(r, [0])[:, 0, at + c] for r, c in zip(rows, cols)]
             parts += [recs[fb].calls[0].rows(r, [0])[:, 0, reg_cols] for r in rows] if extra else []
             return torch.cat(parts, dim=-1)
 
@@ -117,7 +123,7 @@ class LlavaAdapter(Adapter):
             parts = []
             for r, c in zip(rows, cols):
                 probs = recs[fb].calls[0].rows(r).mean(0)  # (Q, K) head mean
-                parts.append(probs.mean(0)[1 + c])
+                parts.append(probs.mean(0)[at + c])
             return torch.cat(parts)
 
         def keys():
@@ -137,22 +143,27 @@ class LlavaAdapter(Adapter):
             providers["cls_attention"] = cls_attention
         ctx = ImageContext(features=feats, grids=grids, crop_slices=slices, family=self.family,
                            image_index=family_image, extra=extra, providers=providers)
-        ctx.register_features = (feature[rows][:, 1 + n:1 + n + extra].reshape(-1, feature.shape[-1])
+        ctx.register_features = (feature[rows][:, at + n:at + n + extra].reshape(-1, feature.shape[-1])
                                  if extra else feature.new_zeros(0, feature.shape[-1]))
         ctx.cls_features = feature[rows][:, 0]  # (crops, D): forwarded by methods with ``forwards_cls``
         return ctx
 
-    def select_and_project(self, ctx: ImageContext, method, timer, instruction) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    def select_and_project(self, ctx: ImageContext, method, timer, instruction,
+                           projected: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """Vision-stage selection, projection, projected-stage selection. Returns kept candidate
-        indices, their LLM embeddings (registers appended) and the selection info."""
+        indices, their LLM embeddings (registers appended) and the selection info. ``projected``: the
+        candidates' LLM inputs when they are not ``project(features)`` (pooled video cells)."""
         info: dict = {}
         keep = torch.arange(ctx.num_tokens, device=ctx.features.device)
-        feats = ctx.features
         sel = self.run_selection(method, Stage.VISION, ctx, timer)
         if sel is not None:
             keep, info = sel.keep, dict(sel.info)
-            feats = sel.values if sel.values is not None else ctx.features[keep]
-        embeds = self.project(feats)
+        if sel is not None and sel.values is not None:
+            embeds = self.project(sel.values)
+        elif projected is not None:
+            embeds = projected[keep]
+        else:
+            embeds = self.project(ctx.features[keep] if sel is not None else ctx.features)
         if method is not None and Stage.PROJECTED in method.stages:
             pctx = ImageContext(features=embeds, grids=ctx.grids, crop_slices=ctx.crop_slices, family=self.family,
                                 image_index=ctx.image_index, extra=ctx.extra,

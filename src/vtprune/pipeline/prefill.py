@@ -57,8 +57,7 @@ def run_prefill(pruner: Pruner, call: PrefillCall, kwargs):
     real = attention_mask.detach().to("cpu", torch.bool)  # sync: the inputs' padding, read once per call
     instructions = [Instruction(ids, adapter.embed_tokens) for ids in text_after_each_image(input_ids, real, spans)]
     images = adapter.encode_images(image_inputs, pruner.method, instructions, stats.timer)
-    full_ids, full_mask, span_units, rewritten = rewrite_spans(input_ids, attention_mask, spans, images,
-                                                               adapter.image_token_id)
+    full_ids, full_mask, span_units, rewritten = rewrite_spans(input_ids, attention_mask, spans, images)
     position_shift = None
     if rewritten:
         user_positions, position_shift = rewritten_positions(
@@ -107,7 +106,7 @@ def text_after_each_image(input_ids, real, spans) -> list[torch.Tensor]:
     return out
 
 
-def rewrite_spans(input_ids, attention_mask, spans, images: list[EncodedImage], image_token_id: int):
+def rewrite_spans(input_ids, attention_mask, spans, images: list[EncodedImage]):
     """Full-length sequences in which each image occupies its ``n_units`` (layouts may differ from
     the processor's placeholder count, e.g. LLaVA-NeXT 'flat'). Returns ids, mask, per-sample
     (start, n_units) of each image in the new sequence, and whether anything changed."""
@@ -120,7 +119,7 @@ def rewrite_spans(input_ids, attention_mask, spans, images: list[EncodedImage], 
             ids.append(input_ids[b, cursor:start])
             msk.append(attention_mask[b, cursor:start])
             units.append((sum(len(x) for x in ids), im.n_units))
-            ids.append(torch.full((im.n_units,), image_token_id, dtype=input_ids.dtype, device=input_ids.device))
+            ids.append(input_ids[b, start].expand(im.n_units))  # the span's own placeholder (image or video)
             msk.append(torch.ones(im.n_units, dtype=attention_mask.dtype, device=attention_mask.device))
             changed |= im.n_units != end - start
             cursor = end
