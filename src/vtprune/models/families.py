@@ -73,7 +73,8 @@ class Family:
     hf_classes      transformers model classes the adapter serves (the first one builds tiny models).
     adapter         the :class:`~vtprune.models.base.Adapter` subclass.
     model_types     ``config.model_type`` values of the family (FLOPs calculator, presets).
-    input_keys      the processor outputs the model's forward takes for images.
+    input_keys      the processor outputs the model's forward takes for images (and videos).
+    pixel_keys      those of ``input_keys`` that carry pixels: a call with any of them is a prefill to prune.
     capabilities    booleans below; ``capabilities`` lists the true ones by name:
       has_cls          the vision tower has a [CLS] token (``ctx.cls_attention``)          "cls_attention"
       vision_merge     vision-stage selections may replace features (merging before the projector)
@@ -101,6 +102,7 @@ class Family:
     adapter: type
     model_types: tuple[str, ...]
     input_keys: tuple[str, ...] = ("pixel_values",)
+    pixel_keys: tuple[str, ...] = ("pixel_values",)
     has_cls: bool = False
     vision_merge: bool = False
     vision_attention: bool = False

@@ -256,6 +256,7 @@ FAMILY = register_family(Family(
     adapter=LlavaOnevisionAdapter,
     model_types=("llava_onevision",),
     input_keys=("pixel_values", "image_sizes", "batch_num_images", VIDEO_KEY, "image_sizes_videos"),
+    pixel_keys=("pixel_values", VIDEO_KEY),
     has_cls=False,
     vision_merge=True,
     vision_attention=True,

@@ -6,6 +6,7 @@ import weakref
 from .._compat import cache_argument
 from ..errors import InputError
 from ..methods.base import Method, Stage
+from ..models import families
 from ..models.base import Adapter
 from ..stats import CallStats
 from .decode import continue_session
@@ -22,6 +23,7 @@ class Pruner:
         self.method = method
         self.adapter = adapter
         self.contiguous = positions == "contiguous"
+        self.pixel_keys = families.get(adapter.family).pixel_keys  # a call with any of them is a prefill
         self.stats_log = stats_log
         self.sessions: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
         self._call: PrefillCall | None = None  # set only while a pruned prefill runs
@@ -52,7 +54,7 @@ class Pruner:
         cache = cache_argument(kwargs)
         if kwargs.get("mm_encoder_outputs"):
             raise InputError("A pruned model runs its vision tower itself: pass pixel_values, not mm_encoder_outputs.")
-        if kwargs.get("pixel_values") is not None and kwargs.get("input_ids") is not None:
+        if any(kwargs.get(k) is not None for k in self.pixel_keys) and kwargs.get("input_ids") is not None:
             if cache is None or cache.get_seq_length() == 0:
                 return self._prefill(kwargs)
         if cache is not None and cache in self.sessions:
