@@ -24,7 +24,7 @@ from vtprune.bench.flops import (
 )
 from vtprune.presets import UnknownPresetError, list_presets, load_config, load_preset_config, preset_dict
 
-PRESETS = ("llava-1.5-7b", "llava-next-7b", "qwen2.5-vl-7b", "qwen3-vl-8b")
+PRESETS = ("llava-1.5-7b", "llava-next-7b", "llava-onevision-qwen2-7b", "qwen2.5-vl-7b", "qwen3-vl-8b")
 
 
 # ---------------------------------------------------------------------------- published figures
@@ -109,6 +109,7 @@ def test_parse_schedule_rejects_garbage():
         ("llava-1.5-7b", 2 * 32 * 32 * 128 * 2),  # Vicuna-7B: MHA
         ("llava-next-7b", 2 * 32 * 32 * 128 * 2),
         ("qwen2.5-vl-7b", 2 * 28 * 4 * 128 * 2),  # GQA 4 kv heads, head_dim 3584/28
+        ("llava-onevision-qwen2-7b", 2 * 28 * 4 * 128 * 2),  # Qwen2-7B: the same shape
         ("qwen3-vl-8b", 2 * 36 * 8 * 128 * 2),  # GQA 8 kv heads, head_dim 128
     ],
 )
@@ -217,6 +218,7 @@ def test_presets_listed():
     [
         ("llava-1.5-7b", "LlavaForConditionalGeneration", 7.0e9, 7.1e9),
         ("llava-next-7b", "LlavaNextForConditionalGeneration", 7.0e9, 7.1e9),
+        ("llava-onevision-qwen2-7b", "LlavaOnevisionForConditionalGeneration", 7.95e9, 8.1e9),
         ("qwen2.5-vl-7b", "Qwen2_5_VLForConditionalGeneration", 8.2e9, 8.35e9),
         ("qwen3-vl-8b", "Qwen3VLForConditionalGeneration", 8.7e9, 8.85e9),
     ],
@@ -246,6 +248,10 @@ def test_preset_values():
     assert llava.vision_config.image_size == 336 and llava.vision_config.patch_size == 14
     nxt = load_preset_config("llava-next-7b")
     assert [672, 672] in [list(p) for p in nxt.image_grid_pinpoints]
+    ov = load_preset_config("llava-onevision-qwen2-7b")
+    assert (ov.vision_config.num_hidden_layers, ov.vision_config.image_size, ov.vision_feature_select_strategy) == \
+        (26, 384, "full")
+    assert len(ov.image_grid_pinpoints) == 36 and ov.vision_aspect_ratio == "anyres_max_9"
     q25 = load_preset_config("qwen2.5-vl-7b")
     assert q25.vision_config.fullatt_block_indexes == [7, 15, 23, 31] and q25.vision_config.window_size == 112
     assert lm_shape(q25) == lm_shape(q25.text_config)
@@ -298,3 +304,17 @@ def test_cli_table_and_json(tmp_path, capsys):
 def test_cli_unknown_model_is_an_error(capsys):
     assert run_cli(_parse(["flops", "--model", "lava-1.5-7b", "--visual", "576"])) == 2
     assert "llava-1.5-7b" in capsys.readouterr().err
+
+
+def test_siglip_tower_counts_no_cls_token():
+    """OneVision's SigLIP tower runs 729 patches per 384-px crop, no CLS token (a CLS would add 0.15 %)."""
+    cfg = load_preset_config("llava-onevision-qwen2-7b")
+    from vtprune.bench.flops import clip_tower_flops
+
+    one, two = clip_tower_flops(cfg.vision_config, 1), clip_tower_flops(cfg.vision_config, 2)
+    assert two == pytest.approx(2 * one)
+    vc = cfg.vision_config
+    d, m, n, layers = vc.hidden_size, vc.intermediate_size, 729, vc.num_hidden_layers
+    per_layer = 2 * n * (4 * d * d + 2 * d * m) + 4 * n * n * d  # projections + MLP + QK^T and AV
+    embed = 2 * n * 3 * vc.patch_size ** 2 * d
+    assert one == pytest.approx(layers * per_layer + embed, rel=1e-6)
