@@ -173,3 +173,16 @@ def test_siglip_register_tower_appends_one_zero_token_without_cls():
     n = (56 // 14) ** 2
     assert out.hidden_states[0].shape[1] == n + 1
     assert torch.equal(out.hidden_states[0][:, -1], torch.zeros_like(out.hidden_states[0][:, -1]))
+
+
+def test_ocvtp_extraction_reads_every_siglip_patch_of_the_base_view():
+    """OC-VTP's features of a OneVision image are the SigLIP block's outputs at all patches (no CLS to drop)."""
+    from vtprune.ocvtp.extract import tower_tokens
+
+    m = model()
+    pixels = torch.randn(2, 3, 56, 56)
+    tokens = tower_tokens(m, {"pixel_values": pixels}, 1)
+    with torch.no_grad():
+        states = m.model.vision_tower(pixels, output_hidden_states=True).hidden_states[1]
+    assert len(tokens) == 2 and tokens[0].shape == (16, 32)
+    torch.testing.assert_close(torch.stack(tokens), states)

@@ -534,6 +534,7 @@ PIPELINE = METHODS_DIR.parent / "pipeline"  # every module of the package
 PIPELINE_FUNCTIONS = {
     "__init__": "once per apply()",
     "remove": "once per remove()",
+    "_forward": "per call: which of the family's pixel inputs (image, video) it holds",
     "install_hooks": "once per apply(): one hook per decoder layer",
     "check_llm_layers": "once per apply()",
     "run_prefill": "per image: its stats record; the image-input kwargs",

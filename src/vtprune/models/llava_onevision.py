@@ -24,7 +24,7 @@ from ..methods.base import ImageContext, Stage
 from ..registers import redirect_activations
 from .base import EncodedImage, register_adapter
 from .families import Family, FlopsInfo, TinySpec, register_family
-from .llava import ClipTower, extra_cls
+from .llava import ClipTower, LlavaAdapter, extra_cls
 from .llava_next import LlavaNextAdapter
 
 VIDEO_KEY = "pixel_values_videos"
@@ -179,6 +179,17 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         return out
 
 
+class OnevisionBaseViewAdapter(LlavaAdapter):
+    """One view per image through LLaVA-1.5's single-crop path, SigLIP's patch positions (OC-VTP
+    feature extraction reads the base view only)."""
+
+    family = "llava_onevision"
+
+    @property
+    def patch_offset(self) -> int:
+        return 0
+
+
 # -- test-time registers: the SigLIP tower --------------------------------------------------------
 class SiglipTower(ClipTower):
     """``SiglipVisionModel``: embeddings → encoder.layers → post_layernorm, no CLS token, no pre-norm.
@@ -268,7 +279,7 @@ FAMILY = register_family(Family(
     tower_group="siglip",
     register_tower=SiglipTower,
     vision_classes={"siglip_vision_model": ("transformers", "SiglipVisionModel")},
-    extract_adapter=None,
+    extract_adapter=OnevisionBaseViewAdapter,  # the base view, no AnyRes crops
     flops=FlopsInfo(tower="clip", mlp_mats=2, default_crops=10),  # 1152×1152 (3×3 crops) + base view
     #: OccamToken on OneVision (ours, unvalidated; no paper setting): the CLS-less mutual score with λ1 = 0.5
     #: as on the Qwens, stage-II layer 10 of Qwen2-7B's 28 as on Qwen2.5-VL-7B
