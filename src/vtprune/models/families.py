@@ -14,6 +14,7 @@ and ``vtprune methods`` always agree with the code.
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from dataclasses import dataclass, field
 from collections.abc import Mapping
 from typing import Any, Callable
@@ -139,8 +140,8 @@ class Family:
 
 
 # -- the registry ------------------------------------------------------------------------------
-#: modules of vtprune.models that declare a family (imported on first use)
-FAMILY_MODULES = ("llava", "llava_next", "llava_onevision", "qwen2_5_vl", "qwen3_vl")
+#: modules of vtprune.models that hold shared code, not a family
+_NOT_FAMILIES = ("base", "families")
 
 _FAMILIES: dict[str, Family] = {}
 _loaded = False
@@ -154,10 +155,18 @@ def register_family(family: Family) -> Family:
     return family
 
 
+def family_modules() -> list[str]:
+    """The modules of ``vtprune.models`` that declare a family (every module but the shared ones), in
+    name order: a new family is a new module, no list to edit."""
+    package = importlib.import_module(__package__)
+    return sorted(m.name for m in pkgutil.iter_modules(package.__path__)
+                  if not m.ispkg and m.name not in _NOT_FAMILIES)
+
+
 def _load() -> None:
     global _loaded
     if not _loaded:
-        for mod in FAMILY_MODULES:
+        for mod in family_modules():
             importlib.import_module(f"{__package__}.{mod}")
         _loaded = True
 
