@@ -28,7 +28,7 @@ Relevance (``relevance=``), reported in ``Selection.info['relevance']``:
 * ``"off"`` — no relevance: a plain, instruction-agnostic DPP over ``S``.
 * ``"auto"`` (default) — ``"clip_text"`` when a ``text_encoder`` is given, else ``"llm_embeddings"``.
 
-When the relevance that runs is not the official one, the method warns once (per instance).
+When the relevance that runs is not the official one, the method warns once per ``apply`` (per bound method).
 
 With the CLIP relevance and the same embeddings, the kept indices equal the official code's
 (``tests/fixtures/parity/cdpruner.json``: LLaVA-1.5 and LLaVA-NeXT-shaped inputs). Remaining differences:

@@ -50,9 +50,9 @@ s1(v) / s1(r), each against its own crop's register, are kept; λ1 is then unuse
   image; tokens dropped from the input of layer l+1;
 - the KV cache of layers 0..l is compacted to the kept tokens (the paper's KV figures imply it);
 - the register takes the position of its image's last patch.
-Where the register neurons come from: ``neurons=`` (a RegisterNeurons, JSON path or pairs), else a
-``vtprune_registers.json`` next to the model's weights, else the newest calibration of this very
-tower (same ``tower_identity``) in the user cache written by ``vtprune calibrate registers`` — whatever
+Where the register neurons come from (looked up once, by ``load_resources`` when ``apply`` binds the
+method): ``neurons=`` (a RegisterNeurons, JSON path or pairs), else a ``vtprune_registers.json`` next
+to the model's weights, else the newest calibration of this very tower (same ``tower_identity``) in the user cache written by ``vtprune calibrate registers`` — whatever
 options it was run with ([decision]: the newest, because calibrating again is how a user says which
 neurons they want; a file of another tower is never used); with none, the register is appended without redirected neurons (a
 warning says so) — the method keeps working, with a weaker reference.
