@@ -14,7 +14,7 @@ import torch
 
 from ..attention import AttentionRecorder, record_attention
 from ..errors import InputError, UnsupportedModelError  # noqa: F401
-from ..methods.base import ImageContext, Instruction, Method, Selection, Stage
+from ..methods.base import Instruction, Method
 
 if TYPE_CHECKING:
     from ..pipeline.layout import Layout
@@ -191,33 +191,11 @@ class Adapter:
 
     # -- helpers for subclasses ----------------------------------------------------------------
     @staticmethod
-    def run_selection(method: Method | None, stage: Stage, ctx: ImageContext, timer) -> Selection | None:
-        if method is None or stage not in method.stages:
-            return None
-        with timer():
-            selection = (method.select_vision if stage == Stage.VISION else method.select_projected)(ctx)
-        if selection.keep.numel() == 0:
-            if ctx.extra == 0 and not method.forwards_cls:  # registers / [CLS] still reach the LLM
-                raise InputError(f"Method '{method.name}' kept no token of image {ctx.image_index}.")
-            return selection
-        if int(selection.keep.max()) >= ctx.num_tokens or int(selection.keep.min()) < 0:
-            raise InputError(f"Method '{method.name}' returned indices outside the {ctx.num_tokens} candidates.")
-        return selection
-
-    @staticmethod
     @contextlib.contextmanager
     def recording(modules: dict[int, Any]):
         """Record the attention of the given vision blocks (by index) while the tower runs."""
         with contextlib.ExitStack() as stack:
             yield {i: stack.enter_context(record_attention(m)) for i, m in modules.items()}
-
-
-def block_index(num_layers: int, hidden_state_index: int) -> int:
-    """The encoder block whose output is ``hidden_states[hidden_state_index]`` (index 0 = embeddings)."""
-    idx = hidden_state_index if hidden_state_index >= 0 else num_layers + 1 + hidden_state_index
-    if not 1 <= idx <= num_layers:
-        raise ValueError(f"hidden_states[{hidden_state_index}] is not the output of an encoder block.")
-    return idx - 1
 
 
 def register_adapter(cls: type[Adapter]) -> type[Adapter]:

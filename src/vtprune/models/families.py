@@ -141,7 +141,7 @@ class Family:
 
 # -- the registry ------------------------------------------------------------------------------
 #: modules of vtprune.models that hold shared code, not a family
-_NOT_FAMILIES = ("base", "families")
+_NOT_FAMILIES = ("base", "families", "stages")
 
 _FAMILIES: dict[str, Family] = {}
 _loaded = False

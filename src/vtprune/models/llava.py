@@ -2,25 +2,19 @@
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Mapping
 
 import torch
 
+from ..attention import AttentionRecorder
 from ..errors import InputError, UnsupportedModelError
-from ..methods.base import ImageContext, Method, Stage
+from ..methods.base import ImageContext, Method
 from ..registers import _first_param, _Tower, redirect_activations
-from .base import Adapter, EncodedImage, block_index, register_adapter
+from .base import Adapter, EncodedImage, register_adapter
 from .families import Family, FlopsInfo, TinySpec, register_family
-
-
-def extra_cls(method: Method | None) -> int:
-    """1 when ``method`` forwards each crop's [CLS] token to the LLM, else 0."""
-    return 1 if method is not None and method.forwards_cls else 0
-
-
-def _state_index(block: int) -> int:
-    """Index into ``hidden_states`` of the output of encoder block ``block`` (negative = from the end)."""
-    return block + 1 if block >= 0 else block
+from .stages import (ClipTowerShape, append_extras, clip_context, feature_index, forwarded_cls, select_and_project,
+                     watched_blocks)
 
 
 @register_adapter
@@ -81,123 +75,65 @@ class LlavaAdapter(Adapter):
         return [n] * self.num_images(inputs)
 
     # -- vision side ----------------------------------------------------------------------------
-    def run_tower(self, pixel_values: torch.Tensor, method: Method | None):
-        """Run the CLIP tower once; returns its hidden states and the attention recorders."""
-        num_layers = len(self.vision_blocks)
-        wanted = {block_index(num_layers, self.feature_layer)}
-        if method is not None and any(s in method.stages for s in (Stage.VISION, Stage.PROJECTED)):
-            wanted |= {l % num_layers for l in getattr(method, "attention_layers", ())}
-        else:
-            wanted = set()
+    @property
+    def tower_shape(self) -> ClipTowerShape:
+        layers = len(self.vision_blocks)
+        return ClipTowerShape(num_layers=layers, feature_index=feature_index(self.feature_layer, layers),
+                              patches=self.grid_side ** 2, patch_offset=self.patch_offset, drops_cls=self.drops_cls)
+
+    def run_tower(self, pixel_values: torch.Tensor, method: Method | None) -> RecordedTower:
+        """Run the CLIP tower once, recording the attention of the blocks ``method`` reads."""
+        wanted = watched_blocks(method, self.tower_shape)
         patch = method.vision_tower_patch(self) if method is not None else None
         with self.recording({i: self.vision_blocks[i].self_attn for i in wanted}) as recs, \
                 (patch if patch is not None else contextlib.nullcontext()):
             out = self.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
-        return out.hidden_states, recs
+        return RecordedTower(out.hidden_states, recs)
 
-    def crop_context(self, hidden_states, recs, rows: list[int], family_image: int, extra: int,
-                     grids, keep_cols: list[torch.Tensor] | None = None) -> ImageContext:
+    def crop_context(self, tower: RecordedTower, rows: list[int], image_index: int, extra: int, grids,
+                     keep_cols: list[torch.Tensor] | None = None) -> ImageContext:
         """An ImageContext over crops ``rows`` of the tower's batch (one crop for LLaVA-1.5).
 
         ``keep_cols`` optionally restricts each crop to some patch indices (LLaVA-NeXT unpadding)."""
-        first = self.patch_offset if self.drops_cls else 0  # the first feature the LLM sees
-        at = self.patch_offset  # tower position of patch 0 (attention columns)
-        n = self.grid_side ** 2
-        feature = hidden_states[self.feature_layer]
-        cols = keep_cols or [torch.arange(n, device=feature.device)] * len(rows)
-        feats = torch.cat([feature[r, first + c] for r, c in zip(rows, cols)])
-        slices, start = [], 0
-        for c in cols:
-            slices.append(slice(start, start + len(c)))
-            start += len(c)
-        num_layers = len(self.vision_blocks)
-        fb = block_index(num_layers, self.feature_layer)
-        reg_cols = torch.arange(at + n, at + n + extra, device=feature.device)
-
-        def cls_attention():
-            parts = [recs[fb].calls[0].rows(r, [0])[:, 0, at + c] for r, c in zip(rows, cols)]
-            parts += [recs[fb].calls[0].rows(r, [0])[:, 0, reg_cols] for r in rows] if extra else []
-            return torch.cat(parts, dim=-1)
-
-        def received_attention():
-            parts = []
-            for r, c in zip(rows, cols):
-                probs = recs[fb].calls[0].rows(r).mean(0)  # (Q, K) head mean
-                parts.append(probs.mean(0)[at + c])
-            return torch.cat(parts)
-
-        def keys():
-            return torch.cat([recs[fb].calls[0].key[r][:, first + c] for r, c in zip(rows, cols)], dim=1)
-
-        def register_received_attention():
-            return torch.cat([recs[fb].calls[0].rows(r).mean(0).mean(0)[reg_cols] for r in rows])
-
-        providers = {
-            "received_attention": received_attention,
-            "keys": keys,
-            "register_received_attention": register_received_attention,
-            "hidden": lambda layer: torch.cat([hidden_states[_state_index(layer)][r, first + c] for r, c in zip(rows, cols)]),
-            "vision_attention": lambda layer: torch.stack([recs[layer % num_layers].calls[0].rows(r) for r in rows]),
-        }
-        if self.drops_cls:
-            providers["cls_attention"] = cls_attention
-        ctx = ImageContext(features=feats, grids=grids, crop_slices=slices, family=self.family,
-                           image_index=family_image, extra=extra, providers=providers)
-        ctx.register_features = (feature[rows][:, at + n:at + n + extra].reshape(-1, feature.shape[-1])
-                                 if extra else feature.new_zeros(0, feature.shape[-1]))
-        ctx.cls_features = feature[rows][:, 0]  # (crops, D): forwarded by methods with ``forwards_cls``
-        return ctx
-
-    def select_and_project(self, ctx: ImageContext, method, timer, instruction,
-                           projected: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        """Vision-stage selection, projection, projected-stage selection. Returns kept candidate
-        indices, their LLM embeddings (registers appended) and the selection info. ``projected``: the
-        candidates' LLM inputs when they are not ``project(features)`` (pooled video cells)."""
-        info: dict = {}
-        keep = torch.arange(ctx.num_tokens, device=ctx.features.device)
-        sel = self.run_selection(method, Stage.VISION, ctx, timer)
-        if sel is not None:
-            keep, info = sel.keep, dict(sel.info)
-        if sel is not None and sel.values is not None:
-            embeds = self.project(sel.values)
-        elif projected is not None:
-            embeds = projected[keep]
-        else:
-            embeds = self.project(ctx.features[keep] if sel is not None else ctx.features)
-        if method is not None and Stage.PROJECTED in method.stages:
-            pctx = ImageContext(features=embeds, grids=ctx.grids, crop_slices=ctx.crop_slices, family=self.family,
-                                image_index=ctx.image_index, extra=ctx.extra,
-                                providers={"text_embeddings": lambda: instruction.embeddings,
-                                           "instruction_ids": lambda: instruction.ids,
-                                           "vision_features": lambda: ctx.features, **ctx._lazy._providers})
-            if sel is not None:
-                raise UnsupportedModelError("A method may prune at the vision or the projected stage, not both.")
-            psel = self.run_selection(method, Stage.PROJECTED, pctx, timer)
-            keep, info = psel.keep, dict(psel.info)
-            embeds = psel.values if psel.values is not None else embeds[keep]
-        if ctx.extra:
-            embeds = torch.cat([embeds, self.project(ctx.register_features)])
-        if extra_cls(method):
-            embeds = torch.cat([embeds, self.project(ctx.cls_features)])
-        return keep, embeds, info
+        return clip_context(tower, self.tower_shape, rows, keep_cols, family=self.family, image_index=image_index,
+                            extra=extra, grids=grids)
 
     def encode_images(self, inputs, method, instructions, timer):
         pixel_values = inputs["pixel_values"]
         self.check_inputs(pixel_values)
-        hidden_states, recs = self.run_tower(pixel_values, method)
+        tower = self.run_tower(pixel_values, method)
         extra = method.extra_tokens if method is not None else 0
-        extra_units = extra + extra_cls(method)  # per crop: registers, then the forwarded [CLS]
+        extra_units = extra + forwarded_cls(method)  # per crop: registers, then the forwarded [CLS]
         side, images = self.grid_side, []
         for i in range(pixel_values.shape[0]):
-            ctx = self.crop_context(hidden_states, recs, [i], i, extra, [(side, side)])
-            keep, embeds, info = self.select_and_project(ctx, method, timer, instructions[i])
-            n = ctx.num_tokens + (0 if self.drops_cls else 0)
+            ctx = self.crop_context(tower, [i], i, extra, [(side, side)])
+            keep, embeds, info = select_and_project(ctx, method, self.project, timer=timer, instruction=instructions[i])
+            embeds = append_extras(embeds, ctx, method, self.project)
+            n = ctx.num_tokens
             keep_units = torch.cat([keep, torch.arange(n, n + extra_units, device=keep.device)])
             cells = torch.stack([torch.zeros(n, dtype=torch.long), torch.arange(n) // side, torch.arange(n) % side], 1)
             cells = torch.cat([cells, torch.full((extra_units, 3), -1)])
             images.append(EncodedImage(embeds=embeds, keep=keep_units, n_units=n, n_extra=extra_units, candidates=n,
                                        protected=torch.arange(n, n + extra_units), info=info, unit_cells=cells))
         return images
+
+
+@dataclass
+class RecordedTower:
+    """One run of a transformers CLIP-style tower, read as a :class:`~vtprune.models.stages.TowerReadout`:
+    its ``hidden_states`` and the attention recorders of the watched blocks."""
+
+    hidden_states: tuple[torch.Tensor, ...]
+    recorders: dict[int, AttentionRecorder]
+
+    def hidden_state(self, index: int) -> torch.Tensor:
+        return self.hidden_states[index]
+
+    def attention_rows(self, block: int, crop: int, rows=None) -> torch.Tensor:
+        return self.recorders[block].calls[0].rows(crop, rows)
+
+    def keys(self, block: int, crop: int) -> torch.Tensor:
+        return self.recorders[block].calls[0].key[crop]
 
 
 # -- test-time registers: the CLIP tower ----------------------------------------------------------

@@ -13,7 +13,8 @@ import torch
 from ..errors import InputError
 from .base import EncodedImage, register_adapter
 from .families import Family, FlopsInfo, TinySpec, register_family
-from .llava import CLIP_VISION_CLASSES, ClipTower, LlavaAdapter, clip_vision, extra_cls, llama_text
+from .llava import CLIP_VISION_CLASSES, ClipTower, LlavaAdapter, clip_vision, llama_text
+from .stages import append_extras, forwarded_cls, select_and_project
 
 
 @register_adapter
@@ -37,14 +38,8 @@ class LlavaNextAdapter(LlavaAdapter):
         return inputs["pixel_values"].shape[0]
 
     def unit_table(self, image_size, crops: int) -> torch.Tensor:
-        """For each unit of the model layout: the crop-major patch id it shows, or -1 (newline).
-        Computed by running the model's own packing on patch ids."""
-        n = self.grid_side ** 2
-        ids = torch.arange(crops * n, dtype=torch.float32).view(crops, n, 1)
-        packed, _ = self.model.model.pack_image_features(
-            [ids], torch.as_tensor([image_size]), self.config.vision_feature_select_strategy,
-            image_newline=torch.tensor([-1.0]))
-        return packed[0][:, 0].round().long() if isinstance(packed, (list, tuple)) else packed[:, 0].round().long()
+        """For each unit of the model layout: the crop-major patch id it shows, or -1 (newline)."""
+        return unit_table(self.config, image_size)[0]
 
     def expected_tokens(self, inputs: dict) -> list[int]:
         return [len(self.unit_table(tuple(s), c))
@@ -55,9 +50,9 @@ class LlavaNextAdapter(LlavaAdapter):
         self.check_inputs(pixel_values)
         crops = self.crops_per_image(inputs)
         flat_pixels = torch.cat([pixel_values[i, :c] for i, c in enumerate(crops)]) if pixel_values.dim() == 5 else pixel_values
-        hidden_states, recs = self.run_tower(flat_pixels, method)
+        tower = self.run_tower(flat_pixels, method)
         extra = method.extra_tokens if method is not None else 0
-        extra_units = extra + extra_cls(method)  # per crop: registers, then the forwarded [CLS]
+        extra_units = extra + forwarded_cls(method)  # per crop: registers, then the forwarded [CLS]
         side, n = self.grid_side, self.grid_side ** 2
         images, first = [], 0
         for i, c in enumerate(crops):
@@ -66,28 +61,14 @@ class LlavaNextAdapter(LlavaAdapter):
             table = self.unit_table(tuple(inputs["image_sizes"][i].tolist()), c)
             if self.layout == "flat":
                 table = torch.arange(c * n)
-            patch_ids = table[table >= 0]
-            # candidates in crop-major order: the patches that appear in the layout
-            present = torch.sort(patch_ids).values
-            cols = [present[(present >= k * n) & (present < (k + 1) * n)] - k * n for k in range(c)]
-            ctx = self.crop_context(hidden_states, recs, rows, i, extra, [(side, side)] * c, keep_cols=cols)
-            keep, embeds, info = self.select_and_project(ctx, method, timer, instructions[i])
-            kept_patches = present[keep.cpu()]  # sync: the unit table lives on the CPU
-            # unit order: the layout's; kept units are newlines plus kept patches
-            unit_is_kept = (table < 0) | torch.isin(table, kept_patches)
-            keep_units = torch.nonzero(unit_is_kept).flatten()
-            # embeddings in unit order: newlines from the model's parameter, patches from `embeds`
-            rank = torch.full((c * n,), -1, dtype=torch.long)
-            rank[kept_patches] = torch.arange(len(kept_patches))
-            kept_table = table[keep_units]
-            newline = self.model.model.image_newline.to(embeds.dtype)
-            patch_embeds = embeds[: len(kept_patches)]
-            ordered = torch.where((kept_table < 0).unsqueeze(1), newline.expand(len(kept_table), -1),
-                                  patch_embeds[rank[kept_table.clamp(min=0)].clamp(min=0)])
+            present, cols = candidate_columns(table, c, n)
+            ctx = self.crop_context(tower, rows, i, extra, [(side, side)] * c, keep_cols=cols)
+            keep, embeds, info = select_and_project(ctx, method, self.project, timer=timer, instruction=instructions[i])
+            keep_units, ordered = layout_units(table, present, keep, embeds, self.model.model.image_newline)
             n_units = len(table)
             extras = torch.arange(n_units, n_units + c * extra_units)  # registers / [CLS] of every crop
             keep_units = torch.cat([keep_units, extras])
-            ordered = torch.cat([ordered, embeds[len(kept_patches):]])
+            ordered = append_extras(ordered, ctx, method, self.project)
             cells = torch.stack([table.clamp(min=0) // n, (table.clamp(min=0) % n) // side, table.clamp(min=0) % side], 1)
             cells[table < 0] = -1
             cells = torch.cat([cells, torch.full((c * extra_units, 3), -1)])
@@ -95,6 +76,56 @@ class LlavaNextAdapter(LlavaAdapter):
                                        candidates=len(present), protected=extras,
                                        info=info, unit_cells=cells))
         return images
+
+
+# -- the model layout, shared with the vLLM variant ------------------------------------------------
+def unit_table(config, image_size) -> tuple[torch.Tensor, int]:
+    """For each unit of an image's model layout (base view, then the crops unpadded to the image's aspect
+    ratio with one newline token per row): the crop-major patch id it shows, or -1 for a newline token;
+    and the number of crops (base view included). From the config alone: the packing of the model's
+    ``pack_image_features`` (and vLLM's), run on patch ids."""
+    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
+
+    side = config.vision_config.image_size // config.vision_config.patch_size
+    n = side * side
+    h, w = (int(x) for x in image_size)
+    nph, npw = get_anyres_image_grid_shape((h, w), config.image_grid_pinpoints, config.vision_config.image_size)
+    crops = 1 + nph * npw
+    ids = torch.arange(crops * n, dtype=torch.float64).view(crops, n, 1)
+    base = ids[0]
+    if crops > 1:
+        other = ids[1:].view(nph, npw, side, side, 1)
+        other = other.permute(4, 0, 2, 1, 3).contiguous().flatten(1, 2).flatten(2, 3)
+        other = unpad_image(other, (h, w))
+        other = torch.cat([other, torch.full((*other.shape[:-1], 1), -1.0, dtype=other.dtype)], dim=-1)
+        other = other.flatten(1, 2).transpose(0, 1)
+        table = torch.cat([base, other])
+    else:
+        table = torch.cat([base, torch.full((1, 1), -1.0, dtype=base.dtype)])
+    return table[:, 0].round().long(), crops
+
+
+def candidate_columns(table: torch.Tensor, crops: int, patches: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The patch ids present in ``table`` in crop-major order (the candidates), and each crop's patch columns."""
+    present = torch.sort(table[table >= 0]).values
+    cols = [present[(present >= k * patches) & (present < (k + 1) * patches)] - k * patches for k in range(crops)]
+    return present, cols
+
+
+def layout_units(table: torch.Tensor, present: torch.Tensor, keep: torch.Tensor, embeds: torch.Tensor,
+                 newline: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kept units in the layout's order (newline tokens always kept, patches where ``keep`` — indices
+    into ``present`` — holds them) and their LLM inputs: the newline parameter or the kept patches' rows
+    of ``embeds``."""
+    kept_patches = present[keep.cpu()]  # sync: the unit table lives on the CPU
+    keep_units = torch.nonzero((table < 0) | torch.isin(table, kept_patches)).flatten()
+    rank = torch.full((int(table.max()) + 1,), -1, dtype=torch.long)  # table: on the CPU
+    rank[kept_patches] = torch.arange(len(kept_patches))
+    kept_table = table[keep_units]
+    gather = rank[kept_table.clamp(min=0)].clamp(min=0).to(embeds.device)
+    is_newline = (kept_table < 0).to(embeds.device).unsqueeze(1)
+    ordered = torch.where(is_newline, newline.to(embeds.dtype).expand(len(kept_table), -1), embeds[gather])
+    return keep_units, ordered
 
 
 # -- tiny test model ------------------------------------------------------------------------------
@@ -106,17 +137,6 @@ def _tiny_config():
     return LlavaNextConfig(vision_config=clip_vision(28), text_config=llama_text(), image_token_id=IMAGE_TOKEN,
                            image_grid_pinpoints=[[28, 56], [56, 28], [56, 56]], vision_feature_layer=-2,
                            vision_feature_select_strategy="default")
-
-
-def _next_tokens(model, size) -> int:
-    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
-
-    cfg = model.config
-    side = cfg.vision_config.image_size // cfg.vision_config.patch_size
-    gh, gw = get_anyres_image_grid_shape(size, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
-    grid = torch.zeros(1, gh * side, gw * side)
-    rows, cols = unpad_image(grid, size).shape[1:]
-    return side * side + rows * (cols + 1)
 
 
 def _tiny_inputs(model, samples):
@@ -132,7 +152,7 @@ def _tiny_inputs(model, samples):
         crops = torch.zeros(n_max, 3, side, side)
         crops[:n] = torch.randn(n, 3, side, side, generator=g)
         pixels.append(crops)
-        rows.append(s.before + [cfg.image_token_id] * _next_tokens(model, s.size) + s.after)
+        rows.append(s.before + [cfg.image_token_id] * len(unit_table(cfg, s.size)[0]) + s.after)
     return rows, torch.stack(pixels), {"image_sizes": torch.tensor([list(s.size) for s in samples])}
 
 

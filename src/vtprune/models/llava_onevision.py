@@ -20,12 +20,13 @@ from __future__ import annotations
 import torch
 
 from ..errors import InputError
-from ..methods.base import ImageContext, Stage
+from ..methods.base import ImageContext
 from ..registers import redirect_activations
 from .base import EncodedImage, register_adapter
 from .families import Family, FlopsInfo, TinySpec, register_family
-from .llava import ClipTower, LlavaAdapter, extra_cls
+from .llava import ClipTower, LlavaAdapter
 from .llava_next import LlavaNextAdapter
+from .stages import append_extras, forwarded_cls, select_and_project
 
 VIDEO_KEY = "pixel_values_videos"
 #: key the adapter adds to a call's image inputs: per sample, the modality of each span in order
@@ -126,21 +127,19 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         pixels = inputs[VIDEO_KEY]
         self.check_inputs(pixels)
         num, frames = pixels.shape[:2]
-        hidden_states, recs = self.run_tower(pixels.flatten(0, 1), method)
+        tower = self.run_tower(pixels.flatten(0, 1), method)
         extra = method.extra_tokens if method is not None else 0
-        return [self.encode_video(hidden_states, recs, v, frames, extra, method, timer, instructions[v])
-                for v in range(num)]
+        return [self.encode_video(tower, v, frames, extra, method, timer, instructions[v]) for v in range(num)]
 
     def pool(self, per_patch: torch.Tensor) -> torch.Tensor:
         """The model's 2×2 bilinear pooling of (frames, patches, C) per-patch values."""
         return self.model.model.apply_pooling(per_patch)
 
-    def encode_video(self, hidden_states, recs, v, frames, extra, method, timer, instruction) -> EncodedImage:
+    def encode_video(self, tower, v, frames, extra, method, timer, instruction) -> EncodedImage:
         n, side = self.grid_side ** 2, self.pooled_side
         cells = side * side
         rows = list(range(v * frames, (v + 1) * frames))
-        patch_cols = [torch.arange(n)] * frames
-        ctx = self.crop_context(hidden_states, recs, rows, v, extra, [(side, side)] * frames, keep_cols=patch_cols)
+        ctx = self.crop_context(tower, rows, v, extra, [(side, side)] * frames)
         per_frame = ctx.features.view(frames, n, -1)
         pooled_embeds = self.pool(self.project(per_frame)).flatten(0, 1)  # the model's own video features
         providers = {
@@ -153,13 +152,14 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
                               crop_slices=[slice(f * cells, (f + 1) * cells) for f in range(frames)],
                               family=self.family, image_index=v, extra=extra, providers=providers)
         pooled.register_features, pooled.cls_features = ctx.register_features, ctx.cls_features
-        keep, embeds, info = self.select_and_project(pooled, method, timer, instruction, projected=pooled_embeds)
+        keep, embeds, info = select_and_project(pooled, method, self.project, timer=timer, instruction=instruction,
+                                                projected=pooled_embeds)
+        newline_embed = self.model.model.image_newline.to(embeds.dtype)[None]
+        embeds = append_extras(torch.cat([embeds, newline_embed]), pooled, method, self.project)
         total = frames * cells
         newline = torch.tensor([total])
-        extras = torch.arange(total + 1, total + 1 + frames * (extra + extra_cls(method)))
+        extras = torch.arange(total + 1, total + 1 + frames * (extra + forwarded_cls(method)))
         keep_units = torch.cat([keep.cpu(), newline, extras])  # sync: the units the method kept
-        newline_embed = self.model.model.image_newline.to(embeds.dtype)[None]
-        embeds = torch.cat([embeds[: len(keep)], newline_embed, embeds[len(keep):]])
         frame_of = torch.arange(total) // cells
         unit_cells = torch.stack([frame_of, (torch.arange(total) % cells) // side, torch.arange(total) % side], 1)
         unit_cells = torch.cat([unit_cells, torch.full((1 + len(extras), 3), -1)])

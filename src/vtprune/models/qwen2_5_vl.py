@@ -8,7 +8,7 @@ the full sequence; kept tokens keep theirs and decoding continues with the model
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -17,6 +17,7 @@ from ..methods.base import ImageContext, Stage
 from ..registers import _first_param, _Handles, _insert_after_segments, _Tower, redirect_activations
 from .base import Adapter, EncodedImage, register_adapter
 from .families import Family, FlopsInfo, TinySpec, register_family
+from .stages import select_and_project
 
 
 @register_adapter
@@ -139,45 +140,23 @@ class Qwen25VLAdapter(Adapter):
             first += n
         return images
 
-    def _unit_features(self, patch_states: torch.Tensor, tower_idx: torch.Tensor) -> torch.Tensor:
-        """Mean of each unit's patch features; ``tower_idx`` gives each unit's tower-order index."""
-        groups = patch_states.view(-1, self.merge ** 2, patch_states.shape[-1])
-        return groups[tower_idx].mean(1)
-
-    def _received(self, recs, image: int, local_idx: torch.Tensor) -> torch.Tensor:
-        """Mean attention each unit (``local_idx``: tower order within the image) receives from all
-        of the image's tokens at the last block, pooled over its 2×2 patches."""
+    def _unit_attention(self, recs, image: int) -> torch.Tensor:
+        """Mean attention each of the image's units (tower order, registers included) receives from all of
+        the image's tokens at the last block, pooled over its 2×2 patches."""
         call = recs[len(self.visual.blocks) - 1].calls[image]
-        probs = call.rows(0).mean(0).mean(0)  # (patches,) in the tower's order for this image
-        return probs.view(-1, self.merge ** 2).mean(1)[local_idx]
+        return call.rows(0).mean(0).mean(0).view(-1, self.merge ** 2).mean(1)
 
     def _encode_one(self, i, n, extra, tower_idx, register_idx, start, merged, out, recs, block_outputs, grid_row,
                     method, timer, instruction):
         rows, cols = int(grid_row[1]) // self.merge, int(grid_row[2]) // self.merge
-        providers = {
-            "received_attention": lambda: self._received(recs, i, tower_idx - start),
-            "register_received_attention": lambda: self._received(recs, i, register_idx - start),
-            "hidden": lambda layer: self._unit_features(block_outputs[layer % len(self.visual.blocks)], tower_idx),
-        }
-        ctx = ImageContext(features=self._unit_features(out.last_hidden_state, tower_idx) if block_outputs else merged[:n],
-                           grids=[(rows, cols)], crop_slices=[slice(0, n)], family=self.family, image_index=i,
-                           extra=extra, providers=providers)
-        keep, embeds, info = torch.arange(n), merged[:n], {}
-        sel = self.run_selection(method, Stage.VISION, ctx, timer)
-        if sel is None:
-            pctx = ImageContext(features=merged[:n], grids=ctx.grids, crop_slices=ctx.crop_slices, family=self.family,
-                                image_index=i, extra=extra, providers={"text_embeddings": lambda: instruction.embeddings,
-                                                           "instruction_ids": lambda: instruction.ids, **providers})
-            sel = self.run_selection(method, Stage.PROJECTED, pctx, timer)
-            if sel is not None and sel.values is not None:
-                embeds = sel.values
-        elif sel.values is not None:
-            raise InputError(f"Method '{method.name}' merges vision features; on {self.family} merge after the "
-                             f"projector (Stage.PROJECTED) instead.")
-        if sel is not None:
-            keep, info = sel.keep, dict(sel.info)
-            if sel.values is None:
-                embeds = merged[keep]
+        merge2 = self.merge ** 2
+        features = unit_features(out.last_hidden_state, tower_idx, merge2) if block_outputs else merged[:n]
+        ctx = unit_context(features, (rows, cols), family=self.family, image_index=i, extra=extra, tower_idx=tower_idx,
+                           start=start, merge2=merge2, num_blocks=len(self.visual.blocks),
+                           block_output=block_outputs.__getitem__, unit_attention=lambda: self._unit_attention(recs, i),
+                           register_idx=register_idx)
+        keep, embeds, info = select_and_project(ctx, method, None, timer=timer, instruction=instruction,
+                                                projected=merged[:n])
         registers = torch.arange(n, n + extra)
         keep_units = torch.cat([keep.cpu(), registers])
         cells = torch.stack([torch.zeros(n, dtype=torch.long), torch.arange(n) // cols, torch.arange(n) % cols], 1)
@@ -188,6 +167,33 @@ class Qwen25VLAdapter(Adapter):
 
     def _deepstack(self, out, image: int, keep: torch.Tensor):
         return None
+
+
+# -- merged units, shared with the vLLM variants ---------------------------------------------------
+def unit_features(patch_states: torch.Tensor, tower_idx: torch.Tensor, merge2: int) -> torch.Tensor:
+    """Mean of each unit's ``merge2`` patch states; ``tower_idx`` gives each unit's index in the tower's
+    (unit) order."""
+    return patch_states.view(-1, merge2, patch_states.shape[-1])[tower_idx].mean(1)
+
+
+def unit_context(features: torch.Tensor, grid: tuple[int, int], *, family: str, image_index: int, extra: int,
+                 tower_idx: torch.Tensor, start: int, merge2: int, num_blocks: int,
+                 block_output: Callable[[int], torch.Tensor], unit_attention: Callable[[], torch.Tensor],
+                 register_idx: torch.Tensor | None = None) -> ImageContext:
+    """The vision-stage ImageContext of one image's merged units (raster order).
+
+    ``tower_idx``: each unit's index in the tower's unit order; ``start``: the image's first unit there;
+    ``block_output(block)``: (patches, D) the tower's packed states after ``block``; ``unit_attention()``:
+    (units,) the attention each of the image's units (tower order, from ``start``) receives at the last
+    block; ``register_idx``: the tower-order indices of the image's registers (HF path)."""
+    providers = {
+        "received_attention": lambda: unit_attention()[tower_idx - start],
+        "hidden": lambda layer: unit_features(block_output(layer % num_blocks), tower_idx, merge2),
+    }
+    if register_idx is not None:
+        providers["register_received_attention"] = lambda: unit_attention()[register_idx - start]
+    return ImageContext(features=features, grids=[grid], crop_slices=[slice(0, len(tower_idx))], family=family,
+                        image_index=image_index, extra=extra, providers=providers)
 
 
 # -- test-time registers: the Qwen vision towers (Qwen2.5-VL, Qwen3-VL) ---------------------------

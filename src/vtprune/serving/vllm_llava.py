@@ -17,10 +17,10 @@ from vllm.model_executor.models.llava import (LlavaDummyInputsBuilder, LlavaForC
                                               LlavaProcessingInfo)
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
+from ..models.stages import ClipTowerShape, append_extras, clip_context, feature_index, select_and_project, watched_blocks
 from .vllm_plugin import (SPEC_FIELD, ClipTowerRun, Host, ImageSlot, PlaceholderCountMixin, PruneSpec,
-                          PrunedPositionsMixin, attach_positions, check_count, chosen_methods, clip_context,
-                          cls_features, feature_pool_index, forwarded_cls, image_record, register_features,
-                          register_of, select_and_project, strip_request_keys, watched_blocks)
+                          PrunedPositionsMixin, attach_positions, check_count, chosen_methods, image_record,
+                          register_of, strip_request_keys)
 
 FAMILY = "llava"
 
@@ -83,9 +83,10 @@ class ClipLlavaPruneMixin(PrunedPositionsMixin):
         self.vtprune_host = Host.of(family, config)
         self.vtprune_image_token_id = config.image_token_index
         vc = config.vision_config
-        self.vtprune_layers = vc.num_hidden_layers
-        self.vtprune_feature_index = feature_pool_index(config.vision_feature_layer, self.vtprune_layers)
         self.vtprune_side = vc.image_size // vc.patch_size
+        self.vtprune_shape = ClipTowerShape(num_layers=vc.num_hidden_layers,
+                                            feature_index=feature_index(config.vision_feature_layer, vc.num_hidden_layers),
+                                            patches=self.vtprune_side ** 2)  # CLIP: [CLS] first, dropped
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
         if positions.dim() == 2:  # M-RoPE bookkeeping rows; the language model is 1-D
@@ -107,11 +108,10 @@ class ClipLlavaPruneMixin(PrunedPositionsMixin):
         groups: dict = {}
         for i, (method, _, _) in enumerate(chosen):
             groups.setdefault(register_of(method, self.vtprune_model_dir), []).append(i)
-        feature_block = self.vtprune_feature_index - 1
         placement = [None] * len(chosen)
         for register, images in groups.items():
             rows = [list(range(starts[i], starts[i + 1])) for i in images]
-            watch = set().union(*[watched_blocks(chosen[i][0], feature_block, self.vtprune_layers) for i in images])
+            watch = set().union(*[watched_blocks(chosen[i][0], self.vtprune_shape) for i in images])
             run = ClipTowerRun(self.vision_tower, pixel_values[[r for rs in rows for r in rs]], watch, register)
             first = 0
             for i, rs in zip(images, rows):
@@ -119,20 +119,19 @@ class ClipLlavaPruneMixin(PrunedPositionsMixin):
                 first += len(rs)
         return chosen, placement
 
-    def vtprune_context(self, run: ClipTowerRun, crops: list[int], cols: list[torch.Tensor]):
-        return clip_context(run, crops=crops, cols=cols, feature_index=self.vtprune_feature_index,
-                            feature_block=self.vtprune_feature_index - 1, num_full_layers=self.vtprune_layers,
-                            family=self.vtprune_host.family, grids=[(self.vtprune_side, self.vtprune_side)] * len(crops))
+    def vtprune_context(self, run: ClipTowerRun, crops: list[int], cols: list[torch.Tensor] | None = None):
+        """The ImageContext of an image over ``crops`` of the run (patch columns ``cols``, all by default),
+        built as on the HF path (``vtprune.models.stages.clip_context``)."""
+        return clip_context(run, self.vtprune_shape, crops, cols, family=self.vtprune_host.family, image_index=0,
+                            extra=0 if run.register is None else 1,
+                            grids=[(self.vtprune_side, self.vtprune_side)] * len(crops))
 
-    def vtprune_registers(self, run: ClipTowerRun, crops: list[int], method=None) -> torch.Tensor:
-        """The LLM embeddings of the crops' test-time registers, then of their [CLS] tokens where ``method``
-        forwards them ((0, D) without either)."""
-        parts = [register_features(run, crops, self.vtprune_feature_index)] if run.register is not None else []
-        if forwarded_cls(method):
-            parts.append(cls_features(run, crops, self.vtprune_feature_index))
-        if not parts:
-            return run.hidden[0].new_zeros(0, self.config.text_config.hidden_size)
-        return self.multi_modal_projector(torch.cat(parts))
+    def vtprune_select(self, method, run: ClipTowerRun, crops: list[int], cols: list[torch.Tensor] | None = None):
+        """The image's context, its kept candidates and their LLM inputs (``append_extras`` adds the
+        registers and [CLS] tokens)."""
+        ctx = self.vtprune_context(run, crops, cols)
+        keep, embeds, _ = select_and_project(ctx, method, self.multi_modal_projector)
+        return ctx, keep, embeds
 
 
 @MULTIMODAL_REGISTRY.register_processor(VTPruneLlavaMultiModalProcessor, info=VTPruneLlavaProcessingInfo,
@@ -160,13 +159,12 @@ class VTPruneLlavaForConditionalGeneration(ClipLlavaPruneMixin, LlavaForConditio
         pixel_values = image_input["pixel_values"]
         chosen, placement = self.vtprune_tower_runs(spec_field, [1] * len(pixel_values), pixel_values)
         n = self.vtprune_side ** 2
-        cols = torch.arange(n, device=pixel_values.device)
         out = []
         for (method, kept, _), (run, crops) in zip(chosen, placement):
-            keep, embeds = select_and_project(method, self.vtprune_context(run, crops, [cols]), self.multi_modal_projector)
-            registers = self.vtprune_registers(run, crops, method)  # at the image's last position, as on HF
-            embeds = torch.cat([embeds, registers])
-            rel = torch.cat([keep, torch.full((len(registers),), n - 1, device=keep.device, dtype=keep.dtype)])
+            ctx, keep, embeds = self.vtprune_select(method, run, crops)
+            embeds = append_extras(embeds, ctx, method, self.multi_modal_projector)
+            extras = len(embeds) - len(keep)  # registers / [CLS] at the image's last position, as on HF
+            rel = torch.cat([keep, torch.full((extras,), n - 1, device=keep.device, dtype=keep.dtype)])
             if method is not None:
                 check_count(method, len(rel), kept)
             out.append(attach_positions(embeds, rel[:, None].expand(-1, 3)))

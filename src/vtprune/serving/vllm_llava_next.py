@@ -13,7 +13,6 @@ from collections.abc import Mapping
 
 import torch
 from transformers import BatchFeature
-from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
 
 from vllm.model_executor.models.interfaces import SupportsMRoPE, SupportsMultiModalPruning
 from vllm.model_executor.models.llava import LlavaDummyInputsBuilder
@@ -21,40 +20,13 @@ from vllm.model_executor.models.llava_next import (LlavaNextForConditionalGenera
                                                    LlavaNextMultiModalProcessor, LlavaNextProcessingInfo)
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
+from ..models.llava_next import candidate_columns, layout_units, unit_table
+from ..models.stages import append_extras
 from .vllm_llava import ClipLlavaPruneMixin
 from .vllm_plugin import (SPEC_FIELD, Host, ImageSlot, PlaceholderCountMixin, PruneSpec, attach_positions,
-                          check_count, image_record, select_and_project, strip_request_keys)
+                          check_count, image_record, strip_request_keys)
 
 FAMILY = "llava_next"
-
-
-def unit_table(config, image_size) -> tuple[torch.Tensor, int]:
-    """For each unit of the image's layout in vLLM's ``spatial_unpad`` packing: the crop-major patch
-    id it shows, or -1 for a newline token; and the number of crops (base image included)."""
-    side = config.vision_config.image_size // config.vision_config.patch_size
-    n = side * side
-    h, w = (int(x) for x in image_size)
-    nph, npw = get_anyres_image_grid_shape((h, w), config.image_grid_pinpoints, config.vision_config.image_size)
-    crops = 1 + nph * npw
-    ids = torch.arange(crops * n, dtype=torch.float64).view(crops, n, 1)
-    base = ids[0]
-    if crops > 1:
-        other = ids[1:].view(nph, npw, side, side, 1)
-        other = other.permute(4, 0, 2, 1, 3).contiguous().flatten(1, 2).flatten(2, 3)
-        other = unpad_image(other, (h, w))
-        other = torch.cat([other, torch.full((*other.shape[:-1], 1), -1.0, dtype=other.dtype)], dim=-1)
-        other = other.flatten(1, 2).transpose(0, 1)
-        table = torch.cat([base, other])
-    else:
-        table = torch.cat([base, torch.full((1, 1), -1.0, dtype=base.dtype)])
-    return table[:, 0].round().long(), crops
-
-
-def candidates_of(table: torch.Tensor, crops: int, n: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Present patch ids in crop-major order, and each crop's patch columns."""
-    present = torch.sort(table[table >= 0]).values
-    cols = [present[(present >= k * n) & (present < (k + 1) * n)] - k * n for k in range(crops)]
-    return present, cols
 
 
 class VTPruneLlavaNextProcessingInfo(LlavaNextProcessingInfo):
@@ -74,7 +46,7 @@ class VTPruneLlavaNextProcessingInfo(LlavaNextProcessingInfo):
         config = self.get_hf_config()
         side = config.vision_config.image_size // config.vision_config.patch_size
         table, crops = unit_table(config, image_size)
-        _, cols = candidates_of(table, crops, side * side)
+        _, cols = candidate_columns(table, crops, side * side)
         newlines = int((table < 0).sum())
         return image_record(spec, self.vtprune_host(), [(side, side)] * crops, [len(c) for c in cols], newlines)
 
@@ -121,30 +93,19 @@ class VTPruneLlavaNextForConditionalGeneration(ClipLlavaPruneMixin, LlavaNextFor
         layouts = []
         for s in sizes:
             table, crops = unit_table(self.config, s)
-            present, cols = candidates_of(table, crops, n)
+            present, cols = candidate_columns(table, crops, n)
             layouts.append((table, crops, present, cols))
         per_image = [p[:crops] for p, (_, crops, _, _) in zip(pixel_values, layouts)]
         chosen, placement = self.vtprune_tower_runs(spec_field, [len(p) for p in per_image], torch.cat(per_image))
         out = []
         for (table, crops, present, cols), (method, kept, _), (run, rows) in zip(layouts, chosen, placement):
-            device = run.hidden[0].device
-            ctx = self.vtprune_context(run, rows, [c.to(device) for c in cols])
-            keep, embeds = select_and_project(method, ctx, self.multi_modal_projector)
-            keep = keep.cpu()
-            kept_patches = present[keep]
-            unit_is_kept = (table < 0) | torch.isin(table, kept_patches)
-            keep_units = torch.nonzero(unit_is_kept).flatten()
-            registers = self.vtprune_registers(run, rows, method)  # one per crop (+ [CLS]), at the last unit
+            device = run.hidden_state(0).device
+            ctx, keep, embeds = self.vtprune_select(method, run, rows, [c.to(device) for c in cols])
+            keep_units, ordered = layout_units(table, present, keep, embeds, self.image_newline)
+            with_extras = append_extras(ordered, ctx, method, self.multi_modal_projector)  # per crop, at the last unit
+            extras = len(with_extras) - len(ordered)
             if method is not None:
-                check_count(method, len(keep_units) + len(registers), kept)
-            rank = torch.full((crops * n,), -1, dtype=torch.long)
-            rank[kept_patches] = torch.arange(len(kept_patches))
-            kept_table = table[keep_units]
-            newline = self.image_newline.to(embeds.dtype)
-            gather = rank[kept_table.clamp(min=0)].clamp(min=0).to(embeds.device)
-            ordered = torch.where((kept_table < 0).to(embeds.device).unsqueeze(1),
-                                  newline.expand(len(kept_table), -1), embeds[gather])
-            keep_units = torch.cat([keep_units, torch.full((len(registers),), len(table) - 1, dtype=keep_units.dtype)])
-            ordered = torch.cat([ordered, registers.to(ordered.dtype)])
-            out.append(attach_positions(ordered, keep_units.to(embeds.device)[:, None].expand(-1, 3)))
+                check_count(method, len(keep_units) + extras, kept)
+            keep_units = torch.cat([keep_units, torch.full((extras,), len(table) - 1, dtype=keep_units.dtype)])
+            out.append(attach_positions(with_extras, keep_units.to(with_extras.device)[:, None].expand(-1, 3)))
         return out

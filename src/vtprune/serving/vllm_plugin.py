@@ -38,9 +38,10 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from ..errors import BudgetError, UnknownMethodError, UnsupportedMethodError, VTPruneError
-from ..methods.base import ImageContext, Method, Selection, Stage, available_methods, method_class
+from ..errors import BudgetError, InputError, UnknownMethodError, UnsupportedMethodError, VTPruneError
+from ..methods.base import ImageContext, Method, Stage, available_methods, method_class
 from ..models.families import all_families
+from ..models.stages import feature_index, forwarded_cls, run_selection
 
 #: architectures this plugin registers: name -> (module, family), from the families' ``vllm`` declarations
 ARCHITECTURES: dict[str, tuple[str, str]] = {
@@ -311,7 +312,9 @@ def dry_run(spec: PruneSpec, host: Host, grids: tuple[tuple[int, int], ...], siz
     stage = Stage.VISION if Stage.VISION in method.stages else Stage.PROJECTED
     ctx = _synthetic_context(host, grids, sizes, stage, method.extra_tokens)
     try:
-        sel = select(method, stage, ctx)
+        sel = run_selection(method, stage, ctx)
+    except InputError as exc:  # what the model side would refuse (merged vision features on a merger tower)
+        raise ValueError(f"vtprune: {exc}") from exc
     except UnsupportedMethodError as exc:
         hint = (" (inside vLLM the plugin provides vision features, CLS/received attention and tower hidden "
                 "states, not the instruction's text embeddings)") if "text embeddings" in str(exc) else ""
@@ -319,27 +322,11 @@ def dry_run(spec: PruneSpec, host: Host, grids: tuple[tuple[int, int], ...], siz
     except Exception as exc:  # noqa: BLE001 - any failure here must be a request error, not a dead engine
         raise ValueError(f"vtprune: method '{method.name}' failed on a synthetic image of this layout, so it "
                          f"cannot run inside vLLM here: {type(exc).__name__}: {exc}") from exc
-    if stage == Stage.VISION and sel.values is not None and host.family in ("qwen2_5_vl", "qwen3_vl"):
-        raise ValueError(f"vtprune: method '{method.name}' merges vision features; on {host.family} merge after the "
-                         f"projector (Stage.PROJECTED) instead.")
     expected -= forwarded_cls(method) * len(grids)  # each crop's [CLS] takes one token of the budget
     if sel.keep.numel() != expected:
         raise ValueError(f"vtprune: method '{method.name}' kept {sel.keep.numel()} of {n} tokens for a budget of "
                          f"{expected}; vLLM needs a method that keeps exactly its budget.")
     return expected
-
-
-def forwarded_cls(method: Method | None) -> int:
-    """1 when ``method`` hands the LLM each crop's [CLS] token (after the image's kept units), else 0."""
-    return 1 if method is not None and method.forwards_cls else 0
-
-
-def select(method: Method, stage: Stage, ctx: ImageContext) -> Selection:
-    fn = method.select_vision if stage == Stage.VISION else method.select_projected
-    sel = fn(ctx)
-    if sel.keep.numel() and (int(sel.keep.max()) >= ctx.num_tokens or int(sel.keep.min()) < 0):
-        raise RuntimeError(f"vtprune: method '{method.name}' returned indices outside the {ctx.num_tokens} candidates.")
-    return sel
 
 
 def image_record(spec: PruneSpec, host: Host, grids: Sequence[tuple[int, int]], sizes: Sequence[int] | None = None,
@@ -361,7 +348,7 @@ def image_record(spec: PruneSpec, host: Host, grids: Sequence[tuple[int, int]], 
 def clip_tower_blocks(config) -> tuple[int, int]:
     """(blocks of the CLIP tower, blocks vLLM builds for a LLaVA config)."""
     full = config.vision_config.num_hidden_layers
-    return full, feature_pool_index(config.vision_feature_layer, full)
+    return full, feature_index(config.vision_feature_layer, full)
 
 
 def strip_request_keys(kwargs: Mapping[str, object]) -> dict[str, object]:
@@ -545,14 +532,6 @@ def wrapped_forwards(modules: Mapping[Any, torch.nn.Module], wrap):
 # ------------------------------------------------------------------------------------------------
 # CLIP towers (LLaVA-1.5, LLaVA-NeXT): features, CLS attention rows, hidden states
 # ------------------------------------------------------------------------------------------------
-def feature_pool_index(feature_layer: int, num_layers: int) -> int:
-    """Index into [embeddings, block 0, ..., block L-1] of ``hidden_states[feature_layer]``."""
-    idx = feature_layer if feature_layer >= 0 else num_layers + 1 + feature_layer
-    if not 1 <= idx <= num_layers:
-        raise ValueError(f"vision_feature_layer={feature_layer} is not the output of an encoder block.")
-    return idx
-
-
 @dataclass(frozen=True)
 class Register:
     """A test-time register for a CLIP tower run: the redirected MLP channels per block and the mode
@@ -632,7 +611,14 @@ class ClipTowerRun:
             k = tensor_model_parallel_all_gather(k.contiguous(), dim=1)
         self.qk[block] = (q.detach(), k.detach())
 
-    def rows(self, block: int, crop: int, rows: torch.Tensor | list[int] | None = None) -> torch.Tensor:
+    # -- read as a vtprune.models.stages.TowerReadout ---------------------------------------------
+    def hidden_state(self, index: int) -> torch.Tensor:
+        return self.hidden[index]
+
+    def keys(self, block: int, crop: int) -> torch.Tensor:
+        return self.qk[block][1][crop]
+
+    def attention_rows(self, block: int, crop: int, rows: torch.Tensor | list[int] | None = None) -> torch.Tensor:
         """(H, R, L) fp32 attention probabilities of query ``rows`` (all if None) of one crop."""
         q, k = self.qk[block]
         q, k = q[crop].float(), k[crop].float()
@@ -640,77 +626,6 @@ class ClipTowerRun:
             q = q[:, torch.as_tensor(rows, device=q.device, dtype=torch.long)]
         scores = torch.einsum("hrd,hkd->hrk", q, k) * self.scale[block]
         return torch.softmax(scores, dim=-1)
-
-
-def clip_context(run: ClipTowerRun, *, crops: list[int], cols: list[torch.Tensor], feature_index: int,
-                 feature_block: int, num_full_layers: int, family: str, grids) -> ImageContext:
-    """The ImageContext of one image over tower crops ``crops`` (patch columns ``cols`` of each),
-    built exactly as ``vtprune.models.llava.LlavaAdapter.crop_context`` builds it (CLS dropped)."""
-    feature = run.hidden[feature_index]
-    feats = torch.cat([feature[r, 1 + c] for r, c in zip(crops, cols)])
-    slices, start = [], 0
-    for c in cols:
-        slices.append(slice(start, start + len(c)))
-        start += len(c)
-    extra = 1 if run.register is not None else 0
-
-    def cls_attention():  # the candidates of every crop, then each crop's register column
-        parts = [run.rows(feature_block, r, [0])[:, 0, 1 + c] for r, c in zip(crops, cols)]
-        parts += [run.rows(feature_block, r, [0])[:, 0, -1:] for r in crops] if extra else []
-        return torch.cat(parts, dim=-1)
-
-    def received_attention():
-        return torch.cat([run.rows(feature_block, r).mean(0).mean(0)[1 + c] for r, c in zip(crops, cols)])
-
-    def hidden(layer):
-        return torch.cat([run.hidden[layer + 1][r, 1 + c] for r, c in zip(crops, cols)])
-
-    def keys():
-        return torch.cat([run.qk[feature_block][1][r][:, 1 + c] for r, c in zip(crops, cols)], dim=1)
-
-    def vision_attention(layer):
-        return torch.stack([run.rows(layer % num_full_layers, r) for r in crops])
-
-    providers = {"cls_attention": cls_attention, "received_attention": received_attention, "hidden": hidden,
-                 "keys": keys, "vision_attention": vision_attention}
-    return ImageContext(features=feats, grids=list(grids), crop_slices=slices, family=family, image_index=0,
-                        extra=extra, providers=providers)
-
-
-def register_features(run: ClipTowerRun, crops: list[int], feature_index: int) -> torch.Tensor:
-    """(crops, D) the registers' rows of the feature layer (they reach the LLM, as on the HF path)."""
-    return run.hidden[feature_index][crops, -1]
-
-
-def cls_features(run: ClipTowerRun, crops: list[int], feature_index: int) -> torch.Tensor:
-    """(crops, D) the crops' [CLS] rows of the feature layer (forwarded by methods with ``forwards_cls``)."""
-    return run.hidden[feature_index][crops, 0]
-
-
-def watched_blocks(method: Method | None, feature_block: int, num_full_layers: int) -> set[int]:
-    if method is None:
-        return set()
-    return {feature_block} | {l % num_full_layers for l in getattr(method, "attention_layers", ())}
-
-
-def select_and_project(method: Method | None, ctx: ImageContext, project) -> tuple[torch.Tensor, torch.Tensor]:
-    """Vision-stage selection, projection, projected-stage selection, as the HF adapters do.
-    Returns (kept candidate indices, their LLM embeddings)."""
-    keep = torch.arange(ctx.num_tokens, device=ctx.features.device)
-    feats = ctx.features
-    if method is not None and Stage.VISION in method.stages:
-        sel = select(method, Stage.VISION, ctx)
-        keep = sel.keep.to(feats.device)
-        feats = sel.values if sel.values is not None else ctx.features[keep]
-        return keep, project(feats)
-    embeds = project(feats)
-    if method is not None and Stage.PROJECTED in method.stages:
-        pctx = ImageContext(features=embeds, grids=ctx.grids, crop_slices=ctx.crop_slices, family=ctx.family,
-                            image_index=ctx.image_index, extra=ctx.extra, providers=dict(ctx._lazy._providers))
-        sel = select(method, Stage.PROJECTED, pctx)
-        keep = sel.keep.to(embeds.device)
-        embeds = sel.values if sel.values is not None else embeds[keep]
-    return keep, embeds
 
 
 def records(spec_field, count: int) -> list[list[int]]:

@@ -18,10 +18,11 @@ from vllm.model_executor.models.qwen2_5_vl import (Qwen2_5_VLDummyInputsBuilder,
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.processing import BaseProcessingInfo
 
-from ..methods.base import ImageContext, Stage
+from ..models.qwen2_5_vl import unit_context, unit_features
+from ..models.stages import select_and_project
 from .vllm_plugin import (SPEC_FIELD, Host, ImageSlot, PlaceholderCountMixin, PruneSpec, PrunedPositionsMixin,
                           attach_positions, check_count, check_qwen_placeholders, chosen_methods, image_record,
-                          observe, select, strip_request_keys)
+                          observe, strip_request_keys)
 
 FAMILY = "qwen2_5_vl"
 
@@ -153,18 +154,17 @@ class QwenPruneModelMixin(PrunedPositionsMixin):
             raise ValueError("vtprune: pruning with mm_encoder_tp_mode='data' is not supported.")
         run = QwenTowerRun(self.visual, image_input["pixel_values"], grid.tolist(), watch)
         merge2 = self.vtprune_merge ** 2
-        last = len(self.visual.blocks) - 1
+        blocks = len(self.visual.blocks)
         out, first = [], 0
         for (n, rows, cols), (method, kept, _) in zip(counts, chosen):
             full = run.merged[first:first + n]
             merged, deepstack = (full, None) if main_dim is None else (full[:, :main_dim], full[:, main_dim:])
             tower_idx = run.reverse[first:first + n]
-            providers = {
-                "received_attention": (lambda first=first, n=n, t=tower_idx: run.received(first, n, merge2)[t - first]),
-                "hidden": (lambda layer, t=tower_idx: unit_features(run.blocks[layer], t, merge2)),
-            }
-            keep, embeds = qwen_select(method, family, 0, n, rows, cols, merged, providers,
-                                       lambda t=tower_idx: unit_features(run.blocks[last], t, merge2))
+            features = unit_features(run.blocks[blocks - 1], tower_idx, merge2) if run.blocks else merged
+            ctx = unit_context(features, (rows, cols), family=family, image_index=0, extra=0, tower_idx=tower_idx,
+                               start=first, merge2=merge2, num_blocks=blocks, block_output=run.blocks.__getitem__,
+                               unit_attention=lambda first=first, n=n: run.received(first, n, merge2))
+            keep, embeds, _ = select_and_project(ctx, method, None, projected=merged)
             if method is not None:
                 check_count(method, keep.numel(), kept)
             if deepstack is not None:
@@ -219,34 +219,6 @@ class QwenTowerRun:
         scores = torch.einsum("hqd,hkd->hqk", q[:, lo:hi].float(), k[:, lo:hi].float()) * self.scale
         probs = torch.softmax(scores, dim=-1).mean(0).mean(0)
         return probs.view(-1, merge2).mean(1)
-
-
-def unit_features(patch_states: torch.Tensor, tower_idx: torch.Tensor, merge2: int) -> torch.Tensor:
-    return patch_states.view(-1, merge2, patch_states.shape[-1])[tower_idx].mean(1)
-
-
-def qwen_select(method, family: str, image_index: int, n: int, rows: int, cols: int, merged: torch.Tensor,
-                providers: dict, vision_features) -> tuple[torch.Tensor, torch.Tensor]:
-    """Selection over one image's merged units as ``vtprune.models.qwen2_5_vl`` does it; returns
-    (kept units, their LLM embeddings)."""
-    device = merged.device
-    if method is None:
-        return torch.arange(n, device=device), merged
-    grids, slices = [(rows, cols)], [slice(0, n)]
-    if Stage.VISION in method.stages:
-        ctx = ImageContext(features=vision_features(), grids=grids, crop_slices=slices, family=family,
-                           image_index=image_index, providers=providers)
-        sel = select(method, Stage.VISION, ctx)
-        if sel.values is not None:
-            raise RuntimeError(f"vtprune: method '{method.name}' merges vision features; on {family} merge after "
-                               f"the projector (Stage.PROJECTED) instead.")
-        keep = sel.keep.to(device)
-        return keep, merged[keep]
-    ctx = ImageContext(features=merged, grids=grids, crop_slices=slices, family=family, image_index=image_index,
-                       providers=providers)
-    sel = select(method, Stage.PROJECTED, ctx)
-    keep = sel.keep.to(device)
-    return keep, (sel.values if sel.values is not None else merged[keep])
 
 
 @MULTIMODAL_REGISTRY.register_processor(VTPruneQwen2_5_VLMultiModalProcessor, info=VTPruneQwen2_5_VLProcessingInfo,
