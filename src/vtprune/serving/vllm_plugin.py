@@ -9,11 +9,12 @@ How a pruned image travels through vLLM
    The method is dry-run once per (method, budget, layout) on synthetic tensors there, so a method
    that cannot run inside vLLM (in-LLM stage, adaptive budget, needs text embeddings, ...) is a
    request error, never a dead engine.
-2. **Model (``embed_multimodal``).** The vision tower runs as vLLM's own module; we build the same
-   :class:`~vtprune.methods.base.ImageContext` as the Hugging Face adapters (features at the feature
-   layer, the CLS attention row computed in fp32 from that layer's own q/k, ...) and call
-   ``method.select_vision`` / ``select_projected`` — the same method objects as ``vtprune.apply``.
-   Exactly the promised number of rows comes back per image.
+2. **Model (``embed_multimodal``).** The vision tower runs as vLLM's own module (:class:`ClipTowerRun`
+   keeps what methods read: hidden states, each watched block's q/k); the
+   :class:`~vtprune.methods.base.ImageContext`, the selection and its checks and the projection come from
+   the same functions as on the Hugging Face path (``vtprune.models.stages``, the LLaVA-NeXT unit table
+   and the Qwen merged-unit context in their family modules), with the same method objects as
+   ``vtprune.apply``. Exactly the promised number of rows comes back per image.
 3. **Positions.** Kept tokens keep their original positions (1-D RoPE for LLaVA, (t, h, w) M-RoPE for
    Qwen), as on the HF path. We use vLLM's multimodal-pruning interface
    (``SupportsMultiModalPruning.recompute_mrope_positions``): every embedding row carries
