@@ -137,9 +137,9 @@ def test_an_error_inside_a_method_leaves_model_and_handle_working(family, stage,
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "llava"])
-@pytest.mark.parametrize("name,kwargs", [("ocvtp", dict(keep=4, checkpoint=None)),
-                                         ("occamtoken", dict(neurons=[(99, 0)]))])
+@pytest.mark.parametrize("name,kwargs", [("occamtoken", dict(neurons=[(99, 0)]))])
 def test_a_method_failing_to_patch_the_tower_leaves_no_hook(family, name, kwargs):
+    # (OC-VTP without a checkpoint fails earlier, in apply(): tests/test_binding.py)
     model = model_of(family)
     inputs = make_inputs(model, [sample(family)])
     with torch.no_grad():
