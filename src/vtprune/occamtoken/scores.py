@@ -23,7 +23,7 @@ from typing import Callable, NamedTuple, Sequence
 
 import torch
 
-from .base import to_device
+from ..methods.base import to_device
 
 __all__ = [
     "stage1_cls_scores",
