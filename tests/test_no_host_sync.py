@@ -61,7 +61,7 @@ OFF_PATH = {
     "check_family", "generator", "budget", "split", "split_budget", "stage_counts", "lam_for_average", "avg",
     "pooled_grid", "uses_rank", "equal_budget", "target", "calibrate_lambda", "consider", "_stats", "_resolve", "_find_neurons",
     "register_neurons", "vision_tower_patch", "_check_neurons_argument", "available_methods", "method_class",
-    "make_method", "register", "_load", "layer", "ranked", "get", "function", "<module>",
+    "make_method", "register_method", "_load", "layer", "ranked", "get", "function", "<module>",
 }
 
 ALLOWED_LINES = {

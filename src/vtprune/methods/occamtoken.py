@@ -69,7 +69,7 @@ import torch
 from ..errors import ArgumentError, UnsupportedMethodError
 from ..occamtoken.scores import relative_keep, stage1_columns, stage2_keep, stage2_scores
 from ..models.families import FamilyDefaults
-from .base import Method, Selection, Stage, register, sorted_topk
+from .base import Method, Selection, Stage, register_method, sorted_topk
 
 def _check_neurons_argument(neurons) -> None:
     from ..occamtoken.neurons import as_neurons
@@ -90,7 +90,7 @@ DEFAULT_LAYER = FamilyDefaults("occamtoken", "layer")  # family -> stage-II laye
 REGISTER_FILE = "vtprune_registers.json"
 
 
-@register
+@register_method
 class OccamToken(Method):
     name = "occamtoken"
     default_layout = "flat"  # LLaVA-NeXT: the paper's 2,880-token base + crops accounting

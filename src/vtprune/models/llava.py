@@ -9,7 +9,7 @@ import torch
 from ..errors import InputError, UnsupportedModelError
 from ..methods.base import ImageContext, Method, Stage
 from ..occamtoken.towers import RegisterTower, first_param, redirect_activations
-from .base import Adapter, EncodedImage, block_index, register_adapter
+from .base import Adapter, EncodedImage, block_index
 from .families import Family, FlopsInfo, TinySpec, register_family
 
 
@@ -23,7 +23,6 @@ def _state_index(block: int) -> int:
     return block + 1 if block >= 0 else block
 
 
-@register_adapter
 class LlavaAdapter(Adapter):
     family = "llava"
 

@@ -15,11 +15,10 @@ import torch
 from ..errors import InputError, UnsupportedModelError
 from ..methods.base import ImageContext, Stage
 from ..occamtoken.towers import RegisterTower, _Handles, _insert_after_segments, first_param, redirect_activations
-from .base import Adapter, EncodedImage, register_adapter
+from .base import Adapter, EncodedImage
 from .families import Family, FlopsInfo, TinySpec, register_family
 
 
-@register_adapter
 class Qwen25VLAdapter(Adapter):
     family = "qwen2_5_vl"
     contiguous_positions_unsupported = (
