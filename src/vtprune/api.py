@@ -7,7 +7,7 @@ from typing import Any
 from .methods.base import Method, Stage, make_method
 from .models.base import adapter_for
 from .models.families import all_families, family_of_model
-from .pipeline import Pruner
+from .pipeline import Installation
 from .stats import CallStats
 from ._compat import check_transformers
 from .errors import AlreadyPrunedError, ArgumentError, UnsupportedMethodError
@@ -20,10 +20,10 @@ class PruneHandle:
     """Returned by :func:`apply`. ``stats`` lists one :class:`CallStats` per pruned prefill;
     ``last`` is the newest; ``remove()`` restores the model exactly."""
 
-    def __init__(self, model, method: Method, pruner: Pruner, stats: list[CallStats]):
+    def __init__(self, model, method: Method, installation: Installation, stats: list[CallStats]):
         self.model = model
         self.method = method
-        self._pruner = pruner
+        self._installation = installation
         self.stats = stats
 
     @property
@@ -32,7 +32,7 @@ class PruneHandle:
 
     @property
     def num_layers(self) -> int:
-        return len(self._pruner.adapter.decoder_layers)
+        return len(self._installation.adapter.decoder_layers)
 
     def summary(self) -> dict[str, Any]:
         """Mean visual tokens per image entering the LLM and layer-averaged, over all calls."""
@@ -51,7 +51,7 @@ class PruneHandle:
         self.stats.clear()
 
     def remove(self) -> None:
-        self._pruner.remove()
+        self._installation.remove()
         if getattr(self.model, "_vtprune_handle", None) is self:
             del self.model._vtprune_handle
 
@@ -106,8 +106,8 @@ def apply(model, method: Method | str, *, layout: str | None = None, positions: 
     method.check_model(adapter)
     positions = _resolve_positions(positions, method, adapter)
     stats: list[CallStats] = []
-    pruner = Pruner(model, method, adapter, stats, positions=positions)
-    handle = PruneHandle(model, method, pruner, stats)
+    installation = Installation(model, method, adapter, stats, positions=positions)
+    handle = PruneHandle(model, method, installation, stats)
     model._vtprune_handle = handle
     return handle
 
