@@ -122,9 +122,7 @@ def methods(ckpt: str | None):
 
 
 def _occam(**kw):
-    m = make_method("occamtoken", neurons=[], **kw)
-    m.prepare("llava", 32)
-    return m
+    return make_method("occamtoken", neurons=[], **kw).bind("llava", 32)
 
 
 def similarity_macs(name: str, crops: int) -> int | None:

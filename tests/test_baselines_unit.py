@@ -559,7 +559,7 @@ def test_cdpruner_arguments():
     with pytest.raises(ArgumentError):
         CDPruner(keep=4, clip_sign=0)
     with pytest.raises(ArgumentError, match="CLIP vision tower"):
-        CDPruner(keep=4, text_encoder="/nowhere").prepare("qwen2_5_vl", 4)
+        CDPruner(keep=4, text_encoder="/nowhere").bind("qwen2_5_vl", 4)
 
 
 def test_cdpruner_clip_relevance_is_the_negated_normalised_cosine():

@@ -135,7 +135,7 @@ def test_an_unknown_family_is_a_clear_error():
     from vtprune.methods.occamtoken import DEFAULT_LAMBDA1, OccamToken
 
     with pytest.raises(UnsupportedModelError, match="Unknown model family 'idefics'.*llava"):
-        OccamToken().prepare("idefics", 12)
+        OccamToken().bind("idefics", 12)
     with pytest.raises(UnsupportedModelError, match="Unknown model family"):
         DEFAULT_LAMBDA1["idefics"]
 

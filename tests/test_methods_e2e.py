@@ -115,13 +115,15 @@ def test_cdpruner_clip_text_end_to_end(tmp_path):
     method = method_class("cdpruner")(keep=6, text_encoder=str(path), tokenizer=str(path))
     seen = []
     with vtprune.pruned(model, method) as handle:
-        original = method.clip.embeddings
-        method.clip.embeddings = lambda features, ids: seen.append(ids.tolist()) or original(features, ids)
-        loaded = method.clip
+        bound = handle.method
+        original = bound.clip.embeddings
+        bound.clip.embeddings = lambda features, ids: seen.append(ids.tolist()) or original(features, ids)
+        loaded = bound.clip
         assert loaded is not None
         with torch.no_grad():
             model.generate(**inputs, max_new_tokens=2, min_new_tokens=2, do_sample=False, pad_token_id=0)
-    assert method.clip is loaded  # loaded once
+    assert bound.clip is loaded  # loaded once
+    assert method.clip is None  # by the bound copy: the configured method is unchanged
     assert seen == [[9, 10, 11, 12], [9, 13, 14]]  # each image's instruction ids reach the CLIP text tower
     stats = handle.stats[0]
     assert stats.patches_entering_llm == [6, 6]

@@ -57,10 +57,10 @@ SYNC_METHODS = {"tolist", "item", "cpu", "numpy", "nonzero", "unique", "bincount
 SYNC_TORCH = {"tensor", "nonzero", "unique", "bincount", "masked_select"}  # torch.tensor(...): a host→device copy
 
 OFF_PATH = {
-    "__init__", "__init_subclass__", "__post_init__", "__repr__", "describe", "prepare", "check_model",
+    "__init__", "__init_subclass__", "__post_init__", "__repr__", "describe", "bind", "resolve", "check_model",
     "check_family", "generator", "budget", "split", "split_budget", "stage_counts", "lam_for_average", "avg",
     "pooled_grid", "uses_rank", "equal_budget", "target", "calibrate_lambda", "consider", "_stats", "_resolve", "_find_neurons",
-    "register_neurons", "vision_tower_patch", "_check_neurons_argument", "available_methods", "method_class",
+    "load_resources", "stages_for", "vision_tower_patch", "_check_neurons_argument", "available_methods", "method_class",
     "make_method", "register_method", "_load", "layer", "ranked", "get", "function", "<module>",
 }
 
@@ -370,9 +370,7 @@ def _line_of(module, marker):
 
 
 def occam(**kw):
-    m = make_method("occamtoken", neurons=[], **kw)
-    m.prepare("llava", 32)
-    return m
+    return make_method("occamtoken", neurons=[], **kw).bind("llava", 32)
 
 
 def occam_image_ctx(crops=3, seed=0, qwen=False):

@@ -192,7 +192,7 @@ def _resolved_neurons(model):
         warnings.simplefilter("always")
         with vtprune.pruned(model, "occamtoken", layer=1) as handle, torch.no_grad():
             model(**make_inputs(model, samples("llava", (0,))))
-            resolved = list(handle.method._resolved.values())
+            resolved = [handle.method.loaded_neurons]
     assert isinstance(model, LlavaForConditionalGeneration) and len(resolved) == 1
     return resolved[0], [str(w.message) for w in caught]
 
@@ -238,15 +238,16 @@ def test_a_newer_calibration_of_another_tower_is_never_used(tmp_path, monkeypatc
 
 
 def test_one_instance_takes_each_familys_defaults():
-    """prepare() resolves the family defaults anew: an instance applied to LLaVA, then to Qwen, uses
-    Qwen's λ1 and layer, not LLaVA's."""
+    """bind() resolves the family defaults on a copy: one configured instance bound to LLaVA, then to
+    Qwen, gives LLaVA's λ1 and layer, then Qwen's, and stays unresolved itself."""
     from vtprune.methods.occamtoken import DEFAULT_LAMBDA1, OccamToken
 
     method = OccamToken()
-    method.prepare("llava", 32)
-    assert (method.lambda1, method.layer) == (DEFAULT_LAMBDA1["llava"], 11)
-    method.prepare("qwen2_5_vl", 28)
-    assert (method.lambda1, method.layer) == (DEFAULT_LAMBDA1["qwen2_5_vl"], 10)
-    chosen = OccamToken(lambda1=0.3, layer=4)
-    chosen.prepare("qwen3_vl", 36)
+    on_llava = method.bind("llava", 32)
+    assert (on_llava.lambda1, on_llava.layer) == (DEFAULT_LAMBDA1["llava"], 11)
+    on_qwen = method.bind("qwen2_5_vl", 28)
+    assert (on_qwen.lambda1, on_qwen.layer) == (DEFAULT_LAMBDA1["qwen2_5_vl"], 10)
+    assert (on_llava.lambda1, on_llava.layer) == (DEFAULT_LAMBDA1["llava"], 11)
+    assert (method.lambda1, method.layer, method.llm_layers) == (None, None, ())
+    chosen = OccamToken(lambda1=0.3, layer=4).bind("qwen3_vl", 36)
     assert (chosen.lambda1, chosen.layer) == (0.3, 4)

@@ -195,20 +195,29 @@ def test_generate_keeps_exactly_k_tokens_per_image(family):
         assert runs[0] == runs[1]  # deterministic
 
 
-def test_width_mismatch_and_missing_checkpoint_are_clear_errors(tmp_path):
+def _untouched(model) -> bool:
+    """Nothing of vtprune's is on the model: no handle, no forward of its own on the instance."""
+    return "forward" not in vars(model) and getattr(model, "_vtprune_handle", None) is None
+
+
+def test_width_mismatch_and_missing_checkpoint_are_clear_errors_before_the_model_is_patched(tmp_path):
+    """The checkpoint is found and checked against the tower by apply() (load_resources), so a missing or
+    unfitting one raises there, with the model untouched, not at the first forward."""
     model = tiny_model("llava")
-    inputs = make_inputs(model, [_sample("llava")])
     save_pruner(small_pruner(dim=16), tmp_path / "d16")
-    with vtprune.pruned(model, "ocvtp", keep=4, checkpoint=tmp_path / "d16"):
-        with pytest.raises(CheckpointError, match=r"takes 16-d tokens .* 32-d.*vtprune ocvtp extract"):
-            model(**inputs)
-    with vtprune.pruned(model, "ocvtp", keep=4):
-        with pytest.raises(CheckpointError, match="no checkpoint shipped with vtprune fits"):
-            model(**inputs)
+    with pytest.raises(CheckpointError, match=r"takes 16-d tokens .* 32-d.*vtprune ocvtp extract"):
+        vtprune.apply(model, "ocvtp", keep=4, checkpoint=tmp_path / "d16")
+    assert _untouched(model)
+    with pytest.raises(CheckpointError, match="no checkpoint shipped with vtprune fits"):
+        vtprune.apply(model, "ocvtp", keep=4)
+    assert _untouched(model)
     qwen = tiny_model("qwen2_5_vl")
-    with vtprune.pruned(qwen, "ocvtp", keep=4, checkpoint=tmp_path / "d16"):
-        with pytest.raises(CheckpointError, match="takes 16-d tokens"):
-            qwen(**make_inputs(qwen, [_sample("qwen2_5_vl")]))
+    with pytest.raises(CheckpointError, match="takes 16-d tokens"):
+        vtprune.apply(qwen, "ocvtp", keep=4, checkpoint=tmp_path / "d16")
+    assert _untouched(qwen)
+    inputs = make_inputs(model, [_sample("llava")])
+    with vtprune.pruned(model, "ocvtp", keep=3, checkpoint=SYNTHETIC):  # the model still prunes afterwards
+        model(**inputs)
 
 
 # -- extraction and the CLI ---------------------------------------------------------------------------

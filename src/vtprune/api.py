@@ -18,11 +18,14 @@ POSITIONS = ("original", "contiguous")
 
 class PruneHandle:
     """Returned by :func:`apply`. ``stats`` lists one :class:`CallStats` per pruned prefill;
-    ``last`` is the newest; ``remove()`` restores the model exactly."""
+    ``last`` is the newest; ``remove()`` restores the model exactly. ``method`` is the method bound to
+    this model (what runs: the family's defaults resolved, its resources loaded); ``configured`` is the
+    method as given to ``apply``, never changed by it."""
 
-    def __init__(self, model, method: Method, installation: Installation, stats: list[CallStats]):
+    def __init__(self, model, method: Method, installation: Installation, stats: list[CallStats], configured: Method):
         self.model = model
         self.method = method
+        self.configured = configured
         self._installation = installation
         self.stats = stats
 
@@ -82,8 +85,10 @@ def apply(model, method: Method | str, *, layout: str | None = None, positions: 
     original positions (M-RoPE). Returns a handle with
     ``stats`` and ``remove()``; the model keeps its attention implementation.
 
-    Every argument is checked here, before the model is touched: a wrong one raises a
-    :class:`~vtprune.errors.VTPruneError` that names it.
+    ``method`` is bound to this model (``method.bind``: a copy with the family's defaults) and loads its
+    resources (``load_resources``) here; the method you pass is not changed, so one configured method
+    can be applied to several models. Every argument is checked and every resource loaded before the
+    model is touched: a wrong one raises a :class:`~vtprune.errors.VTPruneError` that names it.
     """
     check_transformers()
     if layout is not None and layout not in LAYOUTS:
@@ -98,16 +103,18 @@ def apply(model, method: Method | str, *, layout: str | None = None, positions: 
         raise ArgumentError(f"positions={positions!r} is not allowed; choose one of {', '.join(map(repr, POSITIONS))}.")
     if getattr(model, "_vtprune_handle", None) is not None:
         raise AlreadyPrunedError("This model is already pruned; call handle.remove() before applying another method.")
-    method.prepare(family, _decoder_depth(model))
+    configured = method
+    method = configured.bind(family, _decoder_depth(model))
     options = {"layout": layout or method.default_layout} if len(info.layouts) > 1 else {}
     adapter = adapter_for(model, **options)
     if not method.stages:
         raise UnsupportedMethodError(f"Method '{method.name}' declares no insertion point.")
     method.check_model(adapter)
     positions = _resolve_positions(positions, method, adapter)
+    method.load_resources(adapter)  # the last check: a missing checkpoint raises before the model is patched
     stats: list[CallStats] = []
     installation = Installation(model, method, adapter, stats, positions=positions)
-    handle = PruneHandle(model, method, installation, stats)
+    handle = PruneHandle(model, method, installation, stats, configured)
     model._vtprune_handle = handle
     return handle
 

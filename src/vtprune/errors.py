@@ -35,3 +35,9 @@ class UnknownMethodError(VTPruneError, KeyError):
 
 class InputError(VTPruneError, ValueError):
     """The inputs handed to the model do not fit together (images vs placeholders, dtype, device)."""
+
+
+class UnboundMethodError(VTPruneError, RuntimeError):
+    """A method ran on a model it was not bound to: ``vtprune.apply`` binds it (``method.bind``) and
+    loads its resources (``load_resources``) before the model runs; code driving an adapter by hand
+    must do the same."""

@@ -27,7 +27,7 @@ def support_matrix() -> list[dict]:
         if name.startswith("test_"):
             continue
         cls = _REGISTRY[name]
-        stages = "+".join(s.value for s in cls.stages) if cls.stages else "configurable"
+        stages = stage_column(cls)
         cells = {}
         for f in FAMILIES:
             family, reason = get(f), cls.refusal(f)
@@ -41,6 +41,20 @@ def support_matrix() -> list[dict]:
         rows.append({"method": name, "stage": stages, **cells, "positions": cls.default_positions,
                      "official": official_link(cls.official_code)})
     return rows
+
+
+def stage_names(stages) -> str:
+    return "+".join(s.value for s in stages) if stages else "configurable"
+
+
+def stage_column(cls) -> str:
+    """The insertion point(s) the method runs at once bound (``stages_for``): the first family's, then
+    every other one with the families that use it, e.g. "vision; projected on Qwen2.5-VL, Qwen3-VL"."""
+    by_stages: dict[str, list[str]] = {}
+    for f in FAMILIES:
+        by_stages.setdefault(stage_names(cls.stages_for(f)), []).append(FAMILY_NAMES[f])
+    first, *others = by_stages
+    return "; ".join([first] + [f"{names} on {', '.join(by_stages[names])}" for names in others])
 
 
 def official_link(code: str) -> str:

@@ -8,6 +8,7 @@ candidate tokens to keep, optionally with replacement values (token merging).
 """
 from __future__ import annotations
 
+import copy
 import difflib
 from dataclasses import dataclass, field
 from enum import Enum
@@ -205,23 +206,47 @@ class Method:
         if reason is not None:
             raise UnsupportedMethodError(f"Method '{self.name}' does not support {family}: {reason}")
 
-    def prepare(self, family: str, num_layers: int) -> None:
-        """Called once by ``apply`` with the model family and its decoder depth: set family-dependent
-        defaults and validate. The default checks the family against ``unsupported``."""
+    @classmethod
+    def stages_for(cls, family: str) -> tuple[Stage, ...]:
+        """The insertion points the method runs at on ``family`` (the support matrix reads this). A method
+        whose stage depends on the family overrides it, and its ``resolve`` sets ``stages`` from it."""
+        return cls.stages
+
+    # -- binding: configuration → the object that runs on one model -----------------------------
+    def bind(self, family: str, num_layers: int) -> "Method":
+        """The method as it runs on a model of ``family`` with ``num_layers`` decoder layers: a shallow
+        copy on which ``resolve`` set the family's defaults and validated them. The configured method is
+        never changed, so one configured method can be bound to several models, each with its own
+        family's values. ``apply`` binds; the handle's ``method`` is the bound copy."""
+        bound = copy.copy(self)
+        bound.resolve(family, num_layers)
+        return bound
+
+    def resolve(self, family: str, num_layers: int) -> None:
+        """Called by ``bind`` on the copy only: set family-dependent fields and validate them. The
+        default checks the family against ``needs``. Assign fields; never mutate a container shared
+        with the configured method (the copy is shallow)."""
         self.check_family(family)
 
     def check_model(self, adapter) -> None:
-        """Called by ``apply`` before the model is touched: refuse arguments this model cannot meet.
-        The default checks ``attention_layers`` against the depth of the vision tower."""
+        """Called by ``apply`` on the bound method before the model is touched: refuse arguments this
+        model cannot meet. The default checks ``attention_layers`` against the depth of the vision tower."""
         depth = adapter.vision_depth
         for block in self.attention_layers:
             if not 0 <= block < depth:
                 raise ArgumentError(f"{self.name} reads the attention of vision block {block + 1} (1-based), but this "
                                     f"model's vision tower has {depth} blocks; choose a block in 1..{depth}.")
 
+    def load_resources(self, adapter) -> None:
+        """Called once by ``apply`` on the bound method, after ``check_model`` and before the model is
+        patched: load what the method needs from disk or from the model (a checkpoint, calibrated
+        neurons, a text encoder), so that a missing resource raises before anything changes. The
+        default loads nothing."""
+
     def vision_tower_patch(self, adapter):
         """A context manager that changes the vision tower while it runs (e.g. appends test-time
-        registers), or None. Called once per forward with the model adapter."""
+        registers), or None. Called once per forward with the model adapter; it loads nothing
+        (``load_resources`` did)."""
         return None
 
     # -- selection hooks (override what the stages need) --------------------------------------

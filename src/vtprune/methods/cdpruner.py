@@ -28,7 +28,7 @@ Relevance (``relevance=``), reported in ``Selection.info['relevance']``:
 * ``"off"`` — no relevance: a plain, instruction-agnostic DPP over ``S``.
 * ``"auto"`` (default) — ``"clip_text"`` when a ``text_encoder`` is given, else ``"llm_embeddings"``.
 
-When the relevance that runs is not the official one, the method warns once (per instance).
+When the relevance that runs is not the official one, the method warns once per ``apply`` (per bound method).
 
 With the CLIP relevance and the same embeddings, the kept indices equal the official code's
 (``tests/fixtures/parity/cdpruner.json``: LLaVA-1.5 and LLaVA-NeXT-shaped inputs). Remaining differences:
@@ -209,14 +209,13 @@ class CDPruner(Method):
 
         self.clip = ClipTextRelevance(self.text_encoder, tokenizer)
 
-    def prepare(self, family: str, num_layers: int) -> None:
-        super().prepare(family, num_layers)
+    def resolve(self, family: str, num_layers: int) -> None:
+        super().resolve(family, num_layers)
         if self.relevance_source == "clip_text" and "cls_attention" not in families.get(family).capabilities:
             raise ArgumentError(f"cdpruner: relevance='clip_text' needs a CLIP vision tower (LLaVA); {family} has "
                                 "none. Use relevance='llm_embeddings' or 'off'.")
 
-    def check_model(self, adapter) -> None:
-        super().check_model(adapter)
+    def load_resources(self, adapter) -> None:
         if self.relevance_source == "clip_text":
             self.load_text_encoder(getattr(adapter.model, "name_or_path", None))
 

@@ -50,9 +50,9 @@ s1(v) / s1(r), each against its own crop's register, are kept; λ1 is then unuse
   image; tokens dropped from the input of layer l+1;
 - the KV cache of layers 0..l is compacted to the kept tokens (the paper's KV figures imply it);
 - the register takes the position of its image's last patch.
-Where the register neurons come from: ``neurons=`` (a RegisterNeurons, JSON path or pairs), else a
-``vtprune_registers.json`` next to the model's weights, else the newest calibration of this very
-tower (same ``tower_identity``) in the user cache written by ``vtprune calibrate registers`` — whatever
+Where the register neurons come from (looked up once, by ``load_resources`` when ``apply`` binds the
+method): ``neurons=`` (a RegisterNeurons, JSON path or pairs), else a ``vtprune_registers.json`` next
+to the model's weights, else the newest calibration of this very tower (same ``tower_identity``) in the user cache written by ``vtprune calibrate registers`` — whatever
 options it was run with ([decision]: the newest, because calibrating again is how a user says which
 neurons they want; a file of another tower is never used); with none, the register is appended without redirected neurons (a
 warning says so) — the method keeps working, with a weaker reference.
@@ -66,7 +66,7 @@ from typing import Literal
 
 import torch
 
-from ..errors import ArgumentError, UnsupportedMethodError
+from ..errors import ArgumentError, UnboundMethodError, UnsupportedMethodError
 from ..occamtoken.scores import relative_keep, stage1_columns, stage2_keep, stage2_scores
 from ..models.families import FamilyDefaults
 from .base import Method, Selection, Stage, register_method, sorted_topk
@@ -118,14 +118,14 @@ class OccamToken(Method):
             neurons = list(neurons) if hasattr(neurons, "__iter__") else neurons  # an iterator is read once
         _check_neurons_argument(neurons)
         self.lambda1, self.lambda2, self.layer = lambda1, float(lambda2), layer
-        self._requested = (lambda1, layer)  # None = the family's default, resolved anew by each prepare()
+        self._requested = (lambda1, layer)  # None = the family's default, resolved by each bind()
         self.stage1, self.stage2 = stage1, stage2
         self.neurons, self.register_mode = neurons, register_mode
-        self._resolved: dict[int, object] = {}
+        self.loaded_neurons = None  # the RegisterNeurons in use, set by load_resources on the bound method
         self.stages = tuple(s for s, on in ((Stage.VISION, stage1), (Stage.LLM, stage2)) if on)
 
-    def prepare(self, family: str, num_layers: int) -> None:
-        super().prepare(family, num_layers)
+    def resolve(self, family: str, num_layers: int) -> None:
+        super().resolve(family, num_layers)
         self.family = family
         lambda1, layer = self._requested
         self.lambda1 = DEFAULT_LAMBDA1[family] if lambda1 is None else lambda1
@@ -142,24 +142,27 @@ class OccamToken(Method):
         return self.keep is not None or self.ratio is not None
 
     def describe(self) -> str:
-        stage1 = f"stage I top {self.keep or self.ratio} by s1(v)/s1(r)" if self.ranked else f"λ1={self.lambda1}"
+        default = "the family's"  # a configured method, not bound yet
+        lambda1 = default if self.lambda1 is None else self.lambda1
+        stage1 = f"stage I top {self.keep or self.ratio} by s1(v)/s1(r)" if self.ranked else f"λ1={lambda1}"
+        layer = default if self.layer is None else self.layer
         parts = [stage1 if self.stage1 else "no stage I",
-                 f"λ2={self.lambda2}, l={self.layer}" if self.stage2 else "no stage II"]
+                 f"λ2={self.lambda2}, l={layer}" if self.stage2 else "no stage II"]
         return f"occamtoken({', '.join(parts)})"
 
     # -- the register ----------------------------------------------------------------------------
+    def load_resources(self, adapter) -> None:
+        """Find the register neurons of this model's tower (see the module docstring for where they come
+        from), once per bound method."""
+        self.loaded_neurons = self._find_neurons(adapter.vision_module, adapter.model)
+
     def vision_tower_patch(self, adapter):
         from ..occamtoken.intervention import test_time_register
 
-        tower = adapter.vision_module
-        return test_time_register(tower, self.register_neurons(tower, adapter.model), mode=self.register_mode)
-
-    def register_neurons(self, tower, model=None):
-        """The register neurons for ``tower`` (see the module docstring for where they come from)."""
-        key = id(tower)
-        if key not in self._resolved:
-            self._resolved[key] = self._find_neurons(tower, model)
-        return self._resolved[key]
+        if self.loaded_neurons is None:
+            raise UnboundMethodError("occamtoken: the register neurons are not loaded; bind the method to the model "
+                                     "and call load_resources(adapter) first (vtprune.apply does both).")
+        return test_time_register(adapter.vision_module, self.loaded_neurons, mode=self.register_mode)
 
     def _find_neurons(self, tower, model):
         from ..occamtoken.neuron_cache import latest_calibration, load_or_calibrate
@@ -176,7 +179,7 @@ class OccamToken(Method):
             return cached
         warnings.warn("OccamToken: no register neurons are calibrated for this vision tower; the register is "
                       "appended without redirected neurons. Run `vtprune calibrate registers --model PATH --images DIR` "
-                      "for the full method.", stacklevel=3)
+                      "for the full method.", stacklevel=4)  # the caller of apply()
         return RegisterNeurons([], None, -1, "", [], "not calibrated", {}, {})
 
     # -- stage I -----------------------------------------------------------------------------------

@@ -128,7 +128,7 @@ class OCVTP(Method):
         self.truncate = truncate
         self.fill = fill
         self._config = None
-        self._identity: dict | None = None  # the tower, when the adapter shows it (LLaVA families)
+        self._identity: dict | None = None  # the tower, set by load_resources (vLLM: none)
         self._depth: int | None = None
         self._resolved_for: tuple | None = None
         if self.checkpoint is not None:
@@ -137,15 +137,14 @@ class OCVTP(Method):
             self._config = read_config(self.checkpoint)  # fail early on a bad path
 
     # -- checkpoint resolution ---------------------------------------------------------------------
-    def vision_tower_patch(self, adapter):
-        """Called by the LLaVA adapters before the tower runs: check the checkpoint against the tower."""
+    def load_resources(self, adapter) -> None:
+        """Find and read the checkpoint for this model's tower and check it against the tower, before
+        the model is patched (a missing or unfitting checkpoint raises CheckpointError here)."""
         from ..ocvtp.extract import tower_depth, tower_identity
 
-        identity = tower_identity(adapter.model)
-        if identity != self._identity:
-            self._identity, self._depth, self._resolved_for = identity, tower_depth(adapter.model), None
+        self._identity, self._depth = tower_identity(adapter.model), tower_depth(adapter.model)
+        self._resolved_for = None
         self._resolve(adapter.family, self._identity["hidden_size"])
-        return None
 
     def _resolve(self, family: str, width: int):
         if self._resolved_for == (family, width) and self._config is not None:

@@ -37,10 +37,14 @@ class Pooling(Method):
     stages = (Stage.VISION,)
     needs_full_grid = True
 
-    def prepare(self, family: str, num_layers: int) -> None:
-        super().prepare(family, num_layers)
+    @classmethod
+    def stages_for(cls, family: str) -> tuple[Stage, ...]:
         merges_vision = "vision_merge" in families.get(family).capabilities  # pooled vision features pass the projector
-        self.stages = (Stage.VISION,) if merges_vision else (Stage.PROJECTED,)
+        return (Stage.VISION,) if merges_vision else (Stage.PROJECTED,)
+
+    def resolve(self, family: str, num_layers: int) -> None:
+        super().resolve(family, num_layers)
+        self.stages = self.stages_for(family)
 
     def select_vision(self, ctx):
         total = self.budget(ctx.num_tokens)

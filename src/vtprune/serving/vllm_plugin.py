@@ -145,7 +145,9 @@ class PruneSpec:
         return PruneSpec._make(method, keep, ratio, self.table)
 
     def build(self, family: str, llm_layers: int) -> Method:
-        """The method object (cached), prepared for ``family`` as ``vtprune.apply`` prepares it."""
+        """The method object (cached), bound to ``family`` as ``vtprune.apply`` binds it. Resources load
+        lazily inside vLLM (there is no adapter to hand ``load_resources``): OC-VTP reads its checkpoint
+        at the first selection; OccamToken's register comes from ``neurons`` or the model directory."""
         return _build_method(self, family, llm_layers)
 
     # the per-image record travelling from the processor to the model (int64, exact in any dtype):
@@ -180,10 +182,9 @@ def _build_method(spec: PruneSpec, family: str, llm_layers: int) -> Method:
     except (TypeError, ValueError, VTPruneError) as exc:
         raise ValueError(f"vtprune: cannot build method '{spec.method}' with {kwargs}: {exc}") from exc
     try:
-        method.prepare(family, llm_layers)
+        return method.bind(family, llm_layers)
     except VTPruneError as exc:
         raise ValueError(f"vtprune: {exc}") from exc
-    return method
 
 
 # ------------------------------------------------------------------------------------------------
