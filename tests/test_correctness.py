@@ -123,7 +123,7 @@ def test_an_error_inside_a_method_leaves_model_and_handle_working(family, stage,
         hooks_applied = hook_count(model)
         with pytest.raises(type(error)), torch.no_grad():
             model(**inputs)
-        assert handle._pruner._call is None
+        assert handle._installation._call is None
         assert hook_count(model) == hooks_applied
         # text-only calls through the still-active handle are the plain model's, shape included
         assert torch.equal(text_only(model), plain_text)

@@ -220,11 +220,6 @@ def block_index(num_layers: int, hidden_state_index: int) -> int:
     return idx - 1
 
 
-def register_adapter(cls: type[Adapter]) -> type[Adapter]:
-    """Kept for the adapter modules' decorators; the family declaration names the adapter."""
-    return cls
-
-
 def adapter_for(model, **options) -> Adapter:
     from .families import family_of_model
 

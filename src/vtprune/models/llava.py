@@ -8,8 +8,8 @@ import torch
 
 from ..errors import InputError, UnsupportedModelError
 from ..methods.base import ImageContext, Method, Stage
-from ..registers import _first_param, _Tower, redirect_activations
-from .base import Adapter, EncodedImage, block_index, register_adapter
+from ..occamtoken.towers import RegisterTower, first_param, redirect_activations
+from .base import Adapter, EncodedImage, block_index
 from .families import Family, FlopsInfo, TinySpec, register_family
 
 
@@ -23,7 +23,6 @@ def _state_index(block: int) -> int:
     return block + 1 if block >= 0 else block
 
 
-@register_adapter
 class LlavaAdapter(Adapter):
     family = "llava"
 
@@ -201,7 +200,7 @@ class LlavaAdapter(Adapter):
 
 
 # -- test-time registers: the CLIP tower ----------------------------------------------------------
-class ClipTower(_Tower):
+class ClipTower(RegisterTower):
     """``CLIPVisionModel`` (transformers 5): embeddings → pre_layrnorm → encoder.layers → post_layernorm.
     Batched (B, S, D) hidden states, CLS at position 0; with the register: (B, 1 + N + 1, D)."""
 
@@ -235,7 +234,7 @@ class ClipTower(_Tower):
             batch = batch.flatten(0, 1)
         if batch.dim() != 4:
             raise InputError(f"Expected pixel values (B, 3, H, W), got shape {tuple(batch.shape)}.")
-        p = _first_param(self.core)
+        p = first_param(self.core)
         return {"pixel_values": batch.to(device=p.device, dtype=p.dtype)}
 
     def num_images(self, batch):
