@@ -358,7 +358,7 @@ def test_vispruner_uses_received_attention_on_qwen():
 
 
 # -- HiPrune -------------------------------------------------------------------------------------------
-def hiprune_ctx(anchor_cells, rows=8, cols=8, register_cells=(), family="llava"):
+def hiprune_ctx(anchor_cells, rows=8, cols=8, fill_cells=(), family="llava"):
     n = rows * cols
     torch.manual_seed(0)
     glob = torch.full((n,), 0.1) + 0.01 * torch.rand(n)
@@ -369,7 +369,7 @@ def hiprune_ctx(anchor_cells, rows=8, cols=8, register_cells=(), family="llava")
     att[0, :, :, 1:] = glob  # every query looks at the patches like this
     att = att / att.sum(-1, keepdim=True)
     received = torch.linspace(0.1, 0.01, n)  # distinct, decreasing with the index
-    for rank, c in enumerate(register_cells):
+    for rank, c in enumerate(fill_cells):
         received[c] = 5.0 - 0.1 * rank
     return image_ctx(torch.randn(n, 16), grids=[(rows, cols)], family=family, received=received,
                      vattn={8: att}, cls=torch.softmax(torch.randn(4, n), -1))
@@ -377,7 +377,7 @@ def hiprune_ctx(anchor_cells, rows=8, cols=8, register_cells=(), family="llava")
 
 def test_hiprune_keeps_anchor_neighbours_without_wrapping():
     interior, corner, right_edge = 3 * 8 + 4, 0, 2 * 8 + 7
-    ctx = hiprune_ctx([interior, corner, right_edge], register_cells=[60, 61, 62, 63, 50])
+    ctx = hiprune_ctx([interior, corner, right_edge], fill_cells=[60, 61, 62, 63, 50])
     # alpha 0.75 with budget 20 → round(20 · 0.75 / 5) = 3 anchors
     sel = HiPrune(keep=20, alpha=0.75, neighbours="grid").select_vision(ctx)
     assert_valid(sel, 64, 20)
@@ -386,8 +386,8 @@ def test_hiprune_keeps_anchor_neighbours_without_wrapping():
     assert {corner, 1, 8} <= kept
     assert {right_edge, right_edge - 8, right_edge + 8, right_edge - 1} <= kept
     assert right_edge + 1 not in kept  # no wrap-around to the next row's first cell
-    assert sel.info["anchors_buffers_registers"].tolist() == [[3, 4 + 2 + 3, 20 - 12]]
-    # registers: the top received-attention tokens among the rest (5 marked, then the lowest indices)
+    assert sel.info["anchors_buffers_fill"].tolist() == [[3, 4 + 2 + 3, 20 - 12]]
+    # fill tokens: the top received-attention tokens among the rest (5 marked, then the lowest indices)
     anchors_buffers = {interior, interior - 8, interior + 8, interior - 1, interior + 1, corner, 1, 8,
                        right_edge, right_edge - 8, right_edge + 8, right_edge - 1}
     rest = [i for i in range(64) if i not in anchors_buffers and i not in {60, 61, 62, 63, 50}]
@@ -396,7 +396,7 @@ def test_hiprune_keeps_anchor_neighbours_without_wrapping():
 
 def test_hiprune_official_neighbours_wrap_and_clamp():
     interior, corner, right_edge = 3 * 8 + 4, 0, 2 * 8 + 7
-    ctx = hiprune_ctx([interior, corner, right_edge], register_cells=[60, 61, 62, 63, 50])
+    ctx = hiprune_ctx([interior, corner, right_edge], fill_cells=[60, 61, 62, 63, 50])
     sel = HiPrune(keep=20, alpha=0.75).select_vision(ctx)  # neighbours="official" (the default)
     assert_valid(sel, 64, 20)
     kept = set(sel.keep.tolist())
@@ -405,7 +405,7 @@ def test_hiprune_official_neighbours_wrap_and_clamp():
                        right_edge, right_edge - 8, right_edge + 8, right_edge - 1, right_edge + 1}
     assert right_edge + 1 == 3 * 8  # the first cell of the next row
     assert anchors_buffers <= kept
-    assert sel.info["anchors_buffers_registers"].tolist() == [[3, 10, 7]]
+    assert sel.info["anchors_buffers_fill"].tolist() == [[3, 10, 7]]
 
 
 def test_hiprune_equal_crop_budget_is_the_official_split():

@@ -13,7 +13,7 @@ from vtprune.matrix import stage_names, support_matrix
 from vtprune.methods import Stage, available_methods, make_method, method_class
 from vtprune.methods.occamtoken import DEFAULT_LAMBDA1, OccamToken
 from vtprune.ocvtp import checkpoint_dir
-from vtprune.registers import RegisterNeurons
+from vtprune.occamtoken.neurons import RegisterNeurons
 from vtprune.tiny import FAMILIES, Sample, make_inputs, tiny_model
 
 NO_NEURONS = RegisterNeurons([], None, -1, "", [], "test: none", {}, {})

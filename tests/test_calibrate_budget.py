@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import vtprune
-from vtprune.calibrate import FIXED_PROMPT, Pair, calibrate_pairs, format_table, parse_targets, read_pairs
+from vtprune.occamtoken.budget import FIXED_PROMPT, Pair, calibrate_pairs, format_table, read_pairs
+from vtprune.occamtoken.cli import parse_targets
 from vtprune.cli import main
 from vtprune.demo import MODEL_DIR, load_demo_model
 from vtprune.demo.scenes import make_split
@@ -51,7 +52,7 @@ def fits(demo, pairs_file):
 
 def kept_counts(model, processor, pairs, lambda2):
     """Visual tokens per pair after stage II (register included), measured by running the pruned model."""
-    from vtprune.calibrate import _processed, load_image
+    from vtprune.occamtoken.budget import _processed, load_image
 
     counts = []
     with vtprune.pruned(model, "occamtoken", lambda2=lambda2, **SETTINGS) as handle, torch.no_grad():
@@ -170,7 +171,7 @@ def test_targets_and_table():
     for bad in ("", "abc", "64,-1", "0"):
         with pytest.raises(ArgumentError):
             parse_targets(bad)
-    from vtprune.calibrate import fit_lambda
+    from vtprune.occamtoken.budget import fit_lambda
 
     ratios = [([0.5, 1.0, 2.0, 3.0], 1), ([0.5, 4.0], 1)]
     fits = [fit_lambda(ratios, t) for t in (4, 2)]

@@ -123,7 +123,7 @@ def test_an_error_inside_a_method_leaves_model_and_handle_working(family, stage,
         hooks_applied = hook_count(model)
         with pytest.raises(type(error)), torch.no_grad():
             model(**inputs)
-        assert handle._pruner._call is None
+        assert handle._installation._call is None
         assert hook_count(model) == hooks_applied
         # text-only calls through the still-active handle are the plain model's, shape included
         assert torch.equal(text_only(model), plain_text)
@@ -137,9 +137,9 @@ def test_an_error_inside_a_method_leaves_model_and_handle_working(family, stage,
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "llava"])
-@pytest.mark.parametrize("name,kwargs", [("ocvtp", dict(keep=4, checkpoint=None)),
-                                         ("occamtoken", dict(neurons=[(99, 0)]))])
+@pytest.mark.parametrize("name,kwargs", [("occamtoken", dict(neurons=[(99, 0)]))])
 def test_a_method_failing_to_patch_the_tower_leaves_no_hook(family, name, kwargs):
+    # (OC-VTP without a checkpoint fails earlier, in apply(): tests/test_binding.py)
     model = model_of(family)
     inputs = make_inputs(model, [sample(family)])
     with torch.no_grad():

@@ -113,6 +113,6 @@ def test_a_method_defaulting_to_contiguous_positions_gets_them(llava):
         default_positions = "contiguous"
 
     with vtprune.pruned(llava, Contiguous()) as handle:
-        assert handle._pruner.contiguous
+        assert handle._installation.contiguous
     with vtprune.pruned(llava, Contiguous(), positions="original") as handle:
-        assert not handle._pruner.contiguous
+        assert not handle._installation.contiguous

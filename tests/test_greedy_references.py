@@ -299,7 +299,7 @@ def test_dart_matches_reference(seed, k, pivots):
     assert sel.keep.tolist() == dart_reference(hidden, visual, text, keys, k, *pivots)
 
 
-# -- HiPrune: anchors, their grid neighbours, then registers -------------------------------------------
+# -- HiPrune: anchors, their grid neighbours, then fill tokens ----------------------------------------
 def hiprune_reference(glob, deep, rows, cols, budget, alpha):
     n_anchor = int(round(budget * alpha / 5))
     anchors = sorted(range(rows * cols), key=lambda c: (-float(glob[c]), c))[:n_anchor]
@@ -336,4 +336,4 @@ def test_hiprune_matches_reference(seed, k, alpha):
         expected += [i + sl.start for i in keep]
         counts.append(b - n_chosen)
     assert sel.keep.tolist() == sorted(expected)
-    assert sel.info["anchors_buffers_registers"][:, 2].tolist() == counts
+    assert sel.info["anchors_buffers_fill"][:, 2].tolist() == counts

@@ -158,10 +158,10 @@ def test_down_sampled_images_are_refused_in_the_model_layout_and_run_flat():
 
 def test_siglip_register_tower_appends_one_zero_token_without_cls():
     from vtprune.models.llava_onevision import SiglipTower
-    from vtprune.registers import _resolve_tower
+    from vtprune.occamtoken.towers import resolve_tower
 
     m = model()
-    tower = _resolve_tower(m)
+    tower = resolve_tower(m)
     assert isinstance(tower, SiglipTower) and not tower.has_cls
     pixels = torch.randn(2, 3, 56, 56)
     handle = tower.append_register_hook()

@@ -220,7 +220,7 @@ def test_llava_next_follows_the_papers_accounting_by_default():
     tokens (5 crops of 2×2 patches here, as 5 × 576 = 2,880 there), and a budget fitted to K tokens
     (registers included, as Eq. 18 counts r) is what reaches past stage II; the model's own layout,
     newline tokens counted, is one argument away."""
-    from vtprune.calibrate import calibrate_budget
+    from vtprune.occamtoken.budget import calibrate_budget
 
     model = models("llava_next")[0]
     inputs = make_inputs(model, [Sample([1, 7, 8], [9, 10, 11, 12, 13], 0, (56, 56))])

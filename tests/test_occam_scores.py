@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vtprune.methods import _occam_scores as S
+from vtprune.occamtoken import scores as S
 
 
 def softmax_rows(logits: torch.Tensor) -> torch.Tensor:

@@ -6,9 +6,9 @@ import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import vtprune
-from vtprune.calibrate import calibrate_budget
-from vtprune import registers
-from vtprune.registers import RegisterNeurons
+from vtprune.occamtoken import intervention
+from vtprune.occamtoken.budget import calibrate_budget
+from vtprune.occamtoken.neurons import RegisterNeurons
 from vtprune.tiny import FAMILIES, Sample, make_inputs, tiny_model
 
 NO_NEURONS = RegisterNeurons([], None, -1, "", [], "test: none", {}, {})
@@ -49,12 +49,12 @@ def test_lambda_zero_reproduces_the_model_with_a_register(family):
     last = int(image_cols[-1])
     with torch.no_grad():
         if family == "llava":
-            with registers.test_time_register(model.model.vision_tower, NO_NEURONS):
+            with intervention.test_time_register(model.model.vision_tower, NO_NEURONS):
                 feats = model.model.get_image_features(inputs["pixel_values"]).pooler_output
             positions = torch.arange(len(ids))
             positions = torch.cat([positions[:last + 1], positions[last:last + 1], positions[last + 1:]]).unsqueeze(0)
         else:
-            with registers.test_time_register(model.model.visual, NO_NEURONS):
+            with intervention.test_time_register(model.model.visual, NO_NEURONS):
                 feats = [model.model.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"]).pooler_output]
             full, _ = model.model.get_rope_index(inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
                                                  image_grid_thw=inputs["image_grid_thw"])

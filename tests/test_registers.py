@@ -1,4 +1,4 @@
-"""Test-time registers (vtprune.registers) on tiny CLIP towers with hand-rigged register neurons."""
+"""Test-time registers (vtprune.occamtoken) on tiny CLIP towers with hand-rigged register neurons."""
 from __future__ import annotations
 
 import argparse
@@ -10,7 +10,14 @@ import pytest
 import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
-from vtprune import registers as R
+from vtprune.occamtoken.cli import add_calibrate_registers_arguments, calibrate_registers_cli
+from vtprune.occamtoken.diagnostics import cls_attention_probs, effective_attended_tokens, register_diagnostic
+from vtprune.occamtoken import intervention  # not test_time_register itself: pytest would collect it as a test
+from vtprune.occamtoken.neuron_cache import (cache_path, cached_calibrations, default_cache_dir, latest_calibration,
+                                             load_or_calibrate)
+from vtprune.occamtoken.neuron_search import auto_outlier_threshold, calibrate_register_neurons, first_outlier_block
+from vtprune.occamtoken.neurons import RegisterNeurons
+from vtprune.occamtoken.towers import redirect_activations, tower_identity
 from vtprune.errors import InputError, UnsupportedModelError
 
 D_TRIGGER, D_SINK = 3, 7  # residual dims: the trigger read by the first neuron, the sink direction
@@ -73,7 +80,7 @@ def tower():
 def neurons(tower):
     """The three rigged neurons: blocks 0..1 by hand (the default stops at block 0, where the outliers
     appear; (1, 17) and (1, 40) only amplify them)."""
-    return R.calibrate_register_neurons(tower, images(), top_k=3, highest_layer=1, progress=False)
+    return calibrate_register_neurons(tower, images(), top_k=3, highest_layer=1, progress=False)
 
 
 # -- calibration ---------------------------------------------------------------------------------
@@ -84,45 +91,45 @@ def test_calibration_recovers_rigged_neurons(tower, neurons):
     assert neurons.detection_layer == 2 and neurons.threshold is not None
     assert 10 < neurons.threshold < 400  # between the normal (~8) and the outlier (~460) norms
     assert neurons.stats["images_with_outliers"] == neurons.stats["num_images"] == 12
-    assert neurons.tower == R.tower_identity(tower)
+    assert neurons.tower == tower_identity(tower)
     assert len(neurons.scores) == 3 and all(s > 5 for s in neurons.scores)
     # by default the search stops at block 0, where (0, 5) makes the outliers appear
-    auto = R.calibrate_register_neurons(tower, images(), top_k=3, progress=False)
+    auto = calibrate_register_neurons(tower, images(), top_k=3, progress=False)
     assert auto.settings["highest_layer"] == 0 and auto.settings["highest_layer_rule"] == "first_outlier_block"
     assert auto.neurons[0] == (0, 5) and {layer for layer, _ in auto.neurons} == {0}
     assert len(auto.stats["peak_patch_norms"]) == 3 and auto.stats["peak_patch_norms"][0] > auto.threshold
     # a given threshold finds the same; the dense neuron never appears, even with a generous top_k
-    fixed = R.calibrate_register_neurons(tower, images(), top_k=10, highest_layer=1, outlier_threshold=100.0,
+    fixed = calibrate_register_neurons(tower, images(), top_k=10, highest_layer=1, outlier_threshold=100.0,
                                          progress=False)
     assert set(fixed.neurons[:3]) == RIGGED
     assert DENSE not in fixed.neurons
     assert fixed.settings["threshold_rule"] == "given"
     # highest_layer restricts the layers
-    low = R.calibrate_register_neurons(tower, images(), top_k=1, highest_layer=0, progress=False)
+    low = calibrate_register_neurons(tower, images(), top_k=1, highest_layer=0, progress=False)
     assert low.neurons == [(0, 5)]
 
 
 def test_sparsity_filter_off_admits_dense_neuron(tower):
-    rn = R.calibrate_register_neurons(tower, images(1), top_k=4, highest_layer=1, outlier_threshold=100.0,
+    rn = calibrate_register_neurons(tower, images(1), top_k=4, highest_layer=1, outlier_threshold=100.0,
                                       sparsity=0.0, progress=False)
     assert DENSE in rn.neurons
 
 
 def test_cls_is_never_an_outlier():
-    plain = R.calibrate_register_neurons(make_tower(), images(), outlier_threshold=100.0, progress=False)
-    with_cls = R.calibrate_register_neurons(make_tower(cls_outlier=True), images(), outlier_threshold=100.0,
+    plain = calibrate_register_neurons(make_tower(), images(), outlier_threshold=100.0, progress=False)
+    with_cls = calibrate_register_neurons(make_tower(cls_outlier=True), images(), outlier_threshold=100.0,
                                             progress=False)
     assert with_cls.stats["outliers_per_image"] == plain.stats["outliers_per_image"]
 
 
 def test_no_outliers_gives_empty_list_and_register_still_works():
     plain = make_tower(rig=False)
-    rn = R.calibrate_register_neurons(plain, images(1), progress=False)
+    rn = calibrate_register_neurons(plain, images(1), progress=False)
     assert rn.neurons == [] and not rn.found and "no outlier" in rn.message
-    forced = R.calibrate_register_neurons(plain, images(1), outlier_threshold=1e6, progress=False)
+    forced = calibrate_register_neurons(plain, images(1), outlier_threshold=1e6, progress=False)
     assert forced.neurons == [] and "no outlier" in forced.message and forced.threshold == 1e6
     x = images(1)[0]
-    with R.test_time_register(plain, rn):
+    with intervention.test_time_register(plain, rn):
         out = plain(x)
     assert out.last_hidden_state.shape[1] == 66
 
@@ -130,17 +137,17 @@ def test_no_outliers_gives_empty_list_and_register_still_works():
 def test_auto_threshold_rule():
     g = torch.Generator().manual_seed(0)
     normal = 8 + torch.rand(1000, generator=g)
-    assert R.auto_outlier_threshold(normal) is None  # unimodal: no outliers
+    assert auto_outlier_threshold(normal) is None  # unimodal: no outliers
     mixed = torch.cat([normal, torch.tensor([300.0, 320.0, 410.0])])
-    thr = R.auto_outlier_threshold(mixed)
+    thr = auto_outlier_threshold(mixed)
     assert thr is not None and 9.0 < thr < 300.0
     too_many = torch.cat([normal, torch.full((400,), 300.0)])  # 28 % "outliers": not rare -> no gap qualifies
-    assert R.auto_outlier_threshold(too_many) is None
+    assert auto_outlier_threshold(too_many) is None
     spread = torch.cat([normal, torch.tensor([40.0, 300.0, 2000.0])])  # a widely spread outlier mode
-    thr = R.auto_outlier_threshold(spread)
+    thr = auto_outlier_threshold(spread)
     assert 9.0 < thr < 40.0  # the lowest wide gap, not the widest one (300 -> 2000)
     tail = torch.exp(torch.randn(5000, generator=g) * 0.3 + 2.0)  # unimodal log-normal: no outliers
-    assert R.auto_outlier_threshold(tail) is None
+    assert auto_outlier_threshold(tail) is None
 
 
 # -- a planted attention sink: the default search and the register, end to end --------------------
@@ -224,22 +231,22 @@ def test_planted_sink_tower_is_what_it_claims(sink_tower):
     patches = [h[:, 1:].norm(dim=-1) for h in hidden]  # hidden[b + 1] = output of block b
     assert patches[1].max() < 20  # block 0: no outlier
     assert patches[2].argmax(1).tolist() == cells and patches[2].max(1).values.min() > 50  # block 1 makes it
-    cls = R.cls_attention_probs(sink_tower, x, layer=-2).mean(1)[:, 1:]  # the feature layer, over patches
+    cls = cls_attention_probs(sink_tower, x, layer=-2).mean(1)[:, 1:]  # the feature layer, over patches
     assert cls.argmax(1).tolist() == cells and cls.max(1).values.min() > 0.9  # the sink
 
 
 def test_default_highest_layer_stops_where_the_outliers_appear(sink_tower, sink_calibration):
-    rn = R.calibrate_register_neurons(sink_tower, sink_calibration, progress=False)  # every default
+    rn = calibrate_register_neurons(sink_tower, sink_calibration, progress=False)  # every default
     assert rn.settings["highest_layer"] == 1 and rn.settings["highest_layer_rule"] == "first_outlier_block"
     peaks = rn.stats["peak_patch_norms"]
     assert len(peaks) == 6 and peaks[0] < rn.threshold < peaks[1]
     assert set(rn.neurons[:2]) == SINK_CAUSES
     assert all(layer <= 1 for layer, _ in rn.neurons)  # no reader of the outlier
     # searching every block (the former default), the readers outrank the causes
-    every = R.calibrate_register_neurons(sink_tower, sink_calibration, highest_layer=-1, progress=False)
+    every = calibrate_register_neurons(sink_tower, sink_calibration, highest_layer=-1, progress=False)
     assert set(every.neurons[:2]) == SINK_READERS and SINK_CAUSES <= set(every.neurons)
-    assert R.first_outlier_block([8.0, 111.0, 111.0, 810.0], 99.0) == 1
-    assert R.first_outlier_block([8.0, 9.0], 99.0) == 1  # none above: the last block
+    assert first_outlier_block([8.0, 111.0, 111.0, 810.0], 99.0) == 1
+    assert first_outlier_block([8.0, 9.0], 99.0) == 1  # none above: the last block
 
 
 def test_register_absorbs_the_planted_sink(sink_tower, sink_calibration):
@@ -247,18 +254,18 @@ def test_register_absorbs_the_planted_sink(sink_tower, sink_calibration):
     the feature layer rises once the default-calibrated neurons move the outlier onto the register
     (the paper: 42 -> 281 on LLaVA-1.5's CLIP); the register alone, nothing redirected, changes nothing."""
     x, _ = sink_images(8, 200)
-    best_two = R.calibrate_register_neurons(sink_tower, sink_calibration, top_k=2, progress=False)
-    default = R.calibrate_register_neurons(sink_tower, sink_calibration, progress=False)
+    best_two = calibrate_register_neurons(sink_tower, sink_calibration, top_k=2, progress=False)
+    default = calibrate_register_neurons(sink_tower, sink_calibration, progress=False)
     for neurons in (best_two, default):
-        d = R.register_diagnostic(sink_tower, x, neurons, layer=-2)
+        d = register_diagnostic(sink_tower, x, neurons, layer=-2)
         assert d["n_eff_without"] < 1.5 and d["n_eff_with"] > 25  # measured 1.07 -> 34.4 of 64 patches
         assert d["register_attention"] > 0.9
-    nothing = R.register_diagnostic(sink_tower, x, [], layer=-2)
+    nothing = register_diagnostic(sink_tower, x, [], layer=-2)
     assert nothing["n_eff_with"] < 1.5 and nothing["register_attention"] < 0.01
     # the same with 1 / Σp², computed here from the raw CLS attention rows
-    without = R.cls_attention_probs(sink_tower, x, layer=-2)
-    with R.test_time_register(sink_tower, best_two):
-        with_reg = R.cls_attention_probs(sink_tower, x, layer=-2)
+    without = cls_attention_probs(sink_tower, x, layer=-2)
+    with intervention.test_time_register(sink_tower, best_two):
+        with_reg = cls_attention_probs(sink_tower, x, layer=-2)
     assert _participation(without[..., 1:]).max() < 1.5
     assert _participation(with_reg[..., 1:-1]).min() > 10
 
@@ -268,7 +275,7 @@ def test_redirect_per_channel_by_hand():
     h = torch.arange(2 * 5 * 6, dtype=torch.float32).reshape(2, 5, 6) * torch.tensor([1.0, -1.0]).view(2, 1, 1)
     h[1, 2, 1] = 99.0
     ch = torch.tensor([1, 4])
-    out = R.redirect_activations(h, ch)
+    out = redirect_activations(h, ch)
     other = [0, 2, 3, 5]
     assert torch.equal(out[:, :, other], h[:, :, other])
     assert torch.equal(out[:, 0, :], h[:, 0, :])  # CLS untouched
@@ -286,13 +293,13 @@ def test_redirect_signed_max_by_hand():
     h[1, 1, 3] = -3.0
     h[:, :, 0] = 11.0  # an unlisted channel
     ch = torch.tensor([1, 3])
-    out = R.redirect_activations(h, ch, mode="signed_max")
+    out = redirect_activations(h, ch, mode="signed_max")
     assert torch.equal(out[0, -1, ch], torch.tensor([-50.0, -50.0]))
     assert torch.equal(out[1, -1, ch], torch.tensor([4.0, 4.0]))
     assert torch.all(out[:, 1:-1][:, :, ch] == 0) and torch.equal(out[:, 0], h[:, 0])
     assert torch.equal(out[..., 0], h[..., 0])
     with pytest.raises(InputError):
-        R.redirect_activations(h, ch, mode="bogus")
+        redirect_activations(h, ch, mode="bogus")
 
 
 def _record(module, store):
@@ -308,7 +315,7 @@ def test_intervention_moves_listed_channels_only(tower, neurons, mode):
         before[layer], after[layer] = [], []
         handles.append(_record(tower.encoder.layers[layer].mlp.fc2, before[layer]))
     try:
-        with R.test_time_register(tower, neurons, mode=mode):
+        with intervention.test_time_register(tower, neurons, mode=mode):
             for layer in by_layer:  # registered after the redirect hook: sees its result
                 handles.append(_record(tower.encoder.layers[layer].mlp.fc2, after[layer]))
             tower(x)
@@ -335,7 +342,7 @@ def test_register_absorbs_the_outliers(tower, neurons):
     x = images(1)[0]
     with torch.no_grad():
         plain = tower(x).last_hidden_state.norm(dim=-1)
-        with R.test_time_register(tower, neurons):
+        with intervention.test_time_register(tower, neurons):
             reg = tower(x).last_hidden_state.norm(dim=-1)
     assert plain[:, list(SINK_POSITIONS)].min() > 100
     assert reg[:, 1:-1].max() < 50  # patches no longer carry the sink ...
@@ -344,7 +351,7 @@ def test_register_absorbs_the_outliers(tower, neurons):
 
 def test_intervention_is_per_batch_element(tower, neurons):
     x = images(1)[0][:2]
-    with torch.no_grad(), R.test_time_register(tower, neurons):
+    with torch.no_grad(), intervention.test_time_register(tower, neurons):
         both = tower(x, output_hidden_states=True)
         alone = [tower(x[i:i + 1], output_hidden_states=True) for i in range(2)]
     for i in range(2):
@@ -362,11 +369,11 @@ def test_hooks_removed_on_exit_and_on_error(tower, neurons):
     with torch.no_grad():
         ref = tower(x, output_hidden_states=True)
     n_hooks = _hook_counts(tower)
-    with R.test_time_register(tower, neurons):
+    with intervention.test_time_register(tower, neurons):
         assert _hook_counts(tower) == n_hooks + 1 + len(neurons.by_layer())
     assert _hook_counts(tower) == n_hooks
     with pytest.raises(RuntimeError, match="boom"):
-        with R.test_time_register(tower, neurons):
+        with intervention.test_time_register(tower, neurons):
             raise RuntimeError("boom")
     assert _hook_counts(tower) == n_hooks
     with torch.no_grad():
@@ -380,7 +387,7 @@ def test_empty_register_changes_patches_only_through_attention():
     x = images(1)[0]
     with torch.no_grad():
         ref = m(x, output_hidden_states=True)
-        with R.test_time_register(m, []):
+        with intervention.test_time_register(m, []):
             out = m(x, output_hidden_states=True)
             s = out.last_hidden_state.shape[1]
             mask = torch.zeros(x.shape[0], 1, s, s)
@@ -400,17 +407,17 @@ def test_empty_register_changes_patches_only_through_attention():
 def test_invalid_use_is_reported(tower, neurons):
     n_hooks = _hook_counts(tower)
     with pytest.raises(InputError, match="outside"):
-        with R.test_time_register(tower, [(7, 1)]):
+        with intervention.test_time_register(tower, [(7, 1)]):
             pass
     with pytest.raises(InputError, match="MLP width"):
-        with R.test_time_register(tower, [(0, 640)]):
+        with intervention.test_time_register(tower, [(0, 640)]):
             pass
     with pytest.raises(InputError, match="mode"):
-        with R.test_time_register(tower, neurons, mode="max"):
+        with intervention.test_time_register(tower, neurons, mode="max"):
             pass
     with pytest.raises(InputError, match="already active"):
-        with R.test_time_register(tower, neurons):
-            with R.test_time_register(tower, neurons):
+        with intervention.test_time_register(tower, neurons):
+            with intervention.test_time_register(tower, neurons):
                 pass
     assert _hook_counts(tower) == n_hooks
 
@@ -419,9 +426,9 @@ def test_resolves_tower_inside_a_vlm():
     from vtprune.tiny import tiny_model
 
     vlm = tiny_model("llava")
-    assert R.tower_identity(vlm) == R.tower_identity(vlm.model.vision_tower)
+    assert tower_identity(vlm) == tower_identity(vlm.model.vision_tower)
     x = torch.randn(1, 3, 56, 56)
-    with R.test_time_register(vlm, []):
+    with intervention.test_time_register(vlm, []):
         out = vlm.model.vision_tower(x, output_hidden_states=True)
     assert out.hidden_states[-2].shape[1] == 16 + 2
 
@@ -465,7 +472,7 @@ def test_qwen_register_layout(family):
     h.remove()
     hs = [qt.blocks[0].register_forward_pre_hook(grab("reg"), with_kwargs=True),
           qt.blocks[1].register_forward_pre_hook(grab("reg_full"), with_kwargs=True)]  # block 1: full attention
-    with torch.no_grad(), R.test_time_register(qt, []) as copies:
+    with torch.no_grad(), intervention.test_time_register(qt, []) as copies:
         out = qt(pv, grid_thw=QWEN_GRIDS, output_hidden_states=True)
     for h in hs:
         h.remove()
@@ -504,7 +511,7 @@ def test_qwen_register_is_per_image_and_redirects(family):
     neurons = [(0, 3), (1, 10), (1, 20)]
     before, after = [], []
     h1 = _record(qt.blocks[1].mlp.down_proj if family == "qwen2_5_vl" else qt.blocks[1].mlp.linear_fc2, before)
-    with torch.no_grad(), R.test_time_register(qt, neurons):
+    with torch.no_grad(), intervention.test_time_register(qt, neurons):
         site = qt.blocks[1].mlp.down_proj if family == "qwen2_5_vl" else qt.blocks[1].mlp.linear_fc2
         h2 = _record(site, after)
         both = qt(pv, grid_thw=QWEN_GRIDS)
@@ -526,24 +533,24 @@ def test_qwen_register_is_per_image_and_redirects(family):
 def test_qwen_tower_calibrates():
     qt = _qwen_tower("qwen3_vl")
     batch = {"pixel_values": _qwen_pixels(), "image_grid_thw": QWEN_GRIDS}
-    rn = R.calibrate_register_neurons(qt, [batch], top_k=4, outlier_threshold=0.0, progress=False)
+    rn = calibrate_register_neurons(qt, [batch], top_k=4, outlier_threshold=0.0, progress=False)
     assert len(rn.neurons) == 4 and rn.stats["num_images"] == 2
     assert rn.tower.startswith("qwen3_vl_vision-h32-l3")
     with pytest.raises(UnsupportedModelError, match="CLS"):
-        R.cls_attention_probs(qt, batch)
+        cls_attention_probs(qt, batch)
 
 
 # -- diagnostics ---------------------------------------------------------------------------------
 def test_effective_attended_tokens():
-    assert R.effective_attended_tokens(torch.full((10,), 0.1)).item() == pytest.approx(10.0)
-    assert R.effective_attended_tokens(torch.eye(5)[0]).item() == pytest.approx(1.0)
+    assert effective_attended_tokens(torch.full((10,), 0.1)).item() == pytest.approx(10.0)
+    assert effective_attended_tokens(torch.eye(5)[0]).item() == pytest.approx(1.0)
     two_heads = torch.stack([torch.eye(4)[0], torch.eye(4)[1]])  # (H=2, K=4), each head one-hot elsewhere
-    assert R.effective_attended_tokens(two_heads).item() == pytest.approx(2.0)  # head-mean distribution
-    assert R.effective_attended_tokens(two_heads, per_head=True).item() == pytest.approx(1.0)
+    assert effective_attended_tokens(two_heads).item() == pytest.approx(2.0)  # head-mean distribution
+    assert effective_attended_tokens(two_heads, per_head=True).item() == pytest.approx(1.0)
     batch = torch.stack([two_heads, torch.full((2, 4), 0.25)])
-    torch.testing.assert_close(R.effective_attended_tokens(batch), torch.tensor([2.0, 4.0]))
+    torch.testing.assert_close(effective_attended_tokens(batch), torch.tensor([2.0, 4.0]))
     # rows are renormalised: a column subset of a distribution is fine
-    assert R.effective_attended_tokens(torch.tensor([0.2, 0.2, 0.6])[:2]).item() == pytest.approx(2.0)
+    assert effective_attended_tokens(torch.tensor([0.2, 0.2, 0.6])[:2]).item() == pytest.approx(2.0)
 
 
 def test_cls_attention_matches_eager_attention(neurons):
@@ -553,17 +560,17 @@ def test_cls_attention_matches_eager_attention(neurons):
     with torch.no_grad():
         eager = m(x, output_attentions=True).attentions
         for layer in (0, -2, -1):
-            mine = R.cls_attention_probs(m, x, layer)
+            mine = cls_attention_probs(m, x, layer)
             torch.testing.assert_close(mine, eager[layer][:, :, 0].float(), atol=1e-5, rtol=1e-4)
-        with R.test_time_register(m, neurons):
+        with intervention.test_time_register(m, neurons):
             eager_r = m(x, output_attentions=True).attentions
-            mine_r = R.cls_attention_probs(m, x, -2)
+            mine_r = cls_attention_probs(m, x, -2)
     assert mine_r.shape == (2, 4, 66)
     torch.testing.assert_close(mine_r, eager_r[-2][:, :, 0].float(), atol=1e-5, rtol=1e-4)
 
 
 def test_register_diagnostic(tower, neurons):
-    d = R.register_diagnostic(tower, images(1)[0], neurons, layer=-2)
+    d = register_diagnostic(tower, images(1)[0], neurons, layer=-2)
     assert d["num_patches"] == 64 and len(d["per_image_with"]) == 4
     assert 1.0 <= d["n_eff_without"] <= 64.0 and 1.0 <= d["n_eff_with"] <= 64.0
     assert 0.0 < d["register_attention"] < 1.0
@@ -571,33 +578,33 @@ def test_register_diagnostic(tower, neurons):
 
 # -- identity, JSON, cache, CLI -------------------------------------------------------------------
 def test_identity_is_keyed_to_the_weights(tower):
-    ident = R.tower_identity(tower)
+    ident = tower_identity(tower)
     assert ident.startswith("clip_vision_model-h32-l3-img56-p7-")
     twin = copy.deepcopy(tower)
-    assert R.tower_identity(twin) == ident
+    assert tower_identity(twin) == ident
     with torch.no_grad():
         twin.encoder.layers[0].mlp.fc1.weight[0, 0] += 1.0
-    assert R.tower_identity(twin) != ident
+    assert tower_identity(twin) != ident
     with torch.no_grad():
         other = copy.deepcopy(tower)
         other.encoder.layers[2].mlp.fc1.bias[3] += 1.0
-    assert R.tower_identity(other) != ident
+    assert tower_identity(other) != ident
 
 
 def test_json_round_trip(tmp_path, neurons):
     text = neurons.to_json()
     assert json.loads(text)["kind"] == "vtprune.register_neurons"
-    assert R.RegisterNeurons.from_json(text) == neurons
+    assert RegisterNeurons.from_json(text) == neurons
     path = tmp_path / "n.json"
     neurons.to_json(path)
-    assert R.RegisterNeurons.from_json(path) == neurons
-    assert R.RegisterNeurons.from_json(str(path)) == neurons
-    empty = R.RegisterNeurons([], message="none")
-    assert R.RegisterNeurons.from_json(empty.to_json()) == empty
+    assert RegisterNeurons.from_json(path) == neurons
+    assert RegisterNeurons.from_json(str(path)) == neurons
+    empty = RegisterNeurons([], message="none")
+    assert RegisterNeurons.from_json(empty.to_json()) == empty
     with pytest.raises(InputError):
-        R.RegisterNeurons.from_json(tmp_path / "missing.json")
+        RegisterNeurons.from_json(tmp_path / "missing.json")
     with pytest.raises(InputError):
-        R.RegisterNeurons.from_json("{not json")
+        RegisterNeurons.from_json("{not json")
 
 
 def test_cache_load_or_calibrate(tmp_path, monkeypatch, tower, neurons):
@@ -607,29 +614,29 @@ def test_cache_load_or_calibrate(tmp_path, monkeypatch, tower, neurons):
         calls.append(1)
         return images()
 
-    first = R.load_or_calibrate(tower, images_fn, cache_dir=tmp_path, top_k=3, highest_layer=1, progress=False)
-    second = R.load_or_calibrate(tower, images_fn, cache_dir=tmp_path, top_k=3, highest_layer=1, progress=False)
+    first = load_or_calibrate(tower, images_fn, cache_dir=tmp_path, top_k=3, highest_layer=1, progress=False)
+    second = load_or_calibrate(tower, images_fn, cache_dir=tmp_path, top_k=3, highest_layer=1, progress=False)
     assert len(calls) == 1 and first == second and set(first.neurons) == RIGGED
     files = list(tmp_path.glob("*.json"))
-    assert len(files) == 1 and files[0].name.startswith(R.tower_identity(tower))
+    assert len(files) == 1 and files[0].name.startswith(tower_identity(tower))
     # other settings -> another file; changed weights -> another identity -> recalibrated
-    R.load_or_calibrate(tower, images_fn, cache_dir=tmp_path, top_k=2, progress=False)
+    load_or_calibrate(tower, images_fn, cache_dir=tmp_path, top_k=2, progress=False)
     assert len(calls) == 2
     changed = copy.deepcopy(tower)
     with torch.no_grad():
         changed.embeddings.patch_embedding.weight.mul_(1.5)
-    R.load_or_calibrate(changed, images_fn, cache_dir=tmp_path, top_k=3, progress=False)
+    load_or_calibrate(changed, images_fn, cache_dir=tmp_path, top_k=3, progress=False)
     assert len(calls) == 3 and len(list(tmp_path.glob("*.json"))) == 3
     # the user's own neurons win
-    mine = R.RegisterNeurons([(0, 1)])
-    assert R.load_or_calibrate(tower, images_fn, cache_dir=tmp_path, neurons=mine) is mine
-    assert R.load_or_calibrate(tower, neurons={1: [2, 3]}).neurons == [(1, 2), (1, 3)]
+    mine = RegisterNeurons([(0, 1)])
+    assert load_or_calibrate(tower, images_fn, cache_dir=tmp_path, neurons=mine) is mine
+    assert load_or_calibrate(tower, neurons={1: [2, 3]}).neurons == [(1, 2), (1, 3)]
     # the environment variable moves the default cache; nothing cached + no images -> clear error
     monkeypatch.setenv("VTPRUNE_CACHE", str(tmp_path / "env"))
-    assert R.default_cache_dir() == tmp_path / "env" / "registers"
+    assert default_cache_dir() == tmp_path / "env" / "registers"
     with pytest.raises(InputError, match="calibrate"):
-        R.load_or_calibrate(tower)
-    R.load_or_calibrate(tower, images(), top_k=3, progress=False)
+        load_or_calibrate(tower)
+    load_or_calibrate(tower, images(), top_k=3, progress=False)
     assert len(list((tmp_path / "env" / "registers").glob("*.json"))) == 1
 
 
@@ -645,13 +652,13 @@ def test_cli_calibrates_a_tower_directory(tmp_path, capsys):
     rng = np.random.default_rng(0)
     for i in range(6):
         Image.fromarray(rng.integers(0, 255, (60 + i, 70, 3), dtype=np.uint8)).save(img_dir / f"{i}.png")
-    parser = R.add_calibrate_registers_arguments(argparse.ArgumentParser())
+    parser = add_calibrate_registers_arguments(argparse.ArgumentParser())
     out = tmp_path / "neurons.json"
     args = parser.parse_args(["--model", str(model_dir), "--images", str(tmp_path / "imgs"), "--num-images", "5",
                               "--top-k", "3", "--highest-layer", "1", "--batch-size", "2", "--out", str(out),
                               "--cache-dir", str(tmp_path / "cache"), "--quiet", "--device", "cpu"])
-    assert R.calibrate_registers_cli(args) == 0
-    rn = R.RegisterNeurons.from_json(out)
+    assert calibrate_registers_cli(args) == 0
+    rn = RegisterNeurons.from_json(out)
     assert set(rn.neurons) == RIGGED and rn.stats["num_images"] == 5
     assert len(list((tmp_path / "cache").glob("*.json"))) == 1
     assert "register neurons" in capsys.readouterr().out
@@ -662,31 +669,31 @@ def test_latest_calibration_any_settings_this_tower_only(tmp_path, tower):
     of other towers (newer, or renamed to this tower's name) and unreadable files are never used."""
     import os
 
-    ident = R.tower_identity(tower)
-    assert R.latest_calibration(tower, tmp_path / "missing") is None
-    old = R.RegisterNeurons([(0, 5)], tower=ident, settings={"top_k": 10})
-    new = R.RegisterNeurons([(1, 17), (0, 5)], tower=ident, settings={"top_k": 2, "highest_layer": 1})
-    old_path = R.cache_path(ident, tmp_path)
-    new_path = R.cache_path(ident, tmp_path, top_k=2, highest_layer=1)
+    ident = tower_identity(tower)
+    assert latest_calibration(tower, tmp_path / "missing") is None
+    old = RegisterNeurons([(0, 5)], tower=ident, settings={"top_k": 10})
+    new = RegisterNeurons([(1, 17), (0, 5)], tower=ident, settings={"top_k": 2, "highest_layer": 1})
+    old_path = cache_path(ident, tmp_path)
+    new_path = cache_path(ident, tmp_path, top_k=2, highest_layer=1)
     old.to_json(old_path)
     new.to_json(new_path)
     os.utime(old_path, ns=(10**18, 10**18))
     os.utime(new_path, ns=(2 * 10**18, 2 * 10**18))
-    assert R.latest_calibration(tower, tmp_path) == new
+    assert latest_calibration(tower, tmp_path) == new
     os.utime(old_path, ns=(3 * 10**18, 3 * 10**18))  # recalibrated with the defaults: that one now
-    assert R.latest_calibration(tower, tmp_path) == old
+    assert latest_calibration(tower, tmp_path) == old
     # newer files of another tower: one under its own name, one renamed to look like this tower's
     other = copy.deepcopy(tower)
     with torch.no_grad():
         other.embeddings.patch_embedding.weight.mul_(1.5)
-    stale = R.RegisterNeurons([(2, 1)], tower=R.tower_identity(other))
-    stale.to_json(R.cache_path(other, tmp_path))
-    renamed = R.cache_path(ident, tmp_path, top_k=7)
+    stale = RegisterNeurons([(2, 1)], tower=tower_identity(other))
+    stale.to_json(cache_path(other, tmp_path))
+    renamed = cache_path(ident, tmp_path, top_k=7)
     stale.to_json(renamed)
-    (tmp_path / f"{R.cache_path(ident, tmp_path, top_k=8).name}").write_text("{not json")
+    (tmp_path / f"{cache_path(ident, tmp_path, top_k=8).name}").write_text("{not json")
     for path in tmp_path.glob("*.json"):
         if path not in (old_path, new_path):
             os.utime(path, ns=(4 * 10**18, 4 * 10**18))
-    assert R.latest_calibration(tower, tmp_path) == old
-    assert [p for p, _ in R.cached_calibrations(tower, tmp_path)] == [old_path, new_path]
-    assert R.latest_calibration(other, tmp_path) == stale
+    assert latest_calibration(tower, tmp_path) == old
+    assert [p for p, _ in cached_calibrations(tower, tmp_path)] == [old_path, new_path]
+    assert latest_calibration(other, tmp_path) == stale

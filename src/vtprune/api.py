@@ -7,7 +7,7 @@ from typing import Any
 from .methods.base import Method, Stage, make_method
 from .models.base import adapter_for
 from .models.families import all_families, family_of_model
-from .pipeline import Pruner
+from .pipeline import Installation
 from .stats import CallStats
 from ._compat import check_transformers
 from .errors import AlreadyPrunedError, ArgumentError, UnsupportedMethodError
@@ -22,11 +22,11 @@ class PruneHandle:
     this model (what runs: the family's defaults resolved, its resources loaded); ``configured`` is the
     method as given to ``apply``, never changed by it."""
 
-    def __init__(self, model, method: Method, pruner: Pruner, stats: list[CallStats], configured: Method):
+    def __init__(self, model, method: Method, installation: Installation, stats: list[CallStats], configured: Method):
         self.model = model
         self.method = method
         self.configured = configured
-        self._pruner = pruner
+        self._installation = installation
         self.stats = stats
 
     @property
@@ -35,7 +35,7 @@ class PruneHandle:
 
     @property
     def num_layers(self) -> int:
-        return len(self._pruner.adapter.decoder_layers)
+        return len(self._installation.adapter.decoder_layers)
 
     def summary(self) -> dict[str, Any]:
         """Mean visual tokens per image entering the LLM and layer-averaged, over all calls."""
@@ -54,7 +54,7 @@ class PruneHandle:
         self.stats.clear()
 
     def remove(self) -> None:
-        self._pruner.remove()
+        self._installation.remove()
         if getattr(self.model, "_vtprune_handle", None) is self:
             del self.model._vtprune_handle
 
@@ -113,8 +113,8 @@ def apply(model, method: Method | str, *, layout: str | None = None, positions: 
     positions = _resolve_positions(positions, method, adapter)
     method.load_resources(adapter)  # the last check: a missing checkpoint raises before the model is patched
     stats: list[CallStats] = []
-    pruner = Pruner(model, method, adapter, stats, positions=positions)
-    handle = PruneHandle(model, method, pruner, stats, configured)
+    installation = Installation(model, method, adapter, stats, positions=positions)
+    handle = PruneHandle(model, method, installation, stats, configured)
     model._vtprune_handle = handle
     return handle
 

@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from ..bench.flops import add_cli as add_flops_cli
     from ..bench.latency import add_cli as add_bench_cli
-    from ..calibrate import add_cli as add_calibrate_cli
+    from ..occamtoken.cli import add_cli as add_calibrate_cli
 
     add_flops_cli(sub)
     add_bench_cli(sub)

@@ -60,7 +60,7 @@ def _method_kwargs(name: str, budget: int, model, processor, calibration) -> tup
         return name, {"keep": budget, "layers": DECODER_LAYERS[name]}
     if name not in OCCAM_VARIANTS:
         return name, {"keep": budget}
-    from ..calibrate import calibrate_budget
+    from ..occamtoken.budget import calibrate_budget
     from .tokenizer import prompt
 
     batches = [dict(processor(images=[e.image() for e in calibration[i:i + 16]],

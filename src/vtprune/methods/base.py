@@ -454,7 +454,8 @@ class LLMContext:
 _REGISTRY: dict[str, type[Method]] = {}
 
 
-def register(cls: type[Method]) -> type[Method]:
+def register_method(cls: type[Method]) -> type[Method]:
+    """Class decorator: add ``cls`` to the methods ``apply(model, cls.name)`` knows."""
     if not cls.name:
         raise ValueError(f"{cls.__name__} has no name")
     _REGISTRY[cls.name] = cls

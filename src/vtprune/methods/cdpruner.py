@@ -64,7 +64,7 @@ import torch
 
 from ..errors import ArgumentError
 from ..models import families
-from .base import Method, Selection, Stage, register, split_budget, to_device
+from .base import Method, Selection, Stage, register_method, split_budget, to_device
 
 _REL_EPS = 1e-9  # a residual below this fraction of the item's own diagonal counts as zero
 
@@ -158,7 +158,7 @@ def equal_split(total: int, sizes: list[int]) -> list[int]:
     return out
 
 
-@register
+@register_method
 class CDPruner(Method):
     name = "cdpruner"
     needs_budget = True

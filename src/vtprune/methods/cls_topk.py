@@ -10,10 +10,10 @@ On LLaVA-NeXT the ranking runs over all crops of an image at once (each crop sco
 """
 from __future__ import annotations
 
-from .base import Method, Selection, Stage, register, sorted_topk
+from .base import Method, Selection, Stage, register_method, sorted_topk
 
 
-@register
+@register_method
 class ClsTopK(Method):
     name = "cls_topk"
     needs_budget = True

@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ArgumentError, UnsupportedMethodError
-from .base import Method, Selection, Stage, mask_indices, register, to_device
+from .base import Method, Selection, Stage, mask_indices, register_method, to_device
 
 _LINEAR_PROBES, _PERTURB_SHIFT, _PROBE_ROUNDS = 9, 5, 40  # CPython's setobject.c
 
@@ -106,7 +106,7 @@ def _insert_at(table: torch.Tensor, slots: torch.Tensor, element: torch.Tensor) 
     table.index_copy_(0, slots.index_select(0, first_free.view(1)), element.view(1))
 
 
-@register
+@register_method
 class DART(Method):
     name = "dart"
     needs_budget = True

@@ -41,7 +41,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import Method, Selection, Stage, register
+from .base import Method, Selection, Stage, register_method
 
 
 def cosine_distance(x: torch.Tensor) -> torch.Tensor:
@@ -69,7 +69,7 @@ def max_min_greedy(dist: torch.Tensor, k: int) -> torch.Tensor:
     return torch.cat(picked)
 
 
-@register
+@register_method
 class DivPrune(Method):
     name = "divprune"
     needs_budget = True

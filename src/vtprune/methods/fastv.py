@@ -16,10 +16,10 @@ from __future__ import annotations
 import torch
 
 from ..errors import ArgumentError
-from .base import Method, Selection, Stage, register, sorted_topk, to_device
+from .base import Method, Selection, Stage, register_method, sorted_topk, to_device
 
 
-@register
+@register_method
 class FastV(Method):
     name = "fastv"
     needs_budget = True

@@ -7,7 +7,8 @@ Vision stage, per crop. Of each crop's budget ``b``:
   over all query tokens, [CLS] included) at the middle "object" layer (default: layer 9 of CLIP ViT-L,
   1-based as in the paper, i.e. ``ctx.vision_attention(8)``);
 * *buffers*: the 4 neighbours of every anchor (below);
-* *registers*: the patches with the largest global attention at the feature layer
+* *fill tokens* (the paper's "register" tokens; in vtprune "register" means OccamToken's test-time
+  register): the patches with the largest global attention at the feature layer
   (``ctx.received_attention``) among the rest, filling the budget exactly.
 
 Defaults as the official code (``Danielement321/HiPrune``, ``LLaVA/llava/model/llava_arch.py``,
@@ -41,7 +42,7 @@ Remaining differences from the official code:
   newline tokens; the order of the sub-crops' tokens in the sequence is the pipeline's.
 * Qwen2.5-VL / Qwen3-VL: the authors' Qwen2.5-VL code is not ported; the adapter provides no
   inner-layer vision attention, so the anchors cannot be found and the method raises
-  ``UnsupportedMethodError`` (registers alone would not be HiPrune).
+  ``UnsupportedMethodError`` (fill tokens alone would not be HiPrune).
 """
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ from typing import Literal
 import torch
 
 from ..errors import ArgumentError, UnsupportedMethodError
-from .base import Method, Selection, Stage, register, split_budget
+from .base import Method, Selection, Stage, register_method, split_budget
 
 
 PAPER_OBJECT_LAYER, PAPER_DEPTH = 9, 24  # CLIP ViT-L/14's 9th of 24 blocks
@@ -75,7 +76,7 @@ def official_neighbours(cells: torch.Tensor, rows: int, cols: int) -> torch.Tens
 _QWEN_REASON = "the anchors need a middle vision layer's attention, which the Qwen adapter does not record"
 
 
-@register
+@register_method
 class HiPrune(Method):
     name = "hiprune"
     needs_budget = True
@@ -171,11 +172,11 @@ class HiPrune(Method):
                 hit = torch.zeros(size + 1, dtype=torch.bool, device=device)  # the last slot: cells not taken
                 chosen = hit.index_fill_(0, torch.where(taken, seq, size), True)[:size]
                 n_anchors, n_buffers = (taken & is_anchor).sum(), (taken & ~is_anchor).sum()
-            # registers: the rest of the budget by deep attention, after the anchors and buffers
+            # fill tokens: the rest of the budget by deep attention, after the anchors and buffers
             by_score = torch.sort(deep[sl], descending=True, stable=True).indices
             ranked = by_score[torch.sort((~chosen[by_score]).to(torch.uint8), stable=True).indices]
             keeps.append(torch.sort(ranked[:budget]).values + sl.start)
             counts.append(torch.stack([n_anchors, n_buffers, budget - n_anchors - n_buffers]))
         keep = torch.sort(torch.cat(keeps)).values
-        # (crops with a budget, 3) tensor: anchors, buffers, registers of each crop
-        return Selection(keep=keep, info={"anchors_buffers_registers": torch.stack(counts)})
+        # (crops with a budget, 3) tensor: anchors, buffers, fill tokens of each crop
+        return Selection(keep=keep, info={"anchors_buffers_fill": torch.stack(counts)})

@@ -7,10 +7,10 @@ import torch
 from typing import Literal
 
 from ..errors import ArgumentError
-from .base import Method, Selection, Stage, register
+from .base import Method, Selection, Stage, register_method
 
 
-@register
+@register_method
 class KeepAll(Method):
     name = "keep_all"
 

@@ -6,7 +6,7 @@ A token is kept when its attention beats a *test-time register* (Jiang et al., a
 scored in the same softmax, so the budget follows the image (stage I) and the question (stage II):
 
 * register: one zero token appended to each crop's patch sequence in the vision tower; calibrated
-  outlier neurons move their activation onto it (``vtprune.registers``). It reaches the LLM like a
+  outlier neurons move their activation onto it (``vtprune.occamtoken``). It reaches the LLM like a
   patch and is never pruned.
 * stage I (vision output): keep v iff s1(v) ≥ λ1·s1(r); CLS towers: s1 = CLS→token attention at the
   feature layer; Qwen towers: "mutual" score, the mean attention a token receives from all tokens
@@ -17,7 +17,7 @@ scored in the same softmax, so the budget follows the image (stage I) and the qu
 
 Defaults: λ1 = 0.015 (LLaVA-1.5), 0.045 (LLaVA-NeXT) [paper]; λ2 = 1.0 [paper's range 0.6-1.3];
 l = 11 (LLaVA) / 10 (Qwen) [paper]. Calibrate λ2 to a target mean budget with
-``vtprune.calibrate.calibrate_pairs`` / ``vtprune calibrate budget --pairs``.
+``vtprune.occamtoken.budget.calibrate_pairs`` / ``vtprune calibrate budget --pairs``.
 
 Fixed budget (not in the paper; what a host that fixes token counts in advance, such as vLLM, needs):
 ``keep=N`` or ``ratio=r`` replaces stage I's threshold by a ranking — the N candidates with the largest
@@ -39,7 +39,7 @@ s1(v) / s1(r), each against its own crop's register, are kept; λ1 is then unuse
   scored as their mean; the mutual score averages the attention a token receives over all query rows,
   the register's four among them — the same weight as one merged token's four patches, i.e. the
   paper's Eq. 6 with the register counted once among the |V| + 1 tokens. On Qwen2.5-VL's windowed
-  blocks the register is its own window (see ``vtprune.registers``);
+  blocks the register is its own window (see ``vtprune.occamtoken``);
 - LLaVA-NeXT: by default the paper's accounting, base image + crops without unpadding or newline
   tokens (5 × 576 = 2,880 tokens at 672×672; ``apply(..., layout="flat")`` is implied), so budgets
   read as in the paper (320 / 160 / 40); ``layout="model"`` keeps the model's own unpadded layout with
@@ -67,12 +67,12 @@ from typing import Literal
 import torch
 
 from ..errors import ArgumentError, UnboundMethodError, UnsupportedMethodError
-from ._occam_scores import relative_keep, stage1_columns, stage2_keep, stage2_scores
+from ..occamtoken.scores import relative_keep, stage1_columns, stage2_keep, stage2_scores
 from ..models.families import FamilyDefaults
-from .base import Method, Selection, Stage, register, sorted_topk
+from .base import Method, Selection, Stage, register_method, sorted_topk
 
 def _check_neurons_argument(neurons) -> None:
-    from ..registers import _as_neurons
+    from ..occamtoken.neurons import as_neurons
 
     allowed = "pass the JSON written by `vtprune calibrate registers`, a list of (layer, neuron) pairs, or None"
     if isinstance(neurons, (str, os.PathLike)):
@@ -80,7 +80,7 @@ def _check_neurons_argument(neurons) -> None:
             raise ArgumentError(f"occamtoken: neurons={str(neurons)!r} is not a file; {allowed}.")
         return
     try:
-        _as_neurons(neurons)
+        as_neurons(neurons)
     except (TypeError, ValueError, IndexError, KeyError) as err:
         raise ArgumentError(f"occamtoken: neurons={neurons!r} is not allowed ({err}); {allowed}.") from None
 
@@ -90,7 +90,7 @@ DEFAULT_LAYER = FamilyDefaults("occamtoken", "layer")  # family -> stage-II laye
 REGISTER_FILE = "vtprune_registers.json"
 
 
-@register
+@register_method
 class OccamToken(Method):
     name = "occamtoken"
     default_layout = "flat"  # LLaVA-NeXT: the paper's 2,880-token base + crops accounting
@@ -157,7 +157,7 @@ class OccamToken(Method):
         self.loaded_neurons = self._find_neurons(adapter.vision_module, adapter.model)
 
     def vision_tower_patch(self, adapter):
-        from ..registers import test_time_register
+        from ..occamtoken.intervention import test_time_register
 
         if self.loaded_neurons is None:
             raise UnboundMethodError("occamtoken: the register neurons are not loaded; bind the method to the model "
@@ -165,7 +165,8 @@ class OccamToken(Method):
         return test_time_register(adapter.vision_module, self.loaded_neurons, mode=self.register_mode)
 
     def _find_neurons(self, tower, model):
-        from ..registers import RegisterNeurons, latest_calibration, load_or_calibrate
+        from ..occamtoken.neuron_cache import latest_calibration, load_or_calibrate
+        from ..occamtoken.neurons import RegisterNeurons
 
         if self.neurons is not None:
             return load_or_calibrate(tower, neurons=self.neurons)

@@ -63,7 +63,7 @@ from typing import Literal
 import torch
 
 from ..errors import ArgumentError, UnsupportedMethodError
-from .base import Method, Selection, Stage, register
+from .base import Method, Selection, Stage, register_method
 
 _CACHE: dict[tuple, object] = {}  # (path, device, mtime) → loaded pruner
 
@@ -98,7 +98,7 @@ def _load(path: Path, device: torch.device):
     return _CACHE[key]
 
 
-@register
+@register_method
 class OCVTP(Method):
     name = "ocvtp"
     needs_budget = True

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ..errors import UnsupportedMethodError
 from ..models import families
-from .base import Method, Selection, Stage, register, split_budget
+from .base import Method, Selection, Stage, register_method, split_budget
 
 
 def pooled_grid(rows: int, cols: int, budget: int) -> tuple[int, int]:
@@ -30,7 +30,7 @@ def pooled_grid(rows: int, cols: int, budget: int) -> tuple[int, int]:
     return r, c
 
 
-@register
+@register_method
 class Pooling(Method):
     name = "pooling"
     needs_budget = True

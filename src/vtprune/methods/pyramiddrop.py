@@ -47,10 +47,10 @@ from typing import Literal
 import torch
 
 from ..errors import ArgumentError, BudgetError
-from .base import Method, Selection, Stage, register, sorted_topk, to_device
+from .base import Method, Selection, Stage, register_method, sorted_topk, to_device
 
 
-@register
+@register_method
 class PyramidDrop(Method):
     name = "pyramiddrop"
     stages = (Stage.LLM,)

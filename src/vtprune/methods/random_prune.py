@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import torch
 
-from .base import Method, Selection, Stage, register, to_device
+from .base import Method, Selection, Stage, register_method, to_device
 
 
-@register
+@register_method
 class RandomPrune(Method):
     name = "random"
     needs_budget = True

@@ -81,7 +81,7 @@ from typing import Literal
 import torch
 
 from ..errors import ArgumentError, BudgetError, UnsupportedMethodError
-from .base import Method, Selection, Stage, mask_indices, register, sorted_topk, to_device
+from .base import Method, Selection, Stage, mask_indices, register_method, sorted_topk, to_device
 
 #: the v1.5 code's per-layer kept counts for LLaVA-1.5 (576 visual tokens) after layers 2 / 6 / 15
 #: (192 / 128 / 64: branch v1.5 score.py; 96: main branch score.py, USE_VERSION=1_0)
@@ -157,7 +157,7 @@ def _rater_rank(weight: torch.Tensor, p: torch.Tensor) -> int:
     return int(torch.linalg.matrix_rank(host[host[:, 0] > 0, 1:]))  # host: works on the copy made above
 
 
-@register
+@register_method
 class SparseVLM(Method):
     name = "sparsevlm"
     stages = (Stage.LLM,)

@@ -61,13 +61,13 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ArgumentError, BudgetError
-from .base import Method, Selection, Stage, mask_indices, register, sorted_topk, split_budget
+from .base import Method, Selection, Stage, mask_indices, register_method, sorted_topk, split_budget
 
 _NEED_REASONS = {"cls_attention": "its tower has no [CLS] token",
                  "vision_merge": "merged vision-stage tokens cannot pass the 2×2 patch merger"}
 
 
-@register
+@register_method
 class VisionZip(Method):
     name = "visionzip"
     needs_budget = True

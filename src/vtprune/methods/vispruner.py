@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ArgumentError
-from .base import Method, Selection, Stage, mask_indices, register, sorted_topk, split_budget
+from .base import Method, Selection, Stage, mask_indices, register_method, sorted_topk, split_budget
 
 def importance(ctx) -> torch.Tensor:
     """(N,) per-token importance: head-mean [CLS] attention, or received attention on Qwen."""
@@ -191,7 +191,7 @@ def equal_budget(total: int, sizes: list[int]) -> list[int]:
     return out
 
 
-@register
+@register_method
 class VisPruner(Method):
     name = "vispruner"
     needs_budget = True

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from ..attention import AttentionRecorder, record_attention
+from ..attention import record_attention
 from ..errors import InputError, UnsupportedModelError  # noqa: F401
 from ..methods.base import Instruction, Method
 
@@ -198,9 +198,6 @@ class Adapter:
             yield {i: stack.enter_context(record_attention(m)) for i, m in modules.items()}
 
 
-def register_adapter(cls: type[Adapter]) -> type[Adapter]:
-    """Kept for the adapter modules' decorators; the family declaration names the adapter."""
-    return cls
 
 
 def adapter_for(model, **options) -> Adapter:

@@ -88,7 +88,7 @@ class Family:
     layouts         image layouts the adapter accepts (``apply(layout=...)``); the first is the default.
     full_grid_layout the layout that gives every crop its full grid where ``fixed_grid`` is False.
     tower_group     families with the same tower_group share their vision tower (OC-VTP checkpoints).
-    register_tower  the ``vtprune.registers._Tower`` subclass for test-time registers / calibration.
+    register_tower  the ``vtprune.occamtoken.towers.RegisterTower`` subclass for test-time registers / calibration.
     vision_classes  vision-config ``model_type`` -> (module, class) of the stand-alone vision tower.
     extract_adapter adapter used to read single-view tower features (OC-VTP extraction); None = adapter.
     flops           :class:`FlopsInfo`.

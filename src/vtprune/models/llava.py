@@ -10,14 +10,13 @@ import torch
 from ..attention import AttentionRecorder
 from ..errors import InputError, UnsupportedModelError
 from ..methods.base import ImageContext, Method
-from ..registers import _first_param, _Tower, redirect_activations
-from .base import Adapter, EncodedImage, register_adapter
+from ..occamtoken.towers import RegisterTower, first_param, redirect_activations
+from .base import Adapter, EncodedImage
 from .families import Family, FlopsInfo, TinySpec, register_family
 from .stages import (ClipTowerShape, append_extras, clip_context, feature_index, forwarded_cls, select_and_project,
                      watched_blocks)
 
 
-@register_adapter
 class LlavaAdapter(Adapter):
     family = "llava"
 
@@ -137,7 +136,7 @@ class RecordedTower:
 
 
 # -- test-time registers: the CLIP tower ----------------------------------------------------------
-class ClipTower(_Tower):
+class ClipTower(RegisterTower):
     """``CLIPVisionModel`` (transformers 5): embeddings → pre_layrnorm → encoder.layers → post_layernorm.
     Batched (B, S, D) hidden states, CLS at position 0; with the register: (B, 1 + N + 1, D)."""
 
@@ -171,7 +170,7 @@ class ClipTower(_Tower):
             batch = batch.flatten(0, 1)
         if batch.dim() != 4:
             raise InputError(f"Expected pixel values (B, 3, H, W), got shape {tuple(batch.shape)}.")
-        p = _first_param(self.core)
+        p = first_param(self.core)
         return {"pixel_values": batch.to(device=p.device, dtype=p.dtype)}
 
     def num_images(self, batch):

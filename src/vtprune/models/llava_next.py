@@ -11,13 +11,12 @@ from __future__ import annotations
 import torch
 
 from ..errors import InputError
-from .base import EncodedImage, register_adapter
+from .base import EncodedImage
 from .families import Family, FlopsInfo, TinySpec, register_family
 from .llava import CLIP_VISION_CLASSES, ClipTower, LlavaAdapter, clip_vision, llama_text
 from .stages import append_extras, forwarded_cls, select_and_project
 
 
-@register_adapter
 class LlavaNextAdapter(LlavaAdapter):
     family = "llava_next"
 

@@ -21,8 +21,8 @@ import torch
 
 from ..errors import InputError
 from ..methods.base import ImageContext
-from ..registers import redirect_activations
-from .base import EncodedImage, register_adapter
+from ..occamtoken.towers import redirect_activations
+from .base import EncodedImage
 from .families import Family, FlopsInfo, TinySpec, register_family
 from .llava import ClipTower, LlavaAdapter
 from .llava_next import LlavaNextAdapter
@@ -33,7 +33,6 @@ VIDEO_KEY = "pixel_values_videos"
 SPAN_MODALITIES = "span_modalities"
 
 
-@register_adapter
 class LlavaOnevisionAdapter(LlavaNextAdapter):
     family = "llava_onevision"
 

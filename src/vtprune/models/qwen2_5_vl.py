@@ -14,13 +14,12 @@ import torch
 
 from ..errors import InputError, UnsupportedModelError
 from ..methods.base import ImageContext, Stage
-from ..registers import _first_param, _Handles, _insert_after_segments, _Tower, redirect_activations
-from .base import Adapter, EncodedImage, register_adapter
+from ..occamtoken.towers import RegisterTower, _Handles, _insert_after_segments, first_param, redirect_activations
+from .base import Adapter, EncodedImage
 from .families import Family, FlopsInfo, TinySpec, register_family
 from .stages import select_and_project
 
 
-@register_adapter
 class Qwen25VLAdapter(Adapter):
     family = "qwen2_5_vl"
     contiguous_positions_unsupported = (
@@ -197,7 +196,7 @@ def unit_context(features: torch.Tensor, grid: tuple[int, int], *, family: str, 
 
 
 # -- test-time registers: the Qwen vision towers (Qwen2.5-VL, Qwen3-VL) ---------------------------
-class QwenTower(_Tower):
+class QwenTower(RegisterTower):
     """Qwen2.5-VL / Qwen3-VL vision towers: packed (S, D) hidden states of all images, no CLS.
 
     Calibration splits the packed sequence per image by ``grid_thw`` (Qwen2.5-VL's window permutation
@@ -235,7 +234,7 @@ class QwenTower(_Tower):
         if not isinstance(batch, Mapping) or "image_grid_thw" not in batch and "grid_thw" not in batch:
             raise InputError("Qwen vision towers take dict batches with 'pixel_values' and 'image_grid_thw' "
                              "(the output of the model's image processor).")
-        p = _first_param(self.core)
+        p = first_param(self.core)
         thw = batch.get("image_grid_thw", batch.get("grid_thw"))
         return {"pixel_values": batch["pixel_values"].to(device=p.device, dtype=p.dtype),
                 "grid_thw": torch.as_tensor(thw).to(p.device)}
@@ -253,7 +252,7 @@ class QwenTower(_Tower):
         return list(t.split(sizes, dim=0))
 
     def identity_tensors(self):
-        ts = [_first_param(self.core.patch_embed), self.site(0).weight, self.site(self.num_layers - 1).weight]
+        ts = [first_param(self.core.patch_embed), self.site(0).weight, self.site(self.num_layers - 1).weight]
         ts += [self.site(i).bias for i in range(self.num_layers) if self.site(i).bias is not None]
         return ts
 

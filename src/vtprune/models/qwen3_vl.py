@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from .base import register_adapter
 from .families import Family, FlopsInfo, TinySpec, register_family
 from .qwen2_5_vl import QWEN_INPUT_KEYS, QWEN_OCCAMTOKEN_DEFAULTS, Qwen25VLAdapter, QwenTower, tiny_inputs
 
 
-@register_adapter
 class Qwen3VLAdapter(Qwen25VLAdapter):
     family = "qwen3_vl"
 

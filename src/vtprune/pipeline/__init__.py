@@ -13,7 +13,7 @@ positions continue from the original sequence length (contiguous: from the prune
 
 Modules, each readable alone:
 
-``pruner``         ``Pruner``: the lifecycle of one ``apply()`` (install, ``remove``) and the wrapped
+``installation``   ``Installation``: the lifecycle of one ``apply()`` (install, ``remove``) and the wrapped
                    forward's dispatch (prefill / decoding step / plain call); creates the per-call
                    ``PrefillCall`` when a pruned prefill starts and drops it when it returns or raises.
 ``forward_patch``  wraps ``model.forward`` and restores exactly what was there (a forward on the instance
@@ -31,6 +31,6 @@ Modules, each readable alone:
 Family specifics live in the adapters (``Adapter.patch_decoder``: Qwen3-VL's DeepStack) and in
 ``vtprune.models.families`` (``image_input_keys``).
 """
-from .pruner import Pruner
+from .installation import Installation
 
-__all__ = ["Pruner"]
+__all__ = ["Installation"]

@@ -1,7 +1,7 @@
 """One pruned prefill: the vision side, the compact left-padded layout of text + kept image units, the
 model's own forward (with the in-LLM stage when the method has one), the stats and the cache's session.
 
-Everything of one call lives in a ``PrefillCall``, which the pruner creates when the prefill starts and
+Everything of one call lives in a ``PrefillCall``, which the installation creates when the prefill starts and
 drops when it returns or raises."""
 from __future__ import annotations
 
@@ -22,12 +22,12 @@ from .positions import as_rows_or_none, contiguous_positions, contiguous_shift, 
 from .records import ColumnRecord
 
 if TYPE_CHECKING:
-    from .pruner import Pruner
+    from .installation import Installation
 
 
 @dataclass
 class PrefillCall:
-    """Everything that belongs to one pruned prefill. The pruner creates it when the prefill starts
+    """Everything that belongs to one pruned prefill. The installation creates it when the prefill starts
     and drops it when the prefill returns or raises, so nothing of one call can leak into the next."""
 
     stats: CallStats
@@ -41,8 +41,8 @@ class PrefillCall:
     input_embeds: torch.Tensor | None = None  # (B, L, D) entering the first decoder layer (in-LLM methods)
 
 
-def run_prefill(pruner: Pruner, call: PrefillCall, kwargs):
-    adapter = pruner.adapter
+def run_prefill(installation: Installation, call: PrefillCall, kwargs):
+    adapter = installation.adapter
     t_start = time.perf_counter()
     stats = call.stats
     input_ids = kwargs.pop("input_ids")
@@ -56,7 +56,7 @@ def run_prefill(pruner: Pruner, call: PrefillCall, kwargs):
     spans = adapter.image_spans(input_ids, image_inputs)
     real = attention_mask.detach().to("cpu", torch.bool)  # sync: the inputs' padding, read once per call
     instructions = [Instruction(ids, adapter.embed_tokens) for ids in text_after_each_image(input_ids, real, spans)]
-    images = adapter.encode_images(image_inputs, pruner.method, instructions, stats.timer)
+    images = adapter.encode_images(image_inputs, installation.method, instructions, stats.timer)
     full_ids, full_mask, span_units, rewritten = rewrite_spans(input_ids, attention_mask, spans, images)
     position_shift = None
     if rewritten:
@@ -68,29 +68,29 @@ def run_prefill(pruner: Pruner, call: PrefillCall, kwargs):
     if rewritten:
         real = full_mask.detach().to("cpu", torch.bool)  # sync: the rewritten sequence's padding
     ids, mask, pos, layout, newline_counts = compact(call, full_ids, full_mask, real, positions, span_units, images)
-    if pruner.contiguous:
+    if installation.contiguous:
         pos = contiguous_positions(mask, call.caller_positions).unsqueeze(0)
     for im, newlines in zip(images, newline_counts):
         stats.images.append(ImageStats(candidates=im.candidates, after_pre_llm=len(im.keep) - im.n_extra - newlines,
                                        registers=im.n_extra, newlines=newlines, info=dict(im.info)))
     kwargs.update(input_ids=ids, attention_mask=mask, position_ids=adapter.format_positions(pos),
                   mm_encoder_outputs=adapter.mm_encoder_outputs(images))
-    if Stage.LLM in pruner.method.stages:
-        out = pruner.llm_stage.run_with_llm_pruning(call, pruner.original_forward, kwargs, layout)
+    if Stage.LLM in installation.method.stages:
+        out = installation.llm_stage.run_with_llm_pruning(call, installation.original_forward, kwargs, layout)
     else:
-        out = pruner.original_forward(**kwargs)
+        out = installation.original_forward(**kwargs)
     final_layout = call.layout if call.layout is not None else layout
     stats.defer(ColumnRecord(call.source_columns, layout, final_layout, dict(call.layouts_after), span_units,
                              [im.unit_cells for im in images]))
     cache = output_cache(out)
     if cache is not None:
-        if pruner.contiguous:
+        if installation.contiguous:
             position_shift = contiguous_shift(final_layout.mask, attention_mask, call.caller_positions)
-        pruner.sessions[cache] = Session(compact_mask=final_layout.mask.to(mask),
+        installation.sessions[cache] = Session(compact_mask=final_layout.mask.to(mask),
                                          original_prompt_len=attention_mask.shape[1],
                                          original_seen=input_ids.shape[1], position_shift=position_shift)
     stats.total_seconds = time.perf_counter() - t_start
-    pruner.stats_log.append(stats)
+    installation.stats_log.append(stats)
     return out
 
 

@@ -536,7 +536,7 @@ def wrapped_forwards(modules: Mapping[Any, torch.nn.Module], wrap):
 @dataclass(frozen=True)
 class Register:
     """A test-time register for a CLIP tower run: the redirected MLP channels per block and the mode
-    of :func:`vtprune.registers.redirect_activations`."""
+    of :func:`vtprune.occamtoken.towers.redirect_activations`."""
 
     by_layer: tuple[tuple[int, tuple[int, ...]], ...] = ()
     mode: str = "per_channel"
@@ -547,14 +547,14 @@ def register_of(method: Method | None, model_dir: str | None) -> Register | None
     ``neurons`` argument, else the ``vtprune_registers.json`` shipped next to the served weights, else
     none (the register is appended, nothing is redirected; the HF path warns about this)."""
     from ..methods.occamtoken import REGISTER_FILE
-    from ..registers import RegisterNeurons, _as_neurons
+    from ..occamtoken.neurons import RegisterNeurons, as_neurons
 
     if method is None or not getattr(method, "extra_tokens", 0):
         return None
     neurons = getattr(method, "neurons", None)
     if neurons is None and model_dir and (Path(model_dir) / REGISTER_FILE).is_file():
         neurons = RegisterNeurons.from_json(Path(model_dir) / REGISTER_FILE)
-    by_layer = _as_neurons(neurons).by_layer()
+    by_layer = as_neurons(neurons).by_layer()
     return Register(tuple((int(k), tuple(int(n) for n in v)) for k, v in sorted(by_layer.items())),
                     getattr(method, "register_mode", "per_channel"))
 
@@ -565,7 +565,7 @@ class ClipTowerRun:
     ``hidden[i]`` is the tower's hidden state after block i-1 (0 = embeddings); ``qk[b]`` holds the
     query and key states of block ``b`` (all heads, gathered across tensor-parallel ranks), exactly
     as the block's own layer norm and q/k projections produced them. With ``register``, every crop
-    runs as ``vtprune.registers.test_time_register`` runs it on the HF tower: a zero token appended
+    runs as ``vtprune.occamtoken.intervention.test_time_register`` runs it on the HF tower: a zero token appended
     before the pre-norm (the last row of every hidden state), the listed MLP channels redirected onto it.
     """
 
@@ -592,7 +592,7 @@ class ClipTowerRun:
             self.hidden = vm.encoder(inputs_embeds=vm.pre_layrnorm(x), return_all_hidden_states=True)
 
     def _redirect(self, block: int, h: torch.Tensor) -> torch.Tensor:
-        from ..registers import redirect_activations
+        from ..occamtoken.towers import redirect_activations
 
         channels = torch.tensor(dict(self.register.by_layer)[block], dtype=torch.long, device=h.device)
         return redirect_activations(h, channels, patch=slice(1, -1), register=slice(-1, None), mode=self.register.mode)

@@ -1,4 +1,5 @@
-"""``Pruner``: the lifecycle of one ``apply()`` and the wrapped forward's dispatch."""
+"""``Installation``: what one ``apply()`` installed on a model (the wrapped forward, the decoder hooks,
+the decoding sessions), its lifecycle and the wrapped forward's dispatch."""
 from __future__ import annotations
 
 import weakref
@@ -15,7 +16,7 @@ from .llm_stage import LLMStage
 from .prefill import PrefillCall, run_prefill
 
 
-class Pruner:
+class Installation:
     """Holds the method, the adapter, the hooks and the statistics of one ``apply()``."""
 
     def __init__(self, model, method: Method, adapter: Adapter, stats_log: list, positions: str = "original"):

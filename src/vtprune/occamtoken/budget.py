@@ -11,14 +11,14 @@ arithmetic, so bisection needs no further model runs and one pass serves every t
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import torch
 
-from .errors import ArgumentError, InputError
-from .methods._occam_scores import calibrate_lambda
+from ..errors import InputError
+from .scores import calibrate_lambda
 
 FIXED_PROMPT = "Describe the image."
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -185,7 +185,7 @@ def folder_pairs(folder, prompt: str = FIXED_PROMPT) -> list[Pair]:
 
 def scene_pairs(n: int) -> list[Pair]:
     """``n`` validation scenes of the demo benchmark, each with its own question."""
-    from .demo.scenes import make_split
+    from ..demo.scenes import make_split
 
     return [Pair(item.image(), item.question) for item in make_split("val", n)]
 
@@ -206,104 +206,3 @@ def _processed(processor, image, question) -> dict:
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
     return dict(processor(images=image, text=prompt, return_tensors="pt"))
-
-
-# -- command line ----------------------------------------------------------------------------------
-def add_cli(subparsers) -> None:
-    """``vtprune calibrate registers`` and ``vtprune calibrate budget``."""
-    from .registers import add_calibrate_registers_arguments, calibrate_registers_cli
-
-    group = subparsers.add_parser("calibrate", help="calibrate OccamToken: register neurons, λ for a budget")
-    sub = group.add_subparsers(dest="what", required=True)
-    registers = sub.add_parser("registers", help="find the test-time register neurons of a vision tower")
-    add_calibrate_registers_arguments(registers)
-    registers.set_defaults(func=calibrate_registers_cli)
-
-    budget = sub.add_parser("budget", help="fit λ2 (or λ1) so the mean kept count hits a target")
-    budget.add_argument("--model", required=True, help="local path of a supported HF VLM")
-    source = budget.add_mutually_exclusive_group(required=True)
-    source.add_argument("--pairs", help='JSONL file, one {"image": PATH, "question": TEXT} per line: samples of '
-                                        "the target task (paths relative to the file's folder)")
-    source.add_argument("--images", help="folder of calibration images, all asked --prompt")
-    source.add_argument("--scenes", type=int, help="use N validation scenes of the demo benchmark, with their questions")
-    budget.add_argument("--prompt", default=FIXED_PROMPT, help=f"question asked about each --images image "
-                                                               f"(default {FIXED_PROMPT!r})")
-    budget.add_argument("--num", type=int, default=None, help="at most N samples (default: all pairs, 64 images)")
-    budget.add_argument("--target", required=True,
-                        help="target mean kept tokens per sample, registers included; several: 192,128,64")
-    budget.add_argument("--stage", type=int, choices=(1, 2), default=2, help="2: fit λ2 (default); 1: fit λ1")
-    budget.add_argument("--lambda1", type=float, default=None,
-                        help="λ1 kept fixed while fitting λ2 (default: the model's shipped setting, else the family's)")
-    budget.add_argument("--layer", type=int, default=None,
-                        help="stage-II layer (default: the model's shipped setting, else the family's)")
-    budget.add_argument("--out", default=None, help="also write the fits to this JSON file")
-    budget.set_defaults(func=_budget_cli)
-
-
-def parse_targets(text: str) -> list[float]:
-    """``"192,128,64"`` -> ``[192.0, 128.0, 64.0]``."""
-    try:
-        targets = [float(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        targets = []
-    if not targets or any(t <= 0 for t in targets):
-        raise ArgumentError(f"--target {text!r}: give one or more positive numbers, e.g. --target 64 or --target 192,128,64.")
-    return targets
-
-
-def _budget_cli(args) -> int:
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    targets = parse_targets(args.target)
-    if args.num is not None and args.num < 1:
-        raise ArgumentError(f"--num {args.num}: give at least 1 sample.")
-    if not Path(args.model).is_dir():
-        raise InputError(f"--model {args.model!r} is not a folder; give the local folder of a transformers "
-                         f"checkpoint (vtprune does not download models).")
-    pairs, source = _calibration_pairs(args)
-    settings = _occam_settings(args) if args.stage == 2 else {}  # stage 1 runs without stage II
-    if args.stage == 2 and args.images:
-        print(f"note: stage II depends on the question, and every image here is asked {args.prompt!r}; "
-              f"the λ2 fitted may miss the budget on your task's questions. Calibrate with --pairs FILE.jsonl "
-              f"(images with their task's questions) for the paper's calibration.")
-    model = AutoModelForImageTextToText.from_pretrained(args.model).eval()
-    processor = AutoProcessor.from_pretrained(args.model)
-    fits = calibrate_pairs(model, processor, pairs, targets, stage=args.stage, progress=True, **settings)
-    fixed = ", ".join(f"{k}={v}" for k, v in settings.items()) or "the family defaults"
-    print(f"{source}, {len(pairs)} samples; " + (f"OccamToken settings: {fixed}" if args.stage == 2 else "stage II off"))
-    print(fits[0] if len(fits) == 1 else format_table(fits))
-    for fit in fits:
-        if not fit.reached:
-            print(f"note: target {fit.target:g} is out of reach on these samples; the closest mean is "
-                  f"{fit.mean_kept:.2f} ({fit.name} = {fit.lam:.4f}).")
-    if args.out:
-        record = {"model": args.model, "source": source, "stage": args.stage, "settings": settings,
-                  "fits": [{**asdict(f), "parameter": "lambda2" if f.stage == 2 else "lambda1", "reached": f.reached}
-                           for f in fits]}
-        Path(args.out).write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n")
-        print(f"wrote {args.out}")
-    return 0
-
-
-def _calibration_pairs(args) -> tuple[list[Pair], str]:
-    """The pairs to calibrate on, and a few words saying where they come from."""
-    if args.pairs:
-        pairs, source = read_pairs(args.pairs), f"pairs from {args.pairs}"
-    elif args.images:
-        pairs, source = folder_pairs(args.images, args.prompt)[: args.num or 64], f"images of {args.images}"
-    else:
-        if args.scenes < 1:
-            raise ArgumentError(f"--scenes {args.scenes}: give at least 1 scene.")
-        pairs, source = scene_pairs(args.scenes), "demo scenes"
-    return pairs[: args.num] if args.num else pairs, source
-
-
-def _occam_settings(args) -> dict:
-    """λ1 and the stage-II layer to fit λ2 with: the flags, else the OccamToken settings shipped next to
-    the model's weights (what ``vtprune generate`` and ``vtprune demo`` run with), else none."""
-    from .cli.arguments import default_method_args
-
-    shipped = default_method_args("occamtoken", args.model)
-    settings = {k: shipped[k] for k in ("lambda1", "layer") if k in shipped}
-    settings.update({k: v for k, v in (("lambda1", args.lambda1), ("layer", args.layer)) if v is not None})
-    return settings

@@ -8,8 +8,8 @@ OccamToken: "Efficient VLM Inference with Training-Free and Budget-Adaptive Toke
 * stage II (inside the LLM, query-adaptive):          keep v iff ``s2(v) >= λ2 · s2(r)`` (Eq. 8 / 17);
 * budget matching: choose λ by bisection so the mean kept count hits a target (Eq. 19).
 
-Nothing here knows about models: the method class (``occamtoken.py``) extracts the attention rows
-and calls these functions. Tags: **[paper]** = stated in the paper; **[decision]** = a project choice
+Nothing here knows about models: the method class (``vtprune.methods.occamtoken``) extracts the
+attention rows and calls these functions. Tags: **[paper]** = stated in the paper; **[decision]** = a project choice
 where the paper is silent (listed in ``vtprune.methods.occamtoken``); every decision is an argument.
 
 Conventions: attention tensors are probabilities of the *full* softmax rows (nothing renormalised),
@@ -23,7 +23,7 @@ from typing import Callable, NamedTuple, Sequence
 
 import torch
 
-from .base import to_device
+from ..methods.base import to_device
 
 __all__ = [
     "stage1_cls_scores",
