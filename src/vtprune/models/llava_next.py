@@ -8,12 +8,29 @@ Two layouts of an image's tokens in the LLM:
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..errors import InputError
 from .base import EncodedImage, register_adapter
 from .families import Family, FlopsInfo, TinySpec, register_family
 from .llava import CLIP_VISION_CLASSES, ClipTower, LlavaAdapter, clip_vision, extra_cls, llama_text
+
+
+@dataclass(frozen=True)
+class UnitPlan:
+    """The units of one image size: ``table`` (per unit, the crop-major patch id it shows, -1 =
+    newline), ``present`` (the patch ids shown, ascending: the candidates), ``crop_cols`` (per crop, its
+    patch indices among them), ``cells`` (per unit: crop, row, col; -1 for newlines) and ``placeholders``
+    (the tokens the processor puts in input_ids: the model layout's units). Shared by every call: never
+    modified in place."""
+
+    table: torch.Tensor
+    present: torch.Tensor
+    placeholders: int
+    crop_cols: list[torch.Tensor]
+    cells: torch.Tensor
 
 
 @register_adapter
@@ -24,6 +41,7 @@ class LlavaNextAdapter(LlavaAdapter):
         if layout not in ("model", "flat"):
             raise InputError(f"layout must be 'model' or 'flat', got {layout!r}.")
         super().__init__(model, layout)
+        self._plans: dict[tuple[tuple[int, int], int], UnitPlan] = {}  # per (image size, crops)
 
     def crops_per_image(self, inputs: dict) -> list[int]:
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
@@ -46,8 +64,27 @@ class LlavaNextAdapter(LlavaAdapter):
             image_newline=torch.tensor([-1.0]))
         return packed[0][:, 0].round().long() if isinstance(packed, (list, tuple)) else packed[:, 0].round().long()
 
+    def unit_plan(self, image_size: tuple[int, int], crops: int) -> UnitPlan:
+        """The units of an image of ``image_size`` in this adapter's layout. The same for every image of
+        that size, so computed once per size (running the model's packing cost ~0.5 ms a call on a CPU)."""
+        key = (tuple(image_size), crops)
+        if key not in self._plans:
+            if len(self._plans) >= 256:  # AnyRes sizes vary per image: bound the cache
+                self._plans.clear()
+            side, n = self.grid_side, self.grid_side ** 2
+            model_table = self.unit_table(key[0], crops)
+            table = model_table if self.layout == "model" else torch.arange(crops * n)
+            present = torch.sort(table[table >= 0]).values  # candidates in crop-major order
+            patch = table.clamp(min=0)
+            cells = torch.stack([patch // n, (patch % n) // side, patch % side], 1)
+            cells[table < 0] = -1
+            self._plans[key] = UnitPlan(
+                table=table, present=present, placeholders=len(model_table), cells=cells,
+                crop_cols=[present[(present >= k * n) & (present < (k + 1) * n)] - k * n for k in range(crops)])
+        return self._plans[key]
+
     def expected_tokens(self, inputs: dict) -> list[int]:
-        return [len(self.unit_table(tuple(s), c))
+        return [self.unit_plan(tuple(s), c).placeholders
                 for s, c in zip(inputs["image_sizes"].tolist(), self.crops_per_image(inputs))]
 
     def encode_images(self, inputs, method, instructions, timer):
@@ -60,37 +97,31 @@ class LlavaNextAdapter(LlavaAdapter):
         extra_units = extra + extra_cls(method)  # per crop: registers, then the forwarded [CLS]
         side, n = self.grid_side, self.grid_side ** 2
         images, first = [], 0
-        for i, c in enumerate(crops):
+        for i, (size, c) in enumerate(zip(inputs["image_sizes"].tolist(), crops)):
             rows = list(range(first, first + c))
             first += c
-            table = self.unit_table(tuple(inputs["image_sizes"][i].tolist()), c)
-            if self.layout == "flat":
-                table = torch.arange(c * n)
-            patch_ids = table[table >= 0]
-            # candidates in crop-major order: the patches that appear in the layout
-            present = torch.sort(patch_ids).values
-            cols = [present[(present >= k * n) & (present < (k + 1) * n)] - k * n for k in range(c)]
-            ctx = self.crop_context(hidden_states, recs, rows, i, extra, [(side, side)] * c, keep_cols=cols)
+            plan = self.unit_plan(tuple(size), c)
+            table, present = plan.table, plan.present
+            ctx = self.crop_context(hidden_states, recs, rows, i, extra, [(side, side)] * c, keep_cols=plan.crop_cols)
             keep, embeds, info = self.select_and_project(ctx, method, timer, instructions[i])
             kept_patches = present[keep.cpu()]  # sync: the unit table lives on the CPU
-            # unit order: the layout's; kept units are newlines plus kept patches
-            unit_is_kept = (table < 0) | torch.isin(table, kept_patches)
-            keep_units = torch.nonzero(unit_is_kept).flatten()
+            # unit order: the layout's; kept units are newlines plus kept patches. rank[1 + patch id]: the
+            # patch's row in `embeds` (-1: pruned); rank[0] = -2 marks newline tokens (table -1)
+            rank = torch.full((c * n + 1,), -1, dtype=torch.long)
+            rank[0] = -2
+            rank[kept_patches + 1] = torch.arange(len(kept_patches))
+            unit_rank = rank[table + 1]
+            keep_units = torch.nonzero(unit_rank != -1).flatten()
+            kept_rank = unit_rank[keep_units]
             # embeddings in unit order: newlines from the model's parameter, patches from `embeds`
-            rank = torch.full((c * n,), -1, dtype=torch.long)
-            rank[kept_patches] = torch.arange(len(kept_patches))
-            kept_table = table[keep_units]
             newline = self.model.model.image_newline.to(embeds.dtype)
-            patch_embeds = embeds[: len(kept_patches)]
-            ordered = torch.where((kept_table < 0).unsqueeze(1), newline.expand(len(kept_table), -1),
-                                  patch_embeds[rank[kept_table.clamp(min=0)].clamp(min=0)])
+            ordered = torch.where((kept_rank < 0).unsqueeze(1).to(embeds.device), newline.expand(len(kept_rank), -1),
+                                  embeds[kept_rank.clamp(min=0).to(embeds.device)])
             n_units = len(table)
             extras = torch.arange(n_units, n_units + c * extra_units)  # registers / [CLS] of every crop
             keep_units = torch.cat([keep_units, extras])
             ordered = torch.cat([ordered, embeds[len(kept_patches):]])
-            cells = torch.stack([table.clamp(min=0) // n, (table.clamp(min=0) % n) // side, table.clamp(min=0) % side], 1)
-            cells[table < 0] = -1
-            cells = torch.cat([cells, torch.full((c * extra_units, 3), -1)])
+            cells = torch.cat([plan.cells, torch.full((c * extra_units, 3), -1)]) if extra_units else plan.cells
             images.append(EncodedImage(embeds=ordered, keep=keep_units, n_units=n_units, n_extra=c * extra_units,
                                        candidates=len(present), protected=extras,
                                        info=info, unit_cells=cells))
