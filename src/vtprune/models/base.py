@@ -7,6 +7,7 @@ for, builds original position ids (1-D or M-RoPE), and names the decoder layers.
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -203,6 +204,16 @@ class Adapter:
         """Record the attention of the given vision blocks (by index) while the tower runs."""
         with contextlib.ExitStack() as stack:
             yield {i: stack.enter_context(record_attention(m)) for i, m in modules.items()}
+
+
+@functools.lru_cache(maxsize=256)
+def grid_cells(rows: int, cols: int, extra: int = 0) -> torch.Tensor:
+    """(rows·cols + extra, 3): (crop 0, row, col) of each unit of one crop's grid in raster order, then
+    (-1, -1, -1) for ``extra`` units appended after it. The same for every image of that grid, so made
+    once (shared: never modify it in place)."""
+    units = torch.arange(rows * cols)
+    cells = torch.stack([torch.zeros_like(units), units // cols, units % cols], 1)
+    return torch.cat([cells, torch.full((extra, 3), -1)])
 
 
 def block_index(num_layers: int, hidden_state_index: int) -> int:

@@ -9,7 +9,7 @@ import torch
 from ..errors import InputError, UnsupportedModelError
 from ..methods.base import ImageContext, Method, Stage
 from ..registers import _first_param, _Tower, redirect_activations
-from .base import Adapter, EncodedImage, block_index, register_adapter
+from .base import Adapter, EncodedImage, block_index, grid_cells, register_adapter
 from .families import Family, FlopsInfo, TinySpec, register_family
 
 
@@ -98,8 +98,12 @@ class LlavaAdapter(Adapter):
         first = 1 if self.drops_cls else 0
         n = self.grid_side ** 2
         feature = hidden_states[self.feature_layer]
-        cols = keep_cols or [torch.arange(n, device=feature.device)] * len(rows)
-        feats = torch.cat([feature[r, first + c] for r, c in zip(rows, cols)])
+        if keep_cols:
+            cols = keep_cols
+            feats = torch.cat([feature[r, first + c] for r, c in zip(rows, cols)])
+        else:  # every patch of every crop: one slice
+            cols = [torch.arange(n, device=feature.device)] * len(rows)
+            feats = feature[rows, first:first + n].reshape(-1, feature.shape[-1])
         slices, start = [], 0
         for c in cols:
             slices.append(slice(start, start + len(c)))
@@ -137,9 +141,9 @@ class LlavaAdapter(Adapter):
             providers["cls_attention"] = cls_attention
         ctx = ImageContext(features=feats, grids=grids, crop_slices=slices, family=self.family,
                            image_index=family_image, extra=extra, providers=providers)
-        ctx.register_features = (feature[rows][:, 1 + n:1 + n + extra].reshape(-1, feature.shape[-1])
+        ctx.register_features = (feature[rows, 1 + n:1 + n + extra].reshape(-1, feature.shape[-1])
                                  if extra else feature.new_zeros(0, feature.shape[-1]))
-        ctx.cls_features = feature[rows][:, 0]  # (crops, D): forwarded by methods with ``forwards_cls``
+        ctx.cls_features = feature[rows, 0]  # (crops, D): forwarded by methods with ``forwards_cls``
         return ctx
 
     def select_and_project(self, ctx: ImageContext, method, timer, instruction) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -180,12 +184,11 @@ class LlavaAdapter(Adapter):
         for i in range(pixel_values.shape[0]):
             ctx = self.crop_context(hidden_states, recs, [i], i, extra, [(side, side)])
             keep, embeds, info = self.select_and_project(ctx, method, timer, instructions[i])
-            n = ctx.num_tokens + (0 if self.drops_cls else 0)
-            keep_units = torch.cat([keep, torch.arange(n, n + extra_units, device=keep.device)])
-            cells = torch.stack([torch.zeros(n, dtype=torch.long), torch.arange(n) // side, torch.arange(n) % side], 1)
-            cells = torch.cat([cells, torch.full((extra_units, 3), -1)])
+            n = ctx.num_tokens
+            extras = torch.arange(n, n + extra_units)
+            keep_units = torch.cat([keep, extras.to(keep.device)]) if extra_units else keep
             images.append(EncodedImage(embeds=embeds, keep=keep_units, n_units=n, n_extra=extra_units, candidates=n,
-                                       protected=torch.arange(n, n + extra_units), info=info, unit_cells=cells))
+                                       protected=extras, info=info, unit_cells=grid_cells(side, side, extra_units)))
         return images
 
 

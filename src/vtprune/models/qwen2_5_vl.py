@@ -15,7 +15,7 @@ import torch
 from ..errors import InputError, UnsupportedModelError
 from ..methods.base import ImageContext, Stage
 from ..registers import _first_param, _Handles, _insert_after_segments, _Tower, redirect_activations
-from .base import Adapter, EncodedImage, register_adapter
+from .base import Adapter, EncodedImage, grid_cells, register_adapter
 from .families import Family, FlopsInfo, TinySpec, register_family
 
 
@@ -25,6 +25,10 @@ class Qwen25VLAdapter(Adapter):
     contiguous_positions_unsupported = (
         "its M-RoPE positions are 3-D (time, row, column) and no official code renumbers them; the text after an "
         "image already starts right after the image's largest position")
+
+    def __init__(self, model, layout: str = "model"):
+        super().__init__(model, layout)
+        self._unit_orders: dict[tuple, torch.Tensor] = {}  # per images' grids (cached_unit_order)
 
     @property
     def visual(self):
@@ -101,6 +105,16 @@ class Qwen25VLAdapter(Adapter):
                                                   patch_size=self.visual.patch_size, kwargs={})
         return torch.argsort(window_index)
 
+    def cached_unit_order(self, grid: torch.Tensor, grid_list: list[list[int]]) -> torch.Tensor:
+        """``unit_order`` of ``grid`` (``grid_list``: its values), made once per grid: the model's window
+        index loops in Python over every window (shared: never modify it in place)."""
+        key = tuple(map(tuple, grid_list))
+        if key not in self._unit_orders:
+            if len(self._unit_orders) >= 256:  # image sizes vary: bound the cache
+                self._unit_orders.clear()
+            self._unit_orders[key] = self.unit_order(grid)
+        return self._unit_orders[key]
+
     def run_tower(self, pixel_values, grid, method):
         blocks = self.visual.blocks
         wants = method is not None and any(s in method.stages for s in (Stage.VISION, Stage.PROJECTED))
@@ -125,17 +139,19 @@ class Qwen25VLAdapter(Adapter):
         grid = self.grids(inputs)
         out, recs, block_outputs = self.run_tower(pixel_values, grid, method)
         extra = method.extra_tokens if method is not None else 0  # registers: merged units per image
-        counts = self.expected_tokens(inputs)
+        grid_list = grid.tolist()  # sync: the grids' sizes (the tower reads them back too)
+        counts = [t * h * w // self.merge ** 2 for t, h, w in grid_list]
         self._split = [n + extra for n in counts]
         merged = torch.split(out.pooler_output, self._split)
-        order = self.unit_order(grid)  # raster unit j sits at tower position order[j] (no registers)
+        # raster unit j sits at tower position order[j] (no registers)
+        order = self.cached_unit_order(grid, grid_list)
         images, first = [], 0
         for i, n in enumerate(counts):
             shift = i * extra  # the registers of earlier images precede this image in the tower
             tower_idx = order[first:first + n] + shift
             register_idx = torch.arange(first + shift + n, first + shift + n + extra)
             images.append(self._encode_one(i, n, extra, tower_idx, register_idx, first + shift, merged[i], out,
-                                           recs, block_outputs, grid[i], method, timer, instructions[i]))
+                                           recs, block_outputs, grid_list[i], method, timer, instructions[i]))
             first += n
         return images
 
@@ -153,7 +169,7 @@ class Qwen25VLAdapter(Adapter):
 
     def _encode_one(self, i, n, extra, tower_idx, register_idx, start, merged, out, recs, block_outputs, grid_row,
                     method, timer, instruction):
-        rows, cols = int(grid_row[1]) // self.merge, int(grid_row[2]) // self.merge
+        rows, cols = grid_row[1] // self.merge, grid_row[2] // self.merge  # grid_row: Python ints
         providers = {
             "received_attention": lambda: self._received(recs, i, tower_idx - start),
             "register_received_attention": lambda: self._received(recs, i, register_idx - start),
@@ -179,12 +195,10 @@ class Qwen25VLAdapter(Adapter):
             if sel.values is None:
                 embeds = merged[keep]
         registers = torch.arange(n, n + extra)
-        keep_units = torch.cat([keep.cpu(), registers])
-        cells = torch.stack([torch.zeros(n, dtype=torch.long), torch.arange(n) // cols, torch.arange(n) % cols], 1)
-        cells = torch.cat([cells, torch.full((extra, 3), -1)])
-        return EncodedImage(embeds=torch.cat([embeds, merged[n:]]), keep=keep_units, n_units=n, n_extra=extra,
-                            candidates=n, protected=registers, info=info, unit_cells=cells,
-                            deepstack=self._deepstack(out, i, keep_units))
+        keep_units = torch.cat([keep.cpu(), registers]) if extra else keep.cpu()
+        return EncodedImage(embeds=torch.cat([embeds, merged[n:]]) if extra else embeds, keep=keep_units, n_units=n,
+                            n_extra=extra, candidates=n, protected=registers, info=info,
+                            unit_cells=grid_cells(rows, cols, extra), deepstack=self._deepstack(out, i, keep_units))
 
     def _deepstack(self, out, image: int, keep: torch.Tensor):
         return None

@@ -107,7 +107,7 @@ class LLMStage:
         entering = call.stage_layouts[0][1]  # the layout the LLM started with (later stages see fewer)
         keep_slots, new_hidden_rows, new_candidates = [], [], []
         entering_call = functools.cache(lambda: attention_entering(self.adapter, K, hidden, kwargs))
-        final_norm = self.adapter.language_model.norm
+        final_norm = lambda x: self.adapter.language_model.norm(x)  # noqa: E731 (resolved only when a method asks)
         width = layout.index.shape[1]
         for b in range(hidden.shape[0]):
             offset = width - layout.lengths[b]  # left-padded: the sample's slots are [offset, width)
@@ -120,9 +120,10 @@ class LLMStage:
                 continue
             # positions in the sample's slots of its candidates, text and registers: the columns of a row
             # ascend, so a binary search finds them
-            wanted = (layout.candidates[b], layout.text_after[b], layout.protected[b])
-            found = torch.searchsorted(layout.index[b, offset:], torch.cat(wanted))
-            cand_pos, text_pos, register_pos = found.split([len(w) for w in wanted])
+            n_cand, n_text = len(layout.candidates[b]), len(layout.text_after[b])
+            found = torch.searchsorted(layout.index[b, offset:],
+                                       torch.cat([layout.candidates[b], layout.text_after[b], layout.protected[b]]))
+            cand_pos, text_pos, register_pos = found[:n_cand], found[n_cand:n_cand + n_text], found[n_cand + n_text:]
             ctx = LLMContext(
                 hidden=hidden[b, offset:], visual=cand_pos, text_after=text_pos,
                 layer=K, stage_index=stage, family=self.adapter.family,
