@@ -333,7 +333,7 @@ def main(argv=None) -> int:
 
 def table(doc: dict) -> str:
     has_before = "before" in doc
-    head = "| method | tokens | " + ("before ms | after ms | speed-up |" if has_before else "ms |") + " sim. matrix MACs (N²·D) |"
+    head = "| method | tokens | " + ("before ms | after ms | speed-up |" if has_before else "ms |") + " similarity MACs |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for name, by in doc["results"].items():
         for label, r in by.items():
