@@ -882,6 +882,7 @@ def dump_json(payload: dict) -> str:
         return obj
 
     text = json.dumps(rounded(payload), indent=1, default=_json_default)
+    text = text.replace(str(Path(__file__).resolve().parents[1]) + "/", "")  # no machine paths in results
     number_list = re.compile(r"\[\s*(-?[0-9][-0-9.e+]*(?:,\s*-?[0-9][-0-9.e+]*)*)\s*\]")
     return number_list.sub(lambda m: "[" + ", ".join(x.strip() for x in m.group(1).split(",")) + "]", text) + "\n"
 

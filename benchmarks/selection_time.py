@@ -35,7 +35,6 @@ from pathlib import Path
 
 import torch
 
-from vtprune.bench.latency import cpu_name
 from vtprune.methods import make_method
 from vtprune.methods.base import ImageContext, LLMContext
 
@@ -59,11 +58,13 @@ def image_context(crops: int, seed: int = 0, registers: bool = False, device: st
     text = torch.randn(TEXT, DIM, generator=g)
     hidden = torch.randn(n, DIM, generator=g)
     reg_received = torch.rand(crops, generator=g) * 0.5
+    keys = torch.randn(HEADS, n, DIM // HEADS, generator=g)  # the feature layer's keys (VisionZip's metric)
     t = {k: v.to(device) for k, v in dict(feats=feats, cls=cls, vattn=vattn, received=received, text=text,
-                                          hidden=hidden, reg_received=reg_received).items()}
+                                          hidden=hidden, reg_received=reg_received, keys=keys).items()}
     providers = {"cls_attention": lambda: t["cls"], "received_attention": lambda: t["received"],
                  "vision_attention": lambda layer: t["vattn"], "text_embeddings": lambda: t["text"],
-                 "hidden": lambda layer: t["hidden"], "register_received_attention": lambda: t["reg_received"]}
+                 "hidden": lambda layer: t["hidden"], "register_received_attention": lambda: t["reg_received"],
+                 "keys": lambda: t["keys"]}
     slices = [slice(i * per, (i + 1) * per) for i in range(crops)]
     return ImageContext(features=t["feats"], grids=[(SIDE, SIDE)] * crops, crop_slices=slices,
                         family="llava" if crops == 1 else "llava_next", image_index=0,
@@ -83,11 +84,20 @@ def llm_context(v: int, seed: int = 0, registers: int = 0, device: str = "cpu") 
     regs = torch.arange(1 + v, 1 + v + registers, device=device)
     text = torch.arange(first_text, length, device=device)
 
-    def attention(q):
+    own_rows = torch.softmax((torch.randn(HEADS, TEXT, length, generator=g) * 2).masked_fill(~causal, -float("inf")),
+                             -1).to(device)  # the pruning layer's own attention (PyramidDrop)
+    embeddings = (torch.randn(v, DIM, generator=g).to(device), torch.randn(TEXT, DIM, generator=g).to(device))
+    norm_weight = (1 + 0.1 * torch.randn(DIM, generator=g)).to(device)
+
+    def attention(q, rows=rows):
         return rows.index_select(1, torch.as_tensor(q, device=rows.device) - first_text)
 
+    providers = {"attention": attention, "keys": lambda: keys,
+                 "layer_attention": lambda q: attention(q, own_rows),
+                 "input_embeddings": lambda: embeddings,  # the first decoder layer's inputs (SparseVLM's raters)
+                 "final_norm": lambda x: torch.nn.functional.rms_norm(x, (DIM,), norm_weight, 1e-6)}  # DART
     return LLMContext(hidden=hidden, visual=visual, text_after=text, layer=2, stage_index=0, family="llava",
-                      original_visual=v, providers={"attention": attention, "keys": lambda: keys}, registers=regs)
+                      original_visual=v, providers=providers, registers=regs)
 
 
 def ocvtp_checkpoint() -> str:
@@ -126,22 +136,27 @@ def _occam(**kw):
 
 
 def similarity_macs(name: str, crops: int) -> int | None:
-    """N²·D multiply-adds of the similarity matrices a method builds (None: it builds none)."""
+    """Multiply-adds of the token-similarity matrices a method builds with its default arguments (None:
+    it builds none): DivPrune N²·D over all crops together, CDPruner N²·D per crop; VisPruner, per crop
+    (equal budgets), its rounds of near-duplicate removal: R tokens left → the even positions against the
+    odd ones, ⌈R/2⌉·⌊R/2⌋·D, 8 fewer tokens each round (the official code)."""
     n, per = SIDE * SIDE * crops, SIDE * SIDE
-    budgets = _split(KEEP, [per] * crops)
     if name == "divprune":
         return n * n * DIM  # all crops together
     if name == "cdpruner":
         return crops * per * per * DIM
-    if name == "vispruner":  # the residual (non-important) tokens of each crop
-        return sum((per - b // 2) ** 2 * DIM for b in budgets)
+    if name == "vispruner":
+        from vtprune.methods.vispruner import equal_budget, removal_rounds
+
+        total = 0
+        for budget in equal_budget(KEEP, [per] * crops):
+            important = int(budget * 0.5)  # the default important_ratio
+            residual = per - important
+            for removed in removal_rounds(residual, budget - important):
+                total += (residual + 1) // 2 * (residual // 2) * DIM
+                residual -= removed
+        return total
     return None
-
-
-def _split(total, sizes):
-    from vtprune.methods.base import split_budget
-
-    return split_budget(total, sizes)
 
 
 def time_one(factory, stage: str, crops: int, warmup: int, repeats: int, device: str) -> dict:
@@ -212,6 +227,14 @@ def serve(args) -> int:
     return 0
 
 
+def _cpu_name() -> str:
+    # imported here: the child that times an older source tree (--compare-src) imports this script with
+    # that tree's vtprune, which may predate this helper
+    from vtprune.bench.latency import cpu_name
+
+    return cpu_name()
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", help="JSON file to write")
@@ -279,16 +302,17 @@ def main(argv=None) -> int:
         "date": datetime.date.today().isoformat(),
         "git_commit": _git_commit(),
         "vtprune_source": str(Path(sys.modules["vtprune"].__file__).parent),
-        "device": args.device if args.device != "cpu" else cpu_name(),
+        "device": args.device if args.device != "cpu" else _cpu_name(),
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "setup": {"dim": DIM, "keep": KEEP, "576": "1 crop of 24x24", "2880": "5 crops of 24x24 (flat)",
                   "llm": f"BOS + visual (+1 register for occamtoken) + {TEXT} text tokens, {HEADS} heads of "
                          f"attention rows, 8x128-d keys",
                   "warmup": args.warmup, "repeats": args.repeats, "statistic": "median (p25, p75) of repeats",
-                  "similarity_macs": "N²·D multiply-adds of the token-similarity matrices the method builds "
-                                     "(divprune: all crops together; cdpruner: per crop; vispruner: the "
-                                     "non-important tokens of each crop)"},
+                  "similarity_macs": "multiply-adds of the token-similarity matrices the method builds with its "
+                                     "defaults (divprune: N²·D, all crops together; cdpruner: N²·D per crop; "
+                                     "vispruner: per crop, every round of its near-duplicate removal, "
+                                     "⌈R/2⌉·⌊R/2⌋·D with R tokens left; FLOPs are twice these)"},
         "column": args.label,
         "results": results,
     }
@@ -307,7 +331,7 @@ def main(argv=None) -> int:
 
 def table(doc: dict) -> str:
     has_before = "before" in doc
-    head = "| method | tokens | " + ("before ms | after ms | speed-up |" if has_before else "ms |") + " sim. matrix MACs (N²·D) |"
+    head = "| method | tokens | " + ("before ms | after ms | speed-up |" if has_before else "ms |") + " similarity MACs |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for name, by in doc["results"].items():
         for label, r in by.items():

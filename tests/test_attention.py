@@ -43,3 +43,26 @@ def test_clip_cls_row_matches_eager():
         eager = eager_twin(model).model.vision_tower(pixels, output_attentions=True).attentions[1]
     assert torch.allclose(rec.last.rows(0, [0])[:, 0], eager[0][:, 0], atol=1e-6)
     assert torch.allclose(rec.last.rows(0), eager[0], atol=1e-6)
+
+
+def test_each_recording_sees_the_config_as_it_is_now_and_restores_it():
+    """record_attention reuses one copy of a module's config across recordings (copying costs more than
+    the rest): a change made to the config in between must reach the next recording, and every
+    recording must leave the module with its own config object."""
+    model = tiny_model("llava")
+    attn = model.model.language_model.layers[1].self_attn
+    config = attn.config
+    with record_attention(attn):
+        assert attn.config is not config and attn.config._attn_implementation == "vtprune_capture"
+        assert attn.config.attention_dropout == config.attention_dropout == 0.0
+    assert attn.config is config and "_vtprune_capture" not in attn.__dict__
+    config.attention_dropout = 0.25
+    try:
+        with record_attention(attn) as outer, record_attention(attn) as inner:  # nested, then handed back
+            assert attn.config.attention_dropout == 0.25 and attn.config._attn_implementation == "vtprune_capture"
+            with torch.no_grad():
+                model(**make_inputs(model, [Sample([1], [9, 10], 0)]))
+        assert len(inner.calls) == 1 and not outer.calls
+        assert attn.config is config and config._attn_implementation == "sdpa"
+    finally:
+        config.attention_dropout = 0.0

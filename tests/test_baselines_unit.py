@@ -700,6 +700,8 @@ def test_dart_official_budget_and_set_order():
     for values in ([40, 41, 42, 43, 611, 620, 630, 634], [3, 11, 19, 27, 35, 1000, 7, 2], [5]):
         order = python_set_order(torch.tensor(values)).tolist()
         assert [values[i] for i in order] == list(set(values))
+    # a position given twice (a visual pivot not found repeats one that was) follows the distinct ones
+    assert list(set([700, 3, 700])) == [3, 700] and python_set_order(torch.tensor([700, 3, 700])).tolist() == [1, 0, 2]
 
 
 def test_dart_similarity_after_the_final_norm():

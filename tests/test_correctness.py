@@ -247,6 +247,34 @@ def test_keep_all_without_an_attention_mask_equals_the_plain_model(family, stage
     assert (plain - kept).abs().max() <= 1e-5
 
 
+#: two image sizes a family lays out differently: LLaVA-NeXT 1×2 and 2×1 crops (same crop count), Qwen2.5-VL
+#: grids whose window orders differ
+SIZES_IN_TURN = {"llava_next": [(28, 56), (56, 28)], "qwen2_5_vl": [(112, 112), (84, 140)],
+                 "qwen3_vl": [(112, 112), (84, 140)]}
+
+
+@pytest.mark.parametrize("family", sorted(SIZES_IN_TURN))
+def test_one_apply_serves_images_of_every_size_in_turn(family):
+    """What an adapter keeps from call to call per image size (LLaVA-NeXT's unit layout, Qwen's window
+    order) must never serve an image of another size: one apply() on images of sizes a, b, a selects and
+    computes what a fresh apply() does on each."""
+    model = model_of(family)
+    a, b = (make_inputs(model, [Sample([1, 7, 8], [9, 10, 11, 12], 0, size)]) for size in SIZES_IN_TURN[family])
+
+    def run(handle, x):
+        with torch.no_grad():
+            return model(**x).logits, handle.last.kept_columns
+
+    fresh = []
+    for x in (a, b):
+        with vtprune.pruned(model, "cls_topk", keep=6) as handle:
+            fresh.append(run(handle, x))
+    with vtprune.pruned(model, "cls_topk", keep=6) as handle:
+        in_turn = [run(handle, x) for x in (a, b, a)]
+    for (logits, kept), (want_logits, want_kept) in zip(in_turn, fresh + fresh[:1]):
+        assert kept == want_kept and (logits - want_logits).abs().max() <= 1e-5
+
+
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
 def test_qwen_inputs_without_mm_token_type_ids_are_refused_before_running(family):
     model = model_of(family)

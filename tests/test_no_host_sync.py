@@ -81,9 +81,6 @@ ALLOWED_LINES = {
     "dart.py": [
         "vis_piv = [step(s, vis_order, True) for s in range(n_vp)]",  # the (≤ 4) visual pivots
         "for s in range(n_b):",  # one step per kept token
-        "for _ in range(_PROBE_ROUNDS):",  # python_set_order: fixed rounds over the ≤ 8 pivots
-        "for j in range(n):",  # python_set_order: one insert per pivot
-        "for r in range(j + 1):",  # python_set_order: one re-insert per pivot at a resize
     ],
     "divprune.py": [
         "for _ in range(1, k):",  # one step per kept token
@@ -145,6 +142,9 @@ SYNC_LINES = {
     ("_clip_text.py", "instruction_text"): "CDPruner's CLIP relevance tokenises the instruction's text (once per image)",
     ("ocvtp.py", "_set_order_cut"): "OC-VTP's public code cuts its token set in CPython set order (default "
                                     "truncate='set_order'; truncate='attention' reads nothing back)",
+    ("dart.py", "python_set_order"): "DART's official code processes its ≤ 8 pivots in CPython set order (default "
+                                     "pivot_order='set', once per stage; an emulation with tensor ops took ~2,000 "
+                                     "small ops; pivot_order='norm' reads nothing back)",
 }
 
 
@@ -549,12 +549,13 @@ PIPELINE_FUNCTIONS = {
     "rewrite_spans": "per sample and image (LLaVA-NeXT flat layout); CPU lengths",
     "compact": "per sample and image; CPU index tensors",
     "slots": "per sample; CPU index tensors",
+    "build_layout": "per sample and image; CPU index tensors (in-LLM methods, or deferred until the stats are read)",
+    "compose_gathers": "per in-LLM stage, once per prefill (the KV-cache compaction)",
     "unit_kinds": "CPU index tensors (the kept units, read once per image on the marked line)",
     "run_with_llm_pruning": "per pruning layer",
     "_prune_at": "per sample; CPU index tensors of the layout",
     "_layer_inputs": "per mask kind",
     "compact_cache": "per decoder layer and stage",
-    "map_layout": "per sample; CPU index tensors",
     "first_real": "per sample, LLaVA-NeXT flat layout only (marked)",
     "__call__": "deferred: runs when the stats are read, not in the prefill (CallStats.defer)",
     "columns": "deferred, as above",

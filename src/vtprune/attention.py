@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import weakref
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -105,30 +106,53 @@ def _implementation_of(config) -> callable:
     return ALL_ATTENTION_FUNCTIONS[name]
 
 
+#: per attention module: (its config, the copy that routes attention through the capture function)
+_CAPTURE_CONFIGS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _capture_config(attn_module: nn.Module, original_config):
+    """A shallow copy of ``original_config`` whose attention implementation is the capture function.
+    Made once per module (copying a config costs more than the rest of a recording) and refreshed from
+    the original on every use, so a change made to the original since is seen."""
+    cached = _CAPTURE_CONFIGS.get(attn_module)
+    if cached is None or cached[0] is not original_config:
+        cached = (original_config, copy.copy(original_config))
+        _CAPTURE_CONFIGS[attn_module] = cached
+    capture_config = cached[1]
+    # plain attribute reads and writes: configs route every attribute access through Python code (slow),
+    # their __setattr__ validates, and this copy is ours
+    state = object.__getattribute__(capture_config, "__dict__")
+    state.update(object.__getattribute__(original_config, "__dict__"))
+    state["_attn_implementation_internal"] = CAPTURE_IMPLEMENTATION
+    return capture_config
+
+
 @contextlib.contextmanager
 def record_attention(attn_module: nn.Module) -> Iterator[AttentionRecorder]:
     """Record the query/key states of ``attn_module`` (an HF attention module with a ``config``)
     for the duration of the block. The module's own attention implementation still computes its
     output, so the model's numbers are unchanged."""
-    if not hasattr(attn_module, "config"):
+    original_config = getattr(attn_module, "config", None)
+    if original_config is None:
         raise TypeError(f"{type(attn_module).__name__} has no config; cannot route its attention.")
     recorder = AttentionRecorder()
-    original_config = attn_module.config
-    outer = getattr(attn_module, "_vtprune_capture", None)  # already recorded: nest, then hand it back
+    outer = attn_module.__dict__.get("_vtprune_capture")  # already recorded: nest, then hand it back
     implementation = outer[1] if outer is not None else _implementation_of(original_config)
     if implementation is None:
         import sys
 
         implementation = getattr(sys.modules[type(attn_module).__module__], "eager_attention_forward")
-    capture_config = copy.copy(original_config)
-    capture_config._attn_implementation_internal = CAPTURE_IMPLEMENTATION
-    attn_module.config = capture_config
-    attn_module._vtprune_capture = (recorder, implementation)
+    capture_config = _capture_config(attn_module, original_config) if outer is None else original_config
+    # plain instance attributes (neither parameters, buffers nor submodules): written straight into the
+    # module's __dict__, which is what nn.Module.__setattr__ ends up doing after its type checks
+    state = attn_module.__dict__
+    state["config"] = capture_config
+    state["_vtprune_capture"] = (recorder, implementation)
     try:
         yield recorder
     finally:
-        attn_module.config = original_config
+        state["config"] = original_config
         if outer is None:
-            del attn_module._vtprune_capture
+            del state["_vtprune_capture"]
         else:
-            attn_module._vtprune_capture = outer
+            state["_vtprune_capture"] = outer

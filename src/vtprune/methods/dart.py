@@ -55,55 +55,18 @@ import torch.nn.functional as F
 from ..errors import ArgumentError, UnsupportedMethodError
 from .base import Method, Selection, Stage, mask_indices, register_method, to_device
 
-_LINEAR_PROBES, _PERTURB_SHIFT, _PROBE_ROUNDS = 9, 5, 40  # CPython's setobject.c
-
-
-def _probe_slots(values: torch.Tensor, mask: int) -> torch.Tensor:
-    """(n, rounds · 10) the slots CPython's set probes, in order, to place each int of ``values``
-    (hash(i) = i for small non-negative ints) in a table of ``mask + 1`` slots: from ``i = hash & mask``
-    the slots i..i+9 (only i when they pass the end), then ``i = (5i + 1 + perturb) & mask`` with
-    ``perturb`` shifted right by 5 each round."""
-    i, perturb = values & mask, values.clone()
-    linear = torch.arange(_LINEAR_PROBES + 1, device=values.device)
-    rounds = []
-    for _ in range(_PROBE_ROUNDS):
-        rounds.append(torch.where((i + _LINEAR_PROBES <= mask)[:, None], i[:, None] + linear, i[:, None]))
-        perturb = perturb >> _PERTURB_SHIFT
-        i = (i * 5 + 1 + perturb) & mask
-    return torch.cat(rounds, dim=1)
-
-
-def _insert(table: torch.Tensor, slots: torch.Tensor, element: int) -> None:
-    """Put ``element`` into the first free slot of its probe sequence ``slots`` (in place)."""
-    first_free = (table.index_select(0, slots) < 0).to(torch.uint8).argmax()
-    table.index_fill_(0, slots.index_select(0, first_free.view(1)), element)
-
-
 def python_set_order(values: torch.Tensor) -> torch.Tensor:
-    """The order in which ``list(set(values.tolist()))`` yields the distinct non-negative ints
-    ``values`` (as indices into ``values``), emulated on the device: CPython inserts them one by one
-    into an 8-slot table that grows ×4 (to the next power of two) once it is 3/5 full, re-inserting in
-    slot order, and iterates the table slot by slot."""
-    n, size = values.numel(), 8
-    table = torch.full((size,), -1, dtype=torch.long, device=values.device)
-    for j in range(n):
-        _insert(table, _probe_slots(values[j:j + 1], size - 1)[0], j)
-        if (j + 1) * 5 >= (size - 1) * 3:  # fill · 5 ≥ mask · 3: resize to used · 4
-            new_size = 8
-            while new_size <= (j + 1) * 4:
-                new_size *= 2
-            old = table.index_select(0, mask_indices(table >= 0, j + 1))  # elements in slot order
-            size, table = new_size, torch.full((new_size,), -1, dtype=torch.long, device=values.device)
-            slots = _probe_slots(values.index_select(0, old), size - 1)
-            for r in range(j + 1):
-                _insert_at(table, slots[r], old[r])
-    return table.index_select(0, mask_indices(table >= 0, n))
-
-
-def _insert_at(table: torch.Tensor, slots: torch.Tensor, element: torch.Tensor) -> None:
-    """``_insert`` for an element held in a 0-d tensor."""
-    first_free = (table.index_select(0, slots) < 0).to(torch.uint8).argmax()
-    table.index_copy_(0, slots.index_select(0, first_free.view(1)), element.view(1))
+    """The order in which the official code's ``list(set(values.tolist()))`` yields the pivots' sequence
+    positions ``values`` (as indices into ``values``): the interpreter's own ``set`` on the ≤ 8 positions
+    read back, which is CPython's hash-table order by construction. A position given twice (a visual
+    pivot that was not found repeats one that was; it takes no tokens) follows the distinct ones."""
+    host = values.tolist()  # sync: the ≤ 8 pivot positions, for CPython's set order (once per stage)
+    first = {}
+    for i, v in enumerate(host):  # host: the ≤ 8 Python ints read back above
+        first.setdefault(v, i)
+    order = [first[v] for v in set(host)]  # host: as above
+    order += sorted(set(range(len(host))) - set(order))
+    return torch.tensor(order, dtype=torch.long, device=values.device)  # host: ≤ 8 Python ints
 
 
 @register_method

@@ -15,21 +15,61 @@ TEXT, CANDIDATE, REGISTER, NEWLINE = range(4)  # what a column of the compact se
 class Layout:
     """Current token layout of the batch inside the decoder during a pruned prefill.
 
-    index[b, j] = column of the compact prefill sequence at slot j (-1 = padding)."""
+    index[b, j] = column of the compact prefill sequence at slot j (-1 = padding, on the left)."""
 
     index: torch.Tensor
     candidates: list[torch.Tensor]  # per sample, compact columns that are prunable visual tokens
     protected: list[torch.Tensor]  # per sample, visual columns that must stay (registers)
     fixed: list[torch.Tensor]  # per sample, visual columns that are never candidates (newline tokens)
     text_after: list[torch.Tensor]  # per sample, compact columns of the text after the last image
+    lengths: list[int]  # per sample, the slots that are not padding (the last ``lengths[b]``)
 
     @property
     def mask(self) -> torch.Tensor:
         return (self.index >= 0).long()
 
+    @property
+    def padded(self) -> bool:
+        return min(self.lengths) < self.index.shape[1]
+
+
+@dataclass
+class SampleUnits:
+    """What ``build_layout`` needs of one sample of the compact sequence: its length, and per image the
+    slot where the image's kept units start and their kinds (``unit_kinds``)."""
+
+    length: int
+    images: list[tuple[int, torch.Tensor]]
+    last_visual: int  # slot of the sample's last visual token (-1: none)
+
+
+def build_layout(samples: list[SampleUnits]) -> Layout:
+    """The layout of the compact sequence as the LLM first sees it (slot = compact column)."""
+    lengths = [s.length for s in samples]
+    width = max(lengths)
+    pads = [width - n for n in lengths]
+    kinds = []
+    for s in samples:
+        row = torch.full((s.length,), TEXT)
+        for start, unit_kind in s.images:
+            row[start:start + len(unit_kind)] = unit_kind
+        kinds.append(row)
+    columns = torch.arange(width)
+    index = (torch.where(columns >= torch.tensor(pads).unsqueeze(1), columns, -1) if max(pads)
+             else columns.expand(len(samples), -1))
+
+    def slots(kind):
+        return [torch.nonzero(kd == kind).flatten() + p for kd, p in zip(kinds, pads)]
+
+    return Layout(index=index, candidates=slots(CANDIDATE), protected=slots(REGISTER), fixed=slots(NEWLINE),
+                  text_after=[torch.arange(s.last_visual + 1, s.length) + p for s, p in zip(samples, pads)],
+                  lengths=lengths)
+
 
 def left_pad(rows: list[torch.Tensor], fill) -> torch.Tensor:
     length = max(len(r) for r in rows)
+    if all(len(r) == length for r in rows):  # nothing to pad: one sample, or equal lengths
+        return torch.stack(rows)
     out = torch.full((len(rows), length) + tuple(rows[0].shape[1:]), fill, dtype=rows[0].dtype,
                      device=rows[0].device)
     for b, r in enumerate(rows):
@@ -38,20 +78,27 @@ def left_pad(rows: list[torch.Tensor], fill) -> torch.Tensor:
     return out
 
 
-def real_columns(real_row: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-    """The columns in [start, stop) that are not padding (``real_row``: a CPU bool mask)."""
-    return torch.arange(start, stop)[real_row[start:stop]]
+def real_columns(real_row: torch.Tensor, start: int, stop: int, padded: bool = True) -> torch.Tensor:
+    """The columns in [start, stop) that are not padding (``real_row``: a CPU bool mask; ``padded``
+    False: the caller knows there is none)."""
+    columns = torch.arange(start, stop)
+    return columns[real_row[start:stop]] if padded else columns
+
+
+def newline_units(im: EncodedImage) -> int:
+    """Newline tokens among an image's units: the units that own a position but are no candidates."""
+    return im.n_units - im.candidates
 
 
 def unit_kinds(im: EncodedImage, keep: torch.Tensor) -> torch.Tensor:
     """Per kept unit (``keep``: CPU indices into the image's units): candidate, register or newline."""
     kinds = torch.full_like(keep, CANDIDATE)
-    if im.unit_cells is not None:
+    if im.unit_cells is not None and newline_units(im):
         inside = keep < im.n_units
         newline = torch.zeros_like(keep, dtype=torch.bool)
         newline[inside] = im.unit_cells.cpu()[keep[inside], 0] < 0
         kinds[newline] = NEWLINE
-    if im.protected is not None:
+    if im.protected is not None and len(im.protected):
         kinds[torch.isin(keep, im.protected.cpu())] = REGISTER
     return kinds
 
@@ -62,14 +109,14 @@ def first_real(mask: torch.Tensor) -> int:
     return int(nz[0]) if len(nz) else len(mask)  # sync: once per sample, only when the layout was rewritten
 
 
-def map_layout(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per row, the slot in ``source`` of each entry of ``target`` (both hold compact columns, -1 =
-    padding, ascending among valid entries). Padding maps to slot 0 (masked anyway). CPU tensors."""
-    out = torch.zeros_like(target)
-    for b in range(target.shape[0]):
-        src, tgt = source[b], target[b]
-        slot_of = torch.zeros(int(max(src.max(), tgt.max())) + 1, dtype=torch.long)
-        valid = torch.nonzero(src >= 0).flatten()
-        slot_of[src[valid]] = valid
-        out[b] = torch.where(tgt >= 0, slot_of[tgt.clamp(min=0)], 0)
-    return out
+def compose_gathers(gathers: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``gathers[s]``: per row, the slots of the layout entering stage s that stage s kept (-1 =
+    padding). Returns, per stage, the slot in the layout entering it of each slot of the final
+    layout (padding maps to slot 0, masked anyway): one gather per stage, whatever the layer count."""
+    valid = gathers[-1] >= 0
+    slots = gathers[-1].clamp(min=0)
+    out = [slots]
+    for g in reversed(gathers[:-1]):
+        slots = g.gather(1, slots).clamp(min=0)
+        out.append(slots)
+    return [torch.where(valid, s, 0) for s in reversed(out)]

@@ -2,6 +2,7 @@
 later layers the positions and mask of the new layout, and compact the KV cache afterwards."""
 from __future__ import annotations
 
+import bisect
 import contextlib
 import functools
 from typing import Callable
@@ -13,7 +14,7 @@ from ..attention import record_attention
 from ..errors import UnsupportedMethodError
 from ..methods.base import LLMContext, Method, to_device
 from ..models.base import Adapter
-from .layout import Layout, left_pad, map_layout
+from .layout import Layout, compose_gathers, left_pad
 from .positions import contiguous_positions, gathered_positions
 from .prefill import PrefillCall
 
@@ -106,25 +107,27 @@ class LLMStage:
         entering = call.stage_layouts[0][1]  # the layout the LLM started with (later stages see fewer)
         keep_slots, new_hidden_rows, new_candidates = [], [], []
         entering_call = functools.cache(lambda: attention_entering(self.adapter, K, hidden, kwargs))
-        final_norm = self.adapter.language_model.norm
+        final_norm = lambda x: self.adapter.language_model.norm(x)  # noqa: E731 (resolved only when a method asks)
+        width = layout.index.shape[1]
         for b in range(hidden.shape[0]):
-            valid = torch.nonzero(layout.index[b] >= 0).flatten()  # CPU; left-padded, so contiguous
-            offset = int(valid[0]) if len(valid) else 0
+            offset = width - layout.lengths[b]  # left-padded: the sample's slots are [offset, width)
             if len(layout.candidates[b]) == 0:  # a text-only sample (or nothing left): passes unpruned
-                keep_slots.append(valid)
+                keep_slots.append(torch.arange(offset, width))
                 new_hidden_rows.append(hidden[b, offset:])
                 new_candidates.append(layout.candidates[b])
                 if len(layout.protected[b]) or len(layout.fixed[b]):  # an image whose patches are all gone
                     call.stats.add_llm_stage(b, K, 0)
                 continue
-            slot_of = torch.full((int(layout.index[b].max()) + 1,), -1, dtype=torch.long)
-            slot_of[layout.index[b, valid]] = valid
-            cand_slots = slot_of[layout.candidates[b]]
-            text_slots, register_slots = slot_of[layout.text_after[b]], slot_of[layout.protected[b]]
+            # positions in the sample's slots of its candidates, text and registers: the columns of a row
+            # ascend, so a binary search finds them
+            n_cand, n_text = len(layout.candidates[b]), len(layout.text_after[b])
+            found = torch.searchsorted(layout.index[b, offset:],
+                                       torch.cat([layout.candidates[b], layout.text_after[b], layout.protected[b]]))
+            cand_pos, text_pos, register_pos = found[:n_cand], found[n_cand:n_cand + n_text], found[n_cand + n_text:]
             ctx = LLMContext(
-                hidden=hidden[b, offset:], visual=cand_slots - offset, text_after=text_slots[text_slots >= 0] - offset,
+                hidden=hidden[b, offset:], visual=cand_pos, text_after=text_pos,
                 layer=K, stage_index=stage, family=self.adapter.family,
-                original_visual=len(entering.candidates[b]), registers=register_slots[register_slots >= 0] - offset,
+                original_visual=len(entering.candidates[b]), registers=register_pos,
                 providers={"attention": lambda rows, b=b, o=offset: record.rows(b, torch.as_tensor(rows) + o)[:, :, o:],
                            "keys": lambda b=b, o=offset: record.key[b][:, o:],
                            "input_embeddings": lambda b=b: tuple(
@@ -136,25 +139,29 @@ class LLMStage:
             with call.stats.timer():
                 selection = self.method.select_llm(ctx)
             kept = selection.keep.cpu()  # sync: the kept tokens decide the new layout (one per sample and stage)
-            kept_cands = cand_slots[kept]
-            kept_mask = torch.ones(len(valid), dtype=torch.bool)
-            kept_mask[cand_slots - offset] = False
-            kept_mask[kept_cands - offset] = True
-            slots = valid[kept_mask]
-            row = hidden[b, slots.to(hidden.device)]
+            kept_pos = cand_pos[kept]
+            kept_mask = torch.ones(layout.lengths[b], dtype=torch.bool)
+            kept_mask[cand_pos] = False
+            kept_mask[kept_pos] = True
+            positions = torch.nonzero(kept_mask).flatten()  # CPU
+            row = hidden[b, offset:][positions.to(hidden.device)]
             if selection.values is not None:
-                row = row.clone()
-                row[torch.searchsorted(slots, kept_cands).to(row.device)] = selection.values.to(row.dtype)
-            keep_slots.append(slots)
+                row[torch.searchsorted(positions, kept_pos).to(row.device)] = selection.values.to(row.dtype)
+            keep_slots.append(positions + offset)
             new_hidden_rows.append(row)
             new_candidates.append(layout.candidates[b][kept])
-            call.stats.add_llm_stage(b, K, len(kept_cands), selection.info)
+            call.stats.add_llm_stage(b, K, len(kept_pos), selection.info)
         new_hidden = left_pad(new_hidden_rows, 0.0)
         gather = left_pad(keep_slots, -1)  # slots into the current layout
-        new_index = torch.where(gather >= 0, layout.index.gather(1, gather.clamp(min=0)), -1)
+        lengths = [len(s) for s in keep_slots]
+        if min(lengths) == gather.shape[1]:  # no padding
+            new_index = layout.index.gather(1, gather)
+        else:
+            new_index = torch.where(gather >= 0, layout.index.gather(1, gather.clamp(min=0)), -1)
         call.layout = Layout(index=new_index, candidates=new_candidates, protected=layout.protected,
-                             fixed=layout.fixed, text_after=layout.text_after)
+                             fixed=layout.fixed, text_after=layout.text_after, lengths=lengths)
         call.layouts_after[K] = call.layout
+        call.stage_gathers.append(gather)
         call.layer_kwargs = self._layer_inputs(call, kwargs, gather, new_hidden)
         return new_hidden
 
@@ -168,8 +175,11 @@ class LLMStage:
             out = {"position_embeddings": self.adapter.language_model.rotary_emb(new_hidden, pos), "position_ids": pos}
         else:
             out = gathered_positions(kwargs, gather)
+        # without padding the 2-D mask is all ones, which transformers treats as no mask; passing None
+        # spares it the check (a read-back on an accelerator)
+        device_mask = mask2d.to(new_hidden.device) if call.layout.padded else None
         # the cache argument goes by position: transformers renames it (past_key_values -> cache)
-        attention_mask = create_causal_mask(self.adapter.text_config, new_hidden, mask2d.to(new_hidden.device), None)
+        attention_mask = create_causal_mask(self.adapter.text_config, new_hidden, device_mask, None)
         if isinstance(kwargs.get("attention_mask"), dict):
             attention_mask = {k: attention_mask for k in kwargs["attention_mask"]}
         out["attention_mask"] = attention_mask
@@ -191,14 +201,16 @@ def attention_entering(adapter: Adapter, K, hidden, kwargs):
 
 def compact_cache(call: PrefillCall, cache) -> None:
     """Gather every layer's cached keys/values onto the final layout."""
-    final = call.layout
     bounds = [K for K, _ in call.stage_layouts]
+    maps = compose_gathers(call.stage_gathers)  # per stage: the slots of the final layout in its input
+    moved = {}
     for layer_idx, cache_layer in enumerate(cache.layers):
-        stage = sum(1 for K in bounds if K <= layer_idx)
+        stage = bisect.bisect_right(bounds, layer_idx)
         if stage == len(bounds):
             continue  # computed under the final layout already
-        layout = call.stage_layouts[stage][1]
-        gather = map_layout(layout.index, final.index).to(cache_layer.keys.device)
+        if stage not in moved:
+            moved[stage] = maps[stage].to(cache_layer.keys.device)
+        gather = moved[stage]
         for name in ("keys", "values"):
             t = getattr(cache_layer, name)
             view = gather.view(gather.shape[0], 1, gather.shape[1], 1).expand(t.shape[0], t.shape[1], -1, t.shape[3])

@@ -5,6 +5,7 @@ Everything of one call lives in a ``PrefillCall``, which the installation create
 drops when it returns or raises."""
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -17,7 +18,8 @@ from ..models.base import EncodedImage
 from ..models.families import image_input_keys
 from ..stats import CallStats, ImageStats
 from .decode import Session
-from .layout import CANDIDATE, NEWLINE, REGISTER, TEXT, Layout, first_real, left_pad, real_columns, unit_kinds
+from .layout import (NEWLINE, Layout, SampleUnits, build_layout, first_real, left_pad, newline_units, real_columns,
+                     unit_kinds)
 from .positions import as_rows_or_none, contiguous_positions, contiguous_shift, rewritten_positions
 from .records import ColumnRecord
 
@@ -34,6 +36,7 @@ class PrefillCall:
     layout: Layout | None = None  # the current layout inside the decoder (in-LLM methods)
     layer_kwargs: dict | None = None  # positions and mask of the current layout, for later layers
     stage_layouts: list[tuple[int, Layout]] = field(default_factory=list)  # layout entering each stage
+    stage_gathers: list[torch.Tensor] = field(default_factory=list)  # per stage, the slots it kept (-1 = pad)
     recorders: dict = field(default_factory=dict)  # attention recorders per pruning layer
     source_columns: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (left pad, input columns)
     caller_positions: bool = False  # the caller passed position ids (numbered from each first real token)
@@ -55,7 +58,9 @@ def run_prefill(installation: Installation, call: PrefillCall, kwargs):
     adapter.check_prefill_inputs(input_ids, image_inputs, user_positions)
     spans = adapter.image_spans(input_ids, image_inputs)
     real = attention_mask.detach().to("cpu", torch.bool)  # sync: the inputs' padding, read once per call
-    instructions = [Instruction(ids, adapter.embed_tokens) for ids in text_after_each_image(input_ids, real, spans)]
+    padded = not bool(real.all())  # a CPU tensor: no sync
+    instructions = [Instruction(ids, adapter.embed_tokens)
+                    for ids in text_after_each_image(input_ids, real, spans, padded)]
     images = adapter.encode_images(image_inputs, installation.method, instructions, stats.timer)
     full_ids, full_mask, span_units, rewritten = rewrite_spans(input_ids, attention_mask, spans, images)
     position_shift = None
@@ -67,7 +72,9 @@ def run_prefill(installation: Installation, call: PrefillCall, kwargs):
         as_rows_or_none(user_positions))
     if rewritten:
         real = full_mask.detach().to("cpu", torch.bool)  # sync: the rewritten sequence's padding
-    ids, mask, pos, layout, newline_counts = compact(call, full_ids, full_mask, real, positions, span_units, images)
+        padded = not bool(real.all())
+    ids, mask, pos, samples, newline_counts = compact(call, full_ids, full_mask, real, padded, positions, span_units,
+                                                      images)
     if installation.contiguous:
         pos = contiguous_positions(mask, call.caller_positions).unsqueeze(0)
     for im, newlines in zip(images, newline_counts):
@@ -75,34 +82,37 @@ def run_prefill(installation: Installation, call: PrefillCall, kwargs):
                                        registers=im.n_extra, newlines=newlines, info=dict(im.info)))
     kwargs.update(input_ids=ids, attention_mask=mask, position_ids=adapter.format_positions(pos),
                   mm_encoder_outputs=adapter.mm_encoder_outputs(images))
+    # the layout is built only when something needs it: the in-LLM stage now, the stats when read
+    entering = functools.cache(lambda: build_layout(samples))
     if Stage.LLM in installation.method.stages:
-        out = installation.llm_stage.run_with_llm_pruning(call, installation.original_forward, kwargs, layout)
+        out = installation.llm_stage.run_with_llm_pruning(call, installation.original_forward, kwargs, entering())
     else:
         out = installation.original_forward(**kwargs)
-    final_layout = call.layout if call.layout is not None else layout
-    stats.defer(ColumnRecord(call.source_columns, layout, final_layout, dict(call.layouts_after), span_units,
+    stats.defer(ColumnRecord(call.source_columns, entering, call.layout, dict(call.layouts_after), span_units,
                              [im.unit_cells for im in images]))
     cache = output_cache(out)
     if cache is not None:
+        final_mask = call.layout.mask.to(mask) if call.layout is not None else mask  # pre-LLM: the compact mask
         if installation.contiguous:
-            position_shift = contiguous_shift(final_layout.mask, attention_mask, call.caller_positions)
-        installation.sessions[cache] = Session(compact_mask=final_layout.mask.to(mask),
-                                         original_prompt_len=attention_mask.shape[1],
+            position_shift = contiguous_shift(final_mask, attention_mask, call.caller_positions)
+        installation.sessions[cache] = Session(compact_mask=final_mask, original_prompt_len=attention_mask.shape[1],
                                          original_seen=input_ids.shape[1], position_shift=position_shift)
     stats.total_seconds = time.perf_counter() - t_start
     installation.stats_log.append(stats)
     return out
 
 
-def text_after_each_image(input_ids, real, spans) -> list[torch.Tensor]:
+def text_after_each_image(input_ids, real, spans, padded: bool = True) -> list[torch.Tensor]:
     """Per image, the token ids of the text after it (up to the next image); ``real``: the CPU mask
-    of the non-padding columns."""
+    of the non-padding columns (``padded`` False: all of them)."""
     out = []
     for b, sample_spans in enumerate(spans):
         for k, (start, end) in enumerate(sample_spans):
             stop = sample_spans[k + 1][0] if k + 1 < len(sample_spans) else input_ids.shape[1]
-            cols = real_columns(real[b], end, stop).to(input_ids.device)
-            out.append(input_ids[b, cols])
+            if padded:
+                out.append(input_ids[b, real_columns(real[b], end, stop).to(input_ids.device)])
+            else:
+                out.append(input_ids[b, end:stop])
     return out
 
 
@@ -110,7 +120,12 @@ def rewrite_spans(input_ids, attention_mask, spans, images: list[EncodedImage]):
     """Full-length sequences in which each image occupies its ``n_units`` (layouts may differ from
     the processor's placeholder count, e.g. LLaVA-NeXT 'flat'). Returns ids, mask, per-sample
     (start, n_units) of each image in the new sequence, and whether anything changed."""
-    rows_ids, rows_mask, span_units, changed, k = [], [], [], False, 0
+    counts = iter([im.n_units for im in images])
+    span_units = [[(start, next(counts)) for start, _ in sample_spans] for sample_spans in spans]
+    if all(n == end - start for sample_spans, units in zip(spans, span_units)
+           for (start, end), (_, n) in zip(sample_spans, units)):
+        return input_ids, attention_mask, span_units, False
+    rows_ids, rows_mask, span_units, k = [], [], [], 0
     for b, sample_spans in enumerate(spans):
         ids, msk, units, cursor = [], [], [], 0
         for start, end in sample_spans:
@@ -121,15 +136,12 @@ def rewrite_spans(input_ids, attention_mask, spans, images: list[EncodedImage]):
             units.append((sum(len(x) for x in ids), im.n_units))
             ids.append(input_ids[b, start].expand(im.n_units))  # the span's own placeholder (image or video)
             msk.append(torch.ones(im.n_units, dtype=attention_mask.dtype, device=attention_mask.device))
-            changed |= im.n_units != end - start
             cursor = end
         ids.append(input_ids[b, cursor:])
         msk.append(attention_mask[b, cursor:])
         rows_ids.append(torch.cat(ids))
         rows_mask.append(torch.cat(msk))
         span_units.append(units)
-    if not changed:
-        return input_ids, attention_mask, span_units, False
     # re-pad on the left so that the sequences line up again
     trimmed = [(r[first_real(m):], m[first_real(m):]) for r, m in zip(rows_ids, rows_mask)]
     shift = [len(r) - len(t[0]) for r, t in zip(rows_ids, trimmed)]
@@ -141,41 +153,38 @@ def rewrite_spans(input_ids, attention_mask, spans, images: list[EncodedImage]):
     return ids, mask, span_units, True
 
 
-def compact(call: PrefillCall, ids, mask, real, positions, span_units, images):
+def compact(call: PrefillCall, ids, mask, real, padded: bool, positions, span_units, images):
     """Drop pruned image units and insert registers; left-pad the result. The bookkeeping runs on
-    small CPU index tensors, vectorised (no per-token Python); ``real``: the CPU mask of ``mask``."""
-    rows_cols, rows_kinds, newline_counts, k = [], [], [], 0
+    small CPU index tensors, vectorised (no per-token Python); ``real``: the CPU mask of ``mask``
+    (``padded`` False: no column is padding). Returns the compact ids, mask and positions, what
+    ``build_layout`` needs per sample, and each image's kept newline tokens."""
+    rows_cols, samples, newline_counts, k = [], [], [], 0
     for b, units in enumerate(span_units):
-        cols, kinds, cursor = [], [], 0
+        cols, placed, cursor, length, last_visual = [], [], 0, 0, -1
         for start, n_units in units:
             im = images[k]
             k += 1
-            text = real_columns(real[b], cursor, start)
+            text = real_columns(real[b], cursor, start, padded)
             keep = im.keep.cpu()  # sync: the units the method kept (one per image)
-            kinds_of_units = unit_kinds(im, keep)
-            newline_counts.append(int((kinds_of_units == NEWLINE).sum()))  # CPU tensor: no sync
+            kinds = unit_kinds(im, keep)
+            newline_counts.append(int((kinds == NEWLINE).sum()) if newline_units(im) else 0)  # CPU: no sync
             cols += [text, start + keep.clamp(max=n_units - 1)]  # extras sit at the last unit's position
-            kinds += [torch.full_like(text, TEXT), kinds_of_units]
+            placed.append((length + len(text), kinds))
+            length += len(text) + len(keep)
+            last_visual = length - 1 if len(keep) else last_visual
             cursor = start + n_units
-        text = real_columns(real[b], cursor, ids.shape[1])
-        rows_cols.append(torch.cat(cols + [text]))
-        rows_kinds.append(torch.cat(kinds + [torch.full_like(text, TEXT)]))
+        cols.append(real_columns(real[b], cursor, ids.shape[1], padded))
+        rows_cols.append(torch.cat(cols))
+        samples.append(SampleUnits(length=len(rows_cols[-1]), images=placed, last_visual=last_visual))
     lengths = [len(c) for c in rows_cols]
-    pads = [max(lengths) - n for n in lengths]
+    width = max(lengths)
+    call.source_columns = [(width - n, c) for n, c in zip(lengths, rows_cols)]
     device_cols = [c.to(ids.device) for c in rows_cols]
     out_ids = left_pad([ids[b, c] for b, c in enumerate(device_cols)], 0)
-    out_mask = left_pad([torch.ones(n, dtype=mask.dtype, device=mask.device) for n in lengths], 0)
+    if min(lengths) == width:
+        out_mask = torch.ones(len(lengths), width, dtype=mask.dtype, device=mask.device)
+    else:
+        out_mask = left_pad([torch.ones(n, dtype=mask.dtype, device=mask.device) for n in lengths], 0)
     out_pos = left_pad([positions[:, b if positions.shape[1] > 1 else 0, c].T for b, c in enumerate(device_cols)],
                        0).permute(2, 0, 1)
-    call.source_columns = list(zip(pads, rows_cols))
-
-    def slots(kind):
-        return [torch.nonzero(kd == kind).flatten() + p for kd, p in zip(rows_kinds, pads)]
-
-    last_visual = [int(torch.nonzero(kd != TEXT).max()) if bool((kd != TEXT).any()) else -1 for kd in rows_kinds]
-    layout = Layout(
-        index=left_pad([torch.arange(n) + p for n, p in zip(lengths, pads)], -1),
-        candidates=slots(CANDIDATE), protected=slots(REGISTER), fixed=slots(NEWLINE),
-        text_after=[torch.arange(lv + 1, n) + p for lv, n, p in zip(last_visual, lengths, pads)],
-    )
-    return out_ids, out_mask, out_pos, layout, newline_counts
+    return out_ids, out_mask, out_pos, samples, newline_counts

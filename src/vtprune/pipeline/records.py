@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -15,17 +16,19 @@ class ColumnRecord:
     prefill keeps only the small CPU index tensors it needs, never the images' features."""
 
     source_columns: list[tuple[int, torch.Tensor]]  # per sample: (left pad, input column of each compact slot)
-    entering: Layout
-    final: Layout
+    entering: Callable[[], Layout]  # builds (or returns) the layout entering the LLM
+    final: Layout | None  # the layout after the last in-LLM stage (None: the entering one)
     after_stage: dict[int, Layout]
     span_units: list[list[tuple[int, int]]]  # per sample: (start, n_units) of each image
     unit_cells: list[torch.Tensor | None]  # per image: (crop, row, col) of each unit
 
     def __call__(self, stats: CallStats) -> None:
-        stats.set_columns("entering_columns", self.columns(self.entering))
-        stats.set_columns("kept_columns", self.columns(self.final))
+        entering_layout = self.entering()
+        final_layout = self.final if self.final is not None else entering_layout
+        stats.set_columns("entering_columns", self.columns(entering_layout))
+        stats.set_columns("kept_columns", self.columns(final_layout))
         stats.set_columns("stage_columns", {K: self.columns(layout) for K, layout in self.after_stage.items()})
-        entering, kept = self.columns(self.entering, registers=False), self.columns(self.final, registers=False)
+        entering, kept = self.columns(entering_layout, registers=False), self.columns(final_layout, registers=False)
         k = 0
         for b, units in enumerate(self.span_units):
             for start, n_units in units:
