@@ -8,6 +8,8 @@ Two layouts of an image's tokens in the LLM:
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..errors import InputError
@@ -24,6 +26,8 @@ class LlavaNextAdapter(LlavaAdapter):
         if layout not in ("model", "flat"):
             raise InputError(f"layout must be 'model' or 'flat', got {layout!r}.")
         super().__init__(model, layout)
+        # one unit table per image size, made once per apply() (read-only: callers never modify it)
+        self.unit_table = functools.lru_cache(maxsize=64)(self.unit_table)
 
     def crops_per_image(self, inputs: dict) -> list[int]:
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches

@@ -255,7 +255,7 @@ def _tiny_inputs(model, samples):
         crops = torch.zeros(n_max, 3, side, side)
         crops[:n] = torch.randn(n, 3, side, side, generator=g)
         pixels.append(crops)
-        rows.append(s.before + [cfg.image_token_id] * len(adapter.unit_table(s.size, n)) + s.after)
+        rows.append(s.before + [cfg.image_token_id] * len(adapter.unit_table(tuple(s.size), n)) + s.after)
     return rows, torch.stack(pixels), {"image_sizes": torch.tensor([list(s.size) for s in samples])}
 
 
