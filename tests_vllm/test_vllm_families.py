@@ -18,7 +18,7 @@ SERVABLE = {
     "llava_next": ["cls_topk", "random", "visionzip", "vispruner", "divprune", "ocvtp", "occamtoken"],
     "qwen2_5_vl": ["cls_topk", "random", "pooling", "vispruner", "divprune", "ocvtp"],
     "qwen3_vl": ["cls_topk", "random", "pooling", "vispruner", "divprune", "ocvtp"],
-    "llava_onevision": ["random", "visionzip", "vispruner", "divprune", "ocvtp", "occamtoken"],
+    "llava_onevision": ["cls_topk", "random", "vispruner", "divprune", "ocvtp", "occamtoken"],
 }
 BUDGET = {"llava": {"keep": 16}, "llava_next": {"ratio": 0.25}, "qwen2_5_vl": {"ratio": 0.25},
           "qwen3_vl": {"ratio": 0.25}, "llava_onevision": {"ratio": 0.25}}

@@ -72,6 +72,14 @@ def _save_state(model, path: Path, rename=None) -> None:
     save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
 
 
+def _llava_hf_name(k: str) -> str:
+    """llava-hf layout: vision weights under vision_tower.vision_model.*"""
+    pre = "model.vision_tower."
+    if k.startswith(pre) and not k.startswith(pre + "vision_model."):
+        return pre + "vision_model." + k[len(pre):]
+    return k
+
+
 def build(family: str, path: str | os.PathLike, seed: int = 0) -> Path:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -116,13 +124,7 @@ def _build_llava(family: str, path: Path) -> Path:
     model.eval()
     model.config.architectures = [type(model).__name__]
     model.config.save_pretrained(path)
-    # llava-hf layout: vision weights under vision_tower.vision_model.*
-    def rename(k: str) -> str:
-        pre = "model.vision_tower."
-        if k.startswith(pre) and not k.startswith(pre + "vision_model."):
-            return pre + "vision_model." + k[len(pre):]
-        return k
-    _save_state(model, path, rename)
+    _save_state(model, path, _llava_hf_name)
     proc.save_pretrained(path)
     tok.save_pretrained(path)
     return path
@@ -153,7 +155,7 @@ def _build_onevision(path: Path) -> Path:
     model.eval()
     model.config.architectures = [type(model).__name__]
     model.config.save_pretrained(path)
-    _save_state(model, path)
+    _save_state(model, path, _llava_hf_name)
     proc.save_pretrained(path)
     tok.save_pretrained(path)
     return path
