@@ -30,7 +30,7 @@ HF_CLASS = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextFo
 #: image sizes (width, height) per family: several aspect ratios where the family has dynamic layouts
 SIZES = {"llava": [(112, 112), (112, 112)], "llava_next": [(112, 112), (140, 84), (84, 140)],
          "qwen2_5_vl": [(224, 224), (280, 168)], "qwen3_vl": [(256, 256), (320, 192)],
-         "llava_onevision": [(112, 112), (140, 84), (84, 140), (56, 56)]}  # (56, 56): a single view
+         "llava_onevision": [(140, 112), (140, 84), (84, 140), (56, 112)]}  # vLLM caps OneVision at 1153×944's count
 NEW_TOKENS = 8
 
 

@@ -284,6 +284,8 @@ def _synthetic_context(host: Host, grids: tuple[tuple[int, int], ...], sizes: tu
             columns = n + extra * len(sizes)  # one column per register of each crop, after the candidates
             providers["cls_attention"] = lambda: torch.softmax(torch.randn(heads, columns, generator=g), -1)
         providers["keys"] = lambda: torch.randn(heads, n, 8, generator=g)
+        if extra:  # each crop's registers, crop after crop
+            providers["register_received_attention"] = lambda: torch.rand(extra * len(sizes), generator=g)
         providers["vision_attention"] = attention
     return ImageContext(features=feats, grids=list(grids), crop_slices=slices, family=host.family, image_index=0,
                         extra=extra, providers=providers)
