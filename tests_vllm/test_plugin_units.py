@@ -69,6 +69,17 @@ def test_budget_and_family_refusals():
         image_record(PruneSpec("visionzip", 8), QWEN, [(4, 4)])
 
 
+def test_onevision_front_end_has_no_cls_but_registers():
+    """SigLIP: the dry run offers no [CLS] attention (visionzip is refused) but runs OccamToken's stage I,
+    one register per crop reaching the LLM."""
+    onevision = Host("llava_onevision", 32, 64, 2, (3, 3))
+    occam = PruneSpec("occamtoken", 8, None, (("occamtoken", (("stage2", False),)),))
+    row = image_record(occam, onevision, [(4, 4)] * 3, fixed_units=5)
+    assert row[3] == 8 + 5 + 3 and row[4] == 48
+    with pytest.raises(ValueError, match="CLS"):
+        image_record(PruneSpec("visionzip", 8), onevision, [(4, 4)])
+
+
 def test_position_channels_round_trip_in_bf16():
     embeds = torch.randn(5, 7, dtype=torch.bfloat16)
     rel = torch.tensor([[0, 3, 9], [0, 300, 2], [1, 2, 3], [0, 0, 0], [2899, 2899, 2899]])
