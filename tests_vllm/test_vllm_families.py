@@ -30,6 +30,8 @@ PROBE = {"llava_onevision": "divprune"}
 #: families whose transformers model sees the images of a multi-image prompt otherwise than vLLM's
 #: (OneVision: transformers takes their base views only, vLLM all their crops)
 NO_TWO_IMAGE_CHECK = ("llava_onevision",)
+#: families whose variant declares images only, so that vLLM refuses a video in the front end
+IMAGES_ONLY = ("llava_onevision",)
 
 
 def method_table() -> dict:
@@ -126,3 +128,12 @@ def test_family(family, checkpoints):
             want = hf.generate(prompt, [images[0]], m, **method_args(m))[0]
             assert got[0][0] == want, f"{m} runs in vLLM but differs from HF"
         assert _run(llm, [_request(prompt, [images[0]], vtprune_method="none")]) == off[:1]
+
+        if family in IMAGES_ONLY:
+            import numpy as np
+            from vllm.exceptions import VLLMValidationError
+
+            video = np.zeros((4, 56, 56, 3), dtype=np.uint8)
+            with pytest.raises(VLLMValidationError, match="video"):
+                _run(llm, [{"prompt": prompt, "multi_modal_data": {"video": video}}])
+            assert _run(llm, [_request(prompt, [images[0]], vtprune_method="none")]) == off[:1]
