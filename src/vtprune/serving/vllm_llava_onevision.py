@@ -94,14 +94,9 @@ class VTPruneLlavaOnevisionMultiModalProcessor(PlaceholderCountMixin, LlavaOnevi
         return processed_data
 
 
-@MULTIMODAL_REGISTRY.register_processor(VTPruneLlavaOnevisionMultiModalProcessor,
-                                        info=VTPruneLlavaOnevisionProcessingInfo,
-                                        dummy_inputs=LlavaOnevisionDummyInputsBuilder)
-class VTPruneLlavaOnevisionForConditionalGeneration(ClipLlavaPruneMixin, LlavaOnevisionForConditionalGeneration,
-                                                    SupportsMRoPE, SupportsMultiModalPruning):
-    def __init__(self, *, vllm_config, prefix: str = "") -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self.vtprune_setup(FAMILY, vllm_config.model_config.model)
+class SiglipOnevisionPruneMixin(ClipLlavaPruneMixin):
+    """The LLaVA variants' model side (1-D RoPE, tower runs, selection) on a SigLIP tower: no [CLS], every
+    patch of the feature layer a candidate."""
 
     def vtprune_setup(self, family: str, model_dir: str | None = None) -> None:
         config = self.config
@@ -115,6 +110,16 @@ class VTPruneLlavaOnevisionForConditionalGeneration(ClipLlavaPruneMixin, LlavaOn
         self.vtprune_shape = ClipTowerShape(num_layers=vc.num_hidden_layers,
                                             feature_index=feature_index(config.vision_feature_layer, vc.num_hidden_layers),
                                             patches=self.vtprune_side ** 2, patch_offset=0, drops_cls=False)
+
+
+@MULTIMODAL_REGISTRY.register_processor(VTPruneLlavaOnevisionMultiModalProcessor,
+                                        info=VTPruneLlavaOnevisionProcessingInfo,
+                                        dummy_inputs=LlavaOnevisionDummyInputsBuilder)
+class VTPruneLlavaOnevisionForConditionalGeneration(SiglipOnevisionPruneMixin, LlavaOnevisionForConditionalGeneration,
+                                                    SupportsMRoPE, SupportsMultiModalPruning):
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self.vtprune_setup(FAMILY, vllm_config.model_config.model)
 
     def vtprune_image_slot(self, mm_feature) -> ImageSlot:
         size = mm_feature.data["image_sizes"].data.tolist()
