@@ -598,7 +598,8 @@ class ClipTowerRun:
             if register is not None:  # a zero token, no position embedding, before the pre-norm
                 x = torch.cat([x, x.new_zeros(x.shape[0], 1, x.shape[-1])], dim=1)
             pre_norm = getattr(vm, "pre_layrnorm", None)  # SigLIP has none
-            self.hidden = vm.encoder(inputs_embeds=x if pre_norm is None else pre_norm(x), return_all_hidden_states=True)
+            x = x if pre_norm is None else pre_norm(x)
+            self.hidden = vm.encoder(inputs_embeds=x, return_all_hidden_states=True)
 
     def _redirect(self, block: int, h: torch.Tensor) -> torch.Tensor:
         from ..occamtoken.towers import redirect_activations
