@@ -44,6 +44,36 @@ def test_llava_next_unit_table_is_the_models_packing(size):
     assert torch.equal(table, packed_by_the_model(model, size, crops))
 
 
+#: (height, width) for the tiny OneVision (56 px crops, up to 2×2): square, wide, tall, small, odd sizes
+ONEVISION_SIZES = [(56, 56), (112, 112), (56, 112), (112, 56), (84, 140), (140, 84), (30, 200), (200, 30), (41, 37)]
+
+
+@pytest.mark.parametrize("aspect", ["anyres_max_9", "anyres_max_1"])  # _1: the 2×2 crops are down-sampled
+@pytest.mark.parametrize("size", ONEVISION_SIZES)
+def test_onevision_unit_table_is_the_models_packing(size, aspect):
+    """The config-only table (the vLLM variant's) equals the adapter's, which runs the model's own
+    packing; both refuse the sizes whose crops the model down-samples."""
+    from vtprune.models.llava_onevision import LlavaOnevisionAdapter
+    from vtprune.models.llava_onevision import unit_table as onevision_table
+
+    model = model_of("llava_onevision")
+    original = model.config.vision_aspect_ratio
+    model.config.vision_aspect_ratio = aspect
+    try:
+        adapter = LlavaOnevisionAdapter(model)
+        crops = adapter.crops_per_image({"pixel_values": torch.zeros(1), "image_sizes": torch.tensor([size])})[0]
+        try:
+            want = adapter.unit_table(size, crops)
+        except InputError:
+            with pytest.raises(InputError, match="down-samples"):
+                onevision_table(model.config, size)
+            return
+        table, got_crops = onevision_table(model.config, size)
+        assert got_crops == crops and torch.equal(table, want)
+    finally:
+        model.config.vision_aspect_ratio = original
+
+
 def test_layout_units_puts_kept_patches_and_newlines_in_layout_order():
     table = torch.tensor([0, 1, 2, 3, 5, 4, -1, 7, 6, -1])  # 2 crops of 4 patches, a permuted second crop
     present, cols = candidate_columns(table, 2, 4)

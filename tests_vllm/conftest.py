@@ -22,12 +22,15 @@ from PIL import Image
 from tiny_checkpoints import build
 
 ARCH = {"llava": "VTPruneLlavaForConditionalGeneration", "llava_next": "VTPruneLlavaNextForConditionalGeneration",
-        "qwen2_5_vl": "VTPruneQwen2_5_VLForConditionalGeneration", "qwen3_vl": "VTPruneQwen3VLForConditionalGeneration"}
+        "qwen2_5_vl": "VTPruneQwen2_5_VLForConditionalGeneration", "qwen3_vl": "VTPruneQwen3VLForConditionalGeneration",
+        "llava_onevision": "VTPruneLlavaOnevisionForConditionalGeneration"}
 HF_CLASS = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration",
-            "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen3_vl": "Qwen3VLForConditionalGeneration"}
+            "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen3_vl": "Qwen3VLForConditionalGeneration",
+            "llava_onevision": "LlavaOnevisionForConditionalGeneration"}
 #: image sizes (width, height) per family: several aspect ratios where the family has dynamic layouts
 SIZES = {"llava": [(112, 112), (112, 112)], "llava_next": [(112, 112), (140, 84), (84, 140)],
-         "qwen2_5_vl": [(224, 224), (280, 168)], "qwen3_vl": [(256, 256), (320, 192)]}
+         "qwen2_5_vl": [(224, 224), (280, 168)], "qwen3_vl": [(256, 256), (320, 192)],
+         "llava_onevision": [(140, 112), (140, 84), (84, 140), (56, 112)]}  # vLLM caps OneVision at 1153×944's count
 NEW_TOKENS = 8
 
 
@@ -112,7 +115,8 @@ class HFRunner:
         with torch.no_grad():
             if method is None:
                 return self.model.generate(**inputs, **kwargs)[0, length:].tolist(), 0
-            layout = {"layout": "model"} if self.model.config.model_type == "llava_next" else {}  # vLLM's layout
+            anyres = self.model.config.model_type in ("llava_next", "llava_onevision")
+            layout = {"layout": "model"} if anyres else {}  # vLLM's layout
             # the vLLM variants keep every kept token at its original position (docs/vllm.md)
             with vtprune.pruned(self.model, method, positions="original", **layout, **method_args) as handle:
                 out = self.model.generate(**inputs, **kwargs)

@@ -69,6 +69,35 @@ def test_budget_and_family_refusals():
         image_record(PruneSpec("visionzip", 8), QWEN, [(4, 4)])
 
 
+def test_onevision_front_end_has_no_cls_but_registers():
+    """SigLIP: the dry run offers no [CLS] attention (visionzip is refused) but runs OccamToken's stage I,
+    one register per crop reaching the LLM."""
+    onevision = Host("llava_onevision", 32, 64, 2, (3, 3))
+    occam = PruneSpec("occamtoken", 8, None, (("occamtoken", (("stage2", False),)),))
+    row = image_record(occam, onevision, [(4, 4)] * 3, fixed_units=5)
+    assert row[3] == 8 + 5 + 3 and row[4] == 48
+    with pytest.raises(ValueError, match="CLS"):
+        image_record(PruneSpec("visionzip", 8), onevision, [(4, 4)])
+
+
+def test_onevision_records_refuse_down_sampled_crops():
+    """The OneVision front end counts newline tokens as fixed units, and refuses (as a request error) an
+    image whose crops the model down-samples, pruning on or off."""
+    from vtprune.models.llava_onevision import _tiny_config
+    from vtprune.serving.vllm_llava_onevision import VTPruneLlavaOnevisionProcessingInfo
+
+    cfg = _tiny_config()  # 56 px crops of 4×4 patches, up to 2×2 crops
+    info = VTPruneLlavaOnevisionProcessingInfo.__new__(VTPruneLlavaOnevisionProcessingInfo)  # no vLLM context
+    info.get_hf_config = lambda: cfg
+    row = info.vtprune_record(PruneSpec("divprune", 8), (112, 112))  # base view + 8×8 unpadded, 8 newlines
+    assert row[3] == 8 + 8 and row[4] == 16 + 64
+    assert info.vtprune_record(PruneSpec(None), (112, 112))[3] == 16 + 64 + 8
+    cfg.vision_aspect_ratio = "anyres_max_1"  # 64 unpadded patches > 1.1² crops of 16: down-sampled
+    for spec in (PruneSpec("divprune", 8), PruneSpec(None)):
+        with pytest.raises(ValueError, match="down-samples"):
+            info.vtprune_record(spec, (112, 112))
+
+
 def test_position_channels_round_trip_in_bf16():
     embeds = torch.randn(5, 7, dtype=torch.bfloat16)
     rel = torch.tensor([[0, 3, 9], [0, 300, 2], [1, 2, 3], [0, 0, 0], [2899, 2899, 2899]])

@@ -18,11 +18,20 @@ SERVABLE = {
     "llava_next": ["cls_topk", "random", "visionzip", "vispruner", "divprune", "ocvtp", "occamtoken"],
     "qwen2_5_vl": ["cls_topk", "random", "pooling", "vispruner", "divprune", "ocvtp"],
     "qwen3_vl": ["cls_topk", "random", "pooling", "vispruner", "divprune", "ocvtp"],
+    "llava_onevision": ["cls_topk", "random", "vispruner", "divprune", "ocvtp", "occamtoken"],
 }
 BUDGET = {"llava": {"keep": 16}, "llava_next": {"ratio": 0.25}, "qwen2_5_vl": {"ratio": 0.25},
-          "qwen3_vl": {"ratio": 0.25}}
+          "qwen3_vl": {"ratio": 0.25}, "llava_onevision": {"ratio": 0.25}}
 #: the server's default method
-SERVER = {"llava": "hiprune", "llava_next": "cls_topk", "qwen2_5_vl": "cls_topk", "qwen3_vl": "cls_topk"}
+SERVER = {"llava": "hiprune", "llava_next": "cls_topk", "qwen2_5_vl": "cls_topk", "qwen3_vl": "cls_topk",
+          "llava_onevision": "divprune"}
+#: the method of the mixed-schedule, per-request-budget and two-image checks (SigLIP has no [CLS])
+PROBE = {"llava_onevision": "divprune"}
+#: families whose transformers model sees the images of a multi-image prompt otherwise than vLLM's
+#: (OneVision: transformers takes their base views only, vLLM all their crops)
+NO_TWO_IMAGE_CHECK = ("llava_onevision",)
+#: families whose variant declares images only, so that vLLM refuses a video in the front end
+IMAGES_ONLY = ("llava_onevision",)
 
 
 def method_table() -> dict:
@@ -58,6 +67,7 @@ def test_family(family, checkpoints):
     images = [image(seed + 1, size) for seed, size in enumerate(SIZES[family])]
     budget = BUDGET[family]
     server_method, table = SERVER[family], method_table()
+    probe = PROBE.get(family, "cls_topk")
 
     def method_args(method):
         return {**budget, **table.get(method, {})}
@@ -88,8 +98,8 @@ def test_family(family, checkpoints):
 
         if "occamtoken" in SERVABLE[family]:  # requests with and without a register, scheduled together
             got = _run(llm, [_request(prompt, [images[0]], vtprune_method="occamtoken"),
-                             _request(prompt, [images[1]], vtprune_method="cls_topk")])
-            assert [t for t, _ in got] == [expected["occamtoken"][0][0], expected["cls_topk"][1][0]]
+                             _request(prompt, [images[1]], vtprune_method=probe)])
+            assert [t for t, _ in got] == [expected["occamtoken"][0][0], expected[probe][1][0]]
 
         # the server's default applies when a request names no method
         default = _run(llm, [_request(prompt, [im]) for im in images])
@@ -97,15 +107,16 @@ def test_family(family, checkpoints):
 
         # a per-request budget, and two images in one prompt
         small = {"keep": 8} if "keep" in budget else {"ratio": 0.5}
-        got = _run(llm, [_request(prompt, [images[0]], vtprune_method="cls_topk",
+        got = _run(llm, [_request(prompt, [images[0]], vtprune_method=probe,
                                   **{f"vtprune_{k}": v for k, v in small.items()})])
-        want = hf.generate(prompt, [images[0]], "cls_topk", **small)
+        want = hf.generate(prompt, [images[0]], probe, **small)
         assert got[0][0] == want[0] and off[0][1] - got[0][1] == want[1]
-        two = hf.prompt(images=2)
-        want = hf.generate(two, images[:2], "cls_topk", **budget)
-        full = _run(llm, [_request(two, images[:2], vtprune_method="none")])
-        got = _run(llm, [_request(two, images[:2], vtprune_method="cls_topk")])
-        assert got[0][0] == want[0] and full[0][1] - got[0][1] == want[1]
+        if family not in NO_TWO_IMAGE_CHECK:
+            two = hf.prompt(images=2)
+            want = hf.generate(two, images[:2], probe, **budget)
+            full = _run(llm, [_request(two, images[:2], vtprune_method="none")])
+            got = _run(llm, [_request(two, images[:2], vtprune_method=probe)])
+            assert got[0][0] == want[0] and full[0][1] - got[0][1] == want[1]
 
         # methods vLLM cannot host: a request error, and the engine keeps serving
         for m in others:
@@ -117,3 +128,12 @@ def test_family(family, checkpoints):
             want = hf.generate(prompt, [images[0]], m, **method_args(m))[0]
             assert got[0][0] == want, f"{m} runs in vLLM but differs from HF"
         assert _run(llm, [_request(prompt, [images[0]], vtprune_method="none")]) == off[:1]
+
+        if family in IMAGES_ONLY:
+            import numpy as np
+            from vllm.exceptions import VLLMValidationError
+
+            video = np.zeros((4, 56, 56, 3), dtype=np.uint8)
+            with pytest.raises(VLLMValidationError, match="video"):
+                _run(llm, [{"prompt": prompt, "multi_modal_data": {"video": video}}])
+            assert _run(llm, [_request(prompt, [images[0]], vtprune_method="none")]) == off[:1]

@@ -24,17 +24,17 @@ LLAVA_TEMPLATE = (
 QWEN_TEMPLATE = LLAVA_TEMPLATE.replace("<image>\n", "<|vision_start|><|image_pad|><|vision_end|>")
 
 
-def _tokenizer(template: str):
+def _tokenizer(template: str, extra: tuple[str, ...] = ()):
     from tokenizers import Tokenizer, models, pre_tokenizers, decoders
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {t: i for i, t in enumerate(SPECIALS + WORDS)}
+    vocab = {t: i for i, t in enumerate(SPECIALS + WORDS + list(extra))}  # extra: after the words
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
     tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
                                    unk_token="<unk>",
-                                   additional_special_tokens=[t for t in SPECIALS[3:] if t not in ("<unk>",)])
+                                   additional_special_tokens=[t for t in SPECIALS[3:] + list(extra) if t != "<unk>"])
     fast.chat_template = template
     return fast, len(vocab)
 
@@ -72,6 +72,14 @@ def _save_state(model, path: Path, rename=None) -> None:
     save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
 
 
+def _llava_hf_name(k: str) -> str:
+    """llava-hf layout: vision weights under vision_tower.vision_model.*"""
+    pre = "model.vision_tower."
+    if k.startswith(pre) and not k.startswith(pre + "vision_model."):
+        return pre + "vision_model." + k[len(pre):]
+    return k
+
+
 def build(family: str, path: str | os.PathLike, seed: int = 0) -> Path:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -80,6 +88,8 @@ def build(family: str, path: str | os.PathLike, seed: int = 0) -> Path:
         return _build_llava(family, path)
     if family in ("qwen2_5_vl", "qwen3_vl"):
         return _build_qwen(family, path)
+    if family == "llava_onevision":
+        return _build_onevision(path)
     raise ValueError(family)
 
 
@@ -114,13 +124,38 @@ def _build_llava(family: str, path: Path) -> Path:
     model.eval()
     model.config.architectures = [type(model).__name__]
     model.config.save_pretrained(path)
-    # llava-hf layout: vision weights under vision_tower.vision_model.*
-    def rename(k: str) -> str:
-        pre = "model.vision_tower."
-        if k.startswith(pre) and not k.startswith(pre + "vision_model."):
-            return pre + "vision_model." + k[len(pre):]
-        return k
-    _save_state(model, path, rename)
+    _save_state(model, path, _llava_hf_name)
+    proc.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def _build_onevision(path: Path) -> Path:
+    """AnyRes like the LLaVA-NeXT checkpoint (56 px crops, up to 2×2), a SigLIP tower read in full at its
+    last block, a Qwen2 decoder."""
+    from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration,
+                              LlavaOnevisionImageProcessor, LlavaOnevisionProcessor, LlavaOnevisionVideoProcessor,
+                              Qwen2Config, SiglipVisionConfig)
+
+    tok, vocab = _tokenizer(LLAVA_TEMPLATE, extra=("<video>",))
+    side, pins = 56, [[56, 112], [112, 56], [112, 112]]
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                image_size=side, patch_size=14, vision_use_head=False)
+    cfg = LlavaOnevisionConfig(vision_config=vision, text_config=Qwen2Config(**_text_config(vocab)),
+                               image_token_id=tok.convert_tokens_to_ids("<image>"),
+                               video_token_id=tok.convert_tokens_to_ids("<video>"), image_grid_pinpoints=pins,
+                               vision_feature_layer=-1, vision_feature_select_strategy="full",
+                               vision_aspect_ratio="anyres_max_9", tie_word_embeddings=False)
+    model = LlavaOnevisionForConditionalGeneration._from_config(cfg)
+    ip = LlavaOnevisionImageProcessor(size={"height": side, "width": side}, image_grid_pinpoints=pins)
+    vp = LlavaOnevisionVideoProcessor(size={"height": side, "width": side})
+    proc = LlavaOnevisionProcessor(image_processor=ip, tokenizer=tok, video_processor=vp, num_image_tokens=16,
+                                   vision_feature_select_strategy="full", chat_template=LLAVA_TEMPLATE)
+    _spread(model)
+    model.eval()
+    model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(path)
+    _save_state(model, path, _llava_hf_name)
     proc.save_pretrained(path)
     tok.save_pretrained(path)
     return path

@@ -17,6 +17,8 @@ so methods that read per-patch attention maps (``vision_attention``) run on imag
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..errors import InputError
@@ -26,6 +28,7 @@ from .base import EncodedImage
 from .families import Family, FlopsInfo, TinySpec, register_family
 from .llava import ClipTower, LlavaAdapter
 from .llava_next import LlavaNextAdapter
+from .llava_next import unit_table as next_unit_table
 from .stages import append_extras, forwarded_cls, select_and_project
 
 VIDEO_KEY = "pixel_values_videos"
@@ -178,6 +181,27 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         return out
 
 
+# -- the model layout from the config, shared with the vLLM variant ---------------------------------
+def unit_table(config, image_size) -> tuple[torch.Tensor, int]:
+    """For each unit of an image's model layout: the crop-major patch id it shows, or -1 (newline); and
+    the number of crops. OneVision packs like LLaVA-NeXT unless the unpadded crops exceed its
+    ``vision_aspect_ratio`` (``anyres_max_N``), where it down-samples them: InputError then (a
+    down-sampled token mixes several patches, so it cannot be pruned patch by patch)."""
+    table, crops = next_unit_table(config, image_size)
+    if crops > 1:
+        side = config.vision_config.image_size // config.vision_config.patch_size
+        rows = int((table[side * side:] < 0).sum())  # one newline per row of the unpadded crops
+        cols = (len(table) - side * side - rows) // rows
+        max_crops = int(config.vision_aspect_ratio.strip("anyres_max_"))  # as the model parses it
+        if math.sqrt(rows * cols / (max_crops * side ** 2)) > 1.1:
+            raise InputError(
+                f"LLaVA-OneVision down-samples the crops of a {image_size[0]}×{image_size[1]} image "
+                f"({config.vision_aspect_ratio}): its tokens mix several patches, so they cannot be pruned "
+                f"patch by patch in the model's layout. Resize the image below the limit (or, on the "
+                f"transformers path, pass layout='flat').")
+    return table, crops
+
+
 class OnevisionBaseViewAdapter(LlavaAdapter):
     """One view per image through LLaVA-1.5's single-crop path, SigLIP's patch positions (OC-VTP
     feature extraction reads the base view only)."""
@@ -284,5 +308,5 @@ FAMILY = register_family(Family(
     #: as on the Qwens, stage-II layer 10 of Qwen2-7B's 28 as on Qwen2.5-VL-7B
     defaults={"occamtoken": {"lambda1": 0.5, "layer": 10}},
     tiny=TinySpec(config=_tiny_config, inputs=_tiny_inputs, image_size=(56, 112)),
-    vllm=None,
+    vllm=("VTPruneLlavaOnevisionForConditionalGeneration", "vtprune.serving.vllm_llava_onevision"),
 ))

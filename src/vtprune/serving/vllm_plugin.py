@@ -193,7 +193,9 @@ def _build_method(spec: PruneSpec, family: str, llm_layers: int) -> Method:
 # front-end validation: which methods can run inside vLLM
 # ------------------------------------------------------------------------------------------------
 #: families whose vLLM tower the plugin can run with a test-time register (OccamToken)
-REGISTER_FAMILIES = ("llava", "llava_next")
+REGISTER_FAMILIES = ("llava", "llava_next", "llava_onevision")
+#: families served on a CLIP-style tower (CLIP or SigLIP) through :class:`ClipTowerRun`
+CLIP_STYLE_FAMILIES = REGISTER_FAMILIES
 IN_LLM_REASON = (
     "it prunes inside the language model. vLLM fixes every image's placeholder count in the front end "
     "and keeps the KV cache in shared paged blocks, so only methods that prune before the LLM with a "
@@ -245,7 +247,7 @@ class Host:
     def of(cls, family: str, hf_config) -> "Host":
         text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config.text_config
         vc = hf_config.vision_config
-        if family in ("llava", "llava_next"):
+        if family in CLIP_STYLE_FAMILIES:
             return cls(family, vc.hidden_size, text.hidden_size, text.num_hidden_layers, clip_tower_blocks(hf_config))
         return cls(family, vc.hidden_size, text.hidden_size, text.num_hidden_layers, None)
 
@@ -277,10 +279,13 @@ def _synthetic_context(host: Host, grids: tuple[tuple[int, int], ...], sizes: tu
         "received_attention": lambda: torch.softmax(torch.randn(n, generator=g), 0),
         "hidden": hidden,
     }
-    if host.family in ("llava", "llava_next"):
-        columns = n + extra * len(sizes)  # one column per register of each crop, after the candidates
-        providers["cls_attention"] = lambda: torch.softmax(torch.randn(heads, columns, generator=g), -1)
+    if host.family in CLIP_STYLE_FAMILIES:
+        if host.family != "llava_onevision":  # SigLIP: no [CLS]
+            columns = n + extra * len(sizes)  # one column per register of each crop, after the candidates
+            providers["cls_attention"] = lambda: torch.softmax(torch.randn(heads, columns, generator=g), -1)
         providers["keys"] = lambda: torch.randn(heads, n, 8, generator=g)
+        if extra:  # each crop's registers, crop after crop
+            providers["register_received_attention"] = lambda: torch.rand(extra * len(sizes), generator=g)
         providers["vision_attention"] = attention
     return ImageContext(features=feats, grids=list(grids), crop_slices=slices, family=host.family, image_index=0,
                         extra=extra, providers=providers)
@@ -531,7 +536,8 @@ def wrapped_forwards(modules: Mapping[Any, torch.nn.Module], wrap):
 
 
 # ------------------------------------------------------------------------------------------------
-# CLIP towers (LLaVA-1.5, LLaVA-NeXT): features, CLS attention rows, hidden states
+# CLIP-style towers (LLaVA-1.5, LLaVA-NeXT: CLIP; LLaVA-OneVision: SigLIP): features, attention rows,
+# hidden states
 # ------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Register:
@@ -560,13 +566,14 @@ def register_of(method: Method | None, model_dir: str | None) -> Register | None
 
 
 class ClipTowerRun:
-    """One run of vLLM's CLIP tower on a batch of crops, keeping what methods may ask for.
+    """One run of vLLM's CLIP or SigLIP tower on a batch of crops, keeping what methods may ask for.
 
     ``hidden[i]`` is the tower's hidden state after block i-1 (0 = embeddings); ``qk[b]`` holds the
     query and key states of block ``b`` (all heads, gathered across tensor-parallel ranks), exactly
     as the block's own layer norm and q/k projections produced them. With ``register``, every crop
     runs as ``vtprune.occamtoken.intervention.test_time_register`` runs it on the HF tower: a zero token appended
-    before the pre-norm (the last row of every hidden state), the listed MLP channels redirected onto it.
+    before the pre-norm (SigLIP, which has none: after the position embeddings; the last row of every
+    hidden state), the listed MLP channels redirected onto it.
     """
 
     def __init__(self, tower, pixel_values: torch.Tensor, blocks_to_watch: set[int], register: Register | None = None):
@@ -580,6 +587,7 @@ class ClipTowerRun:
         self.scale = {b: float(layers[b].self_attn.scale) for b in blocks_to_watch}
         self._attn = {b: layers[b].self_attn for b in blocks_to_watch}
         self.register = register
+        self.patch_offset = 1 if hasattr(vm.embeddings, "class_embedding") else 0  # CLIP's [CLS] comes first
         redirected = {b: layers[b].mlp.fc2 for b, _ in (register.by_layer if register else ()) if b < len(layers)}
         if any(getattr(fc2, "tp_size", 1) > 1 for fc2 in redirected.values()):
             raise ValueError("vtprune: test-time registers in vLLM need tensor_parallel_size=1 (the redirected "
@@ -589,13 +597,16 @@ class ClipTowerRun:
             x = vm.embeddings(pixel_values.to(vm.dtype))
             if register is not None:  # a zero token, no position embedding, before the pre-norm
                 x = torch.cat([x, x.new_zeros(x.shape[0], 1, x.shape[-1])], dim=1)
-            self.hidden = vm.encoder(inputs_embeds=vm.pre_layrnorm(x), return_all_hidden_states=True)
+            pre_norm = getattr(vm, "pre_layrnorm", None)  # SigLIP has none
+            x = x if pre_norm is None else pre_norm(x)
+            self.hidden = vm.encoder(inputs_embeds=x, return_all_hidden_states=True)
 
     def _redirect(self, block: int, h: torch.Tensor) -> torch.Tensor:
         from ..occamtoken.towers import redirect_activations
 
         channels = torch.tensor(dict(self.register.by_layer)[block], dtype=torch.long, device=h.device)
-        return redirect_activations(h, channels, patch=slice(1, -1), register=slice(-1, None), mode=self.register.mode)
+        return redirect_activations(h, channels, patch=slice(self.patch_offset, -1), register=slice(-1, None),
+                                     mode=self.register.mode)
 
     def _keep(self, block: int, output) -> None:
         attn = self._attn[block]
@@ -720,7 +731,7 @@ class _MRoPEConfig(_OneDimPositionsConfig):
 
 
 def _config_hook(family: str):
-    base = _OneDimPositionsConfig if family in ("llava", "llava_next") else _MRoPEConfig
+    base = _OneDimPositionsConfig if family in CLIP_STYLE_FAMILIES else _MRoPEConfig
     return type(f"VTPrune_{family}_config", (base,), {"family": family})
 
 
