@@ -143,6 +143,12 @@ def _tiny_config():
 
 
 def _tiny_inputs(model, samples):
+    return anyres_tiny_inputs(model, samples, lambda size, crops: len(unit_table(model.config, size)[0]))
+
+
+def anyres_tiny_inputs(model, samples, placeholders):
+    """AnyRes processor-shaped inputs (crops padded to the batch's most, ``image_sizes``) for
+    ``vtprune.tiny``; ``placeholders(size, crops)``: the image tokens an image of ``size`` takes."""
     from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
     cfg = model.config
@@ -155,7 +161,7 @@ def _tiny_inputs(model, samples):
         crops = torch.zeros(n_max, 3, side, side)
         crops[:n] = torch.randn(n, 3, side, side, generator=g)
         pixels.append(crops)
-        rows.append(s.before + [cfg.image_token_id] * len(unit_table(cfg, s.size)[0]) + s.after)
+        rows.append(s.before + [cfg.image_token_id] * placeholders(tuple(s.size), n) + s.after)
     return rows, torch.stack(pixels), {"image_sizes": torch.tensor([list(s.size) for s in samples])}
 
 

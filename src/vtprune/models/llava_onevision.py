@@ -27,7 +27,7 @@ from ..occamtoken.towers import redirect_activations
 from .base import EncodedImage
 from .families import Family, FlopsInfo, TinySpec, register_family
 from .llava import ClipTower, LlavaAdapter
-from .llava_next import LlavaNextAdapter
+from .llava_next import LlavaNextAdapter, anyres_tiny_inputs
 from .llava_next import unit_table as next_unit_table
 from .stages import append_extras, forwarded_cls, select_and_project
 
@@ -266,21 +266,8 @@ def _tiny_config():
 
 
 def _tiny_inputs(model, samples):
-    from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
-
-    cfg = model.config
-    side = cfg.vision_config.image_size
     adapter = LlavaOnevisionAdapter(model)
-    n_max = max(image_size_to_num_patches(s.size, cfg.image_grid_pinpoints, side) for s in samples)
-    rows, pixels = [], []
-    for s in samples:
-        g = torch.Generator().manual_seed(s.image_seed)
-        n = image_size_to_num_patches(s.size, cfg.image_grid_pinpoints, side)
-        crops = torch.zeros(n_max, 3, side, side)
-        crops[:n] = torch.randn(n, 3, side, side, generator=g)
-        pixels.append(crops)
-        rows.append(s.before + [cfg.image_token_id] * len(adapter.unit_table(tuple(s.size), n)) + s.after)
-    return rows, torch.stack(pixels), {"image_sizes": torch.tensor([list(s.size) for s in samples])}
+    return anyres_tiny_inputs(model, samples, lambda size, crops: len(adapter.unit_table(size, crops)))
 
 
 FAMILY = register_family(Family(

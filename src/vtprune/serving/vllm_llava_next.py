@@ -65,10 +65,40 @@ class VTPruneLlavaNextMultiModalProcessor(PlaceholderCountMixin, LlavaNextMultiM
         return processed_data
 
 
+class AnyresPruneMixin:
+    """The AnyRes image path both LLaVA-NeXT and LLaVA-OneVision variants serve: per image its unit table
+    (``unit_table_of(config, image_size) -> (table, crops)``), the tower runs, the selection, the
+    layout's kept units with newline tokens, registers / [CLS] at the last unit's position."""
+
+    def vtprune_embed_anyres(self, image_input, spec_field, unit_table_of) -> list[torch.Tensor]:
+        pixel_values = image_input["pixel_values"]
+        sizes = torch.as_tensor(image_input["image_sizes"]).tolist()
+        n = self.vtprune_side ** 2
+        layouts = []
+        for s in sizes:
+            table, crops = unit_table_of(self.config, s)
+            present, cols = candidate_columns(table, crops, n)
+            layouts.append((table, crops, present, cols))
+        per_image = [p[:crops] for p, (_, crops, _, _) in zip(pixel_values, layouts)]
+        chosen, placement = self.vtprune_tower_runs(spec_field, [len(p) for p in per_image], torch.cat(per_image))
+        out = []
+        for (table, crops, present, cols), (method, kept, _), (run, rows) in zip(layouts, chosen, placement):
+            device = run.hidden_state(0).device
+            ctx, keep, embeds = self.vtprune_select(method, run, rows, [c.to(device) for c in cols])
+            keep_units, ordered = layout_units(table, present, keep, embeds, self.image_newline)
+            with_extras = append_extras(ordered, ctx, method, self.multi_modal_projector)  # per crop, at the last unit
+            extras = len(with_extras) - len(ordered)
+            if method is not None:
+                check_count(method, len(keep_units) + extras, kept)
+            keep_units = torch.cat([keep_units, torch.full((extras,), len(table) - 1, dtype=keep_units.dtype)])
+            out.append(attach_positions(with_extras, keep_units.to(with_extras.device)[:, None].expand(-1, 3)))
+        return out
+
+
 @MULTIMODAL_REGISTRY.register_processor(VTPruneLlavaNextMultiModalProcessor, info=VTPruneLlavaNextProcessingInfo,
                                         dummy_inputs=LlavaDummyInputsBuilder)
-class VTPruneLlavaNextForConditionalGeneration(ClipLlavaPruneMixin, LlavaNextForConditionalGeneration, SupportsMRoPE,
-                                               SupportsMultiModalPruning):
+class VTPruneLlavaNextForConditionalGeneration(AnyresPruneMixin, ClipLlavaPruneMixin, LlavaNextForConditionalGeneration,
+                                               SupportsMRoPE, SupportsMultiModalPruning):
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.vtprune_setup(FAMILY, vllm_config.model_config.model)
@@ -87,25 +117,4 @@ class VTPruneLlavaNextForConditionalGeneration(ClipLlavaPruneMixin, LlavaNextFor
             return []
         if isinstance(image_input, LlavaNextImageEmbeddingInputs):
             return self.vtprune_passthrough(image_input["data"])
-        pixel_values = image_input["pixel_values"]
-        sizes = torch.as_tensor(image_input["image_sizes"]).tolist()
-        n = self.vtprune_side ** 2
-        layouts = []
-        for s in sizes:
-            table, crops = unit_table(self.config, s)
-            present, cols = candidate_columns(table, crops, n)
-            layouts.append((table, crops, present, cols))
-        per_image = [p[:crops] for p, (_, crops, _, _) in zip(pixel_values, layouts)]
-        chosen, placement = self.vtprune_tower_runs(spec_field, [len(p) for p in per_image], torch.cat(per_image))
-        out = []
-        for (table, crops, present, cols), (method, kept, _), (run, rows) in zip(layouts, chosen, placement):
-            device = run.hidden_state(0).device
-            ctx, keep, embeds = self.vtprune_select(method, run, rows, [c.to(device) for c in cols])
-            keep_units, ordered = layout_units(table, present, keep, embeds, self.image_newline)
-            with_extras = append_extras(ordered, ctx, method, self.multi_modal_projector)  # per crop, at the last unit
-            extras = len(with_extras) - len(ordered)
-            if method is not None:
-                check_count(method, len(keep_units) + extras, kept)
-            keep_units = torch.cat([keep_units, torch.full((extras,), len(table) - 1, dtype=keep_units.dtype)])
-            out.append(attach_positions(with_extras, keep_units.to(with_extras.device)[:, None].expand(-1, 3)))
-        return out
+        return self.vtprune_embed_anyres(image_input, spec_field, unit_table)

@@ -30,12 +30,13 @@ from vllm.model_executor.models.llava_onevision import (LlavaOnevisionDummyInput
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from ..errors import InputError
-from ..models.llava_next import candidate_columns, layout_units
+from ..models.llava_next import candidate_columns
 from ..models.llava_onevision import unit_table
-from ..models.stages import ClipTowerShape, append_extras, feature_index
+from ..models.stages import ClipTowerShape, feature_index
 from .vllm_llava import ClipLlavaPruneMixin
-from .vllm_plugin import (SPEC_FIELD, Host, ImageSlot, PlaceholderCountMixin, PruneSpec, attach_positions,
-                          check_count, image_record, strip_request_keys)
+from .vllm_llava_next import AnyresPruneMixin
+from .vllm_plugin import (SPEC_FIELD, Host, ImageSlot, PlaceholderCountMixin, PruneSpec, image_record,
+                          strip_request_keys)
 
 FAMILY = "llava_onevision"
 
@@ -115,7 +116,7 @@ class SiglipOnevisionPruneMixin(ClipLlavaPruneMixin):
 @MULTIMODAL_REGISTRY.register_processor(VTPruneLlavaOnevisionMultiModalProcessor,
                                         info=VTPruneLlavaOnevisionProcessingInfo,
                                         dummy_inputs=LlavaOnevisionDummyInputsBuilder)
-class VTPruneLlavaOnevisionForConditionalGeneration(SiglipOnevisionPruneMixin, LlavaOnevisionForConditionalGeneration,
+class VTPruneLlavaOnevisionForConditionalGeneration(AnyresPruneMixin, SiglipOnevisionPruneMixin, LlavaOnevisionForConditionalGeneration,
                                                     SupportsMRoPE, SupportsMultiModalPruning):
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
@@ -136,25 +137,4 @@ class VTPruneLlavaOnevisionForConditionalGeneration(SiglipOnevisionPruneMixin, L
             return []
         if isinstance(image_input, LlavaOnevisionImageEmbeddingInputs):
             return self.vtprune_passthrough(image_input["data"])
-        pixel_values = image_input["pixel_values"]
-        sizes = torch.as_tensor(image_input["image_sizes"]).tolist()
-        n = self.vtprune_side ** 2
-        layouts = []
-        for s in sizes:
-            table, crops = unit_table(self.config, s)
-            present, cols = candidate_columns(table, crops, n)
-            layouts.append((table, crops, present, cols))
-        per_image = [p[:crops] for p, (_, crops, _, _) in zip(pixel_values, layouts)]
-        chosen, placement = self.vtprune_tower_runs(spec_field, [len(p) for p in per_image], torch.cat(per_image))
-        out = []
-        for (table, crops, present, cols), (method, kept, _), (run, rows) in zip(layouts, chosen, placement):
-            device = run.hidden_state(0).device
-            ctx, keep, embeds = self.vtprune_select(method, run, rows, [c.to(device) for c in cols])
-            keep_units, ordered = layout_units(table, present, keep, embeds, self.image_newline)
-            with_extras = append_extras(ordered, ctx, method, self.multi_modal_projector)  # per crop, at the last unit
-            extras = len(with_extras) - len(ordered)
-            if method is not None:
-                check_count(method, len(keep_units) + extras, kept)
-            keep_units = torch.cat([keep_units, torch.full((extras,), len(table) - 1, dtype=keep_units.dtype)])
-            out.append(attach_positions(with_extras, keep_units.to(with_extras.device)[:, None].expand(-1, 3)))
-        return out
+        return self.vtprune_embed_anyres(image_input, spec_field, unit_table)
