@@ -43,15 +43,23 @@ class VTPruneLlavaNextProcessingInfo(LlavaNextProcessingInfo):
         return {"image": self.get_max_image_tokens()}  # unpruned: requests may turn pruning off
 
     def vtprune_record(self, spec: PruneSpec, image_size) -> list[int]:
-        config = self.get_hf_config()
-        side = config.vision_config.image_size // config.vision_config.patch_size
-        table, crops = unit_table(config, image_size)
-        _, cols = candidate_columns(table, crops, side * side)
-        newlines = int((table < 0).sum())
-        return image_record(spec, self.vtprune_host(), [(side, side)] * crops, [len(c) for c in cols], newlines)
+        return anyres_record(self, spec, image_size, unit_table)
 
 
-class VTPruneLlavaNextMultiModalProcessor(PlaceholderCountMixin, LlavaNextMultiModalProcessor):
+def anyres_record(info, spec: PruneSpec, image_size, unit_table_of) -> list[int]:
+    """The front end's record of one AnyRes image (``info``: the processing info; ``unit_table_of(config,
+    image_size) -> (table, crops)``)."""
+    config = info.get_hf_config()
+    side = config.vision_config.image_size // config.vision_config.patch_size
+    table, crops = unit_table_of(config, image_size)
+    _, cols = candidate_columns(table, crops, side * side)
+    newlines = int((table < 0).sum())
+    return image_record(spec, info.vtprune_host(), [(side, side)] * crops, [len(c) for c in cols], newlines)
+
+
+class AnyresRecordsMixin:
+    """Attaches every image's prune record to the HF processor's output (LLaVA-NeXT and OneVision)."""
+
     def _apply_hf_processor_main(self, mm_items, hf_kwargs) -> BatchFeature:
         processed_data = super()._apply_hf_processor_main(mm_items, strip_request_keys(hf_kwargs))
         spec = self.info.vtprune_spec(hf_kwargs)
@@ -63,6 +71,10 @@ class VTPruneLlavaNextMultiModalProcessor(PlaceholderCountMixin, LlavaNextMultiM
         if rows:
             processed_data[SPEC_FIELD] = torch.tensor(rows, dtype=torch.long)
         return processed_data
+
+
+class VTPruneLlavaNextMultiModalProcessor(AnyresRecordsMixin, PlaceholderCountMixin, LlavaNextMultiModalProcessor):
+    pass
 
 
 class AnyresPruneMixin:

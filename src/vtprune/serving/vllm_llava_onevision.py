@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
-from transformers import BatchFeature, SiglipVisionConfig
+from transformers import SiglipVisionConfig
 
 from vllm.model_executor.models.interfaces import SupportsMRoPE, SupportsMultiModalPruning
 from vllm.model_executor.models.llava_onevision import (LlavaOnevisionDummyInputsBuilder,
@@ -30,13 +30,11 @@ from vllm.model_executor.models.llava_onevision import (LlavaOnevisionDummyInput
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from ..errors import InputError
-from ..models.llava_next import candidate_columns
 from ..models.llava_onevision import unit_table
 from ..models.stages import ClipTowerShape, feature_index
 from .vllm_llava import ClipLlavaPruneMixin
-from .vllm_llava_next import AnyresPruneMixin
-from .vllm_plugin import (SPEC_FIELD, Host, ImageSlot, PlaceholderCountMixin, PruneSpec, image_record,
-                          strip_request_keys)
+from .vllm_llava_next import AnyresPruneMixin, AnyresRecordsMixin, anyres_record
+from .vllm_plugin import SPEC_FIELD, Host, ImageSlot, PlaceholderCountMixin, PruneSpec, strip_request_keys
 
 FAMILY = "llava_onevision"
 
@@ -70,29 +68,15 @@ class VTPruneLlavaOnevisionProcessingInfo(LlavaOnevisionProcessingInfo):
         return {"image": self.get_max_image_tokens()}  # unpruned: requests may turn pruning off
 
     def vtprune_record(self, spec: PruneSpec, image_size) -> list[int]:
-        config = self.get_hf_config()
-        side = config.vision_config.image_size // config.vision_config.patch_size
         try:
-            table, crops = unit_table(config, image_size)
+            return anyres_record(self, spec, image_size, unit_table)
         except InputError as exc:  # a request error, before the engine sees the image
             raise ValueError(f"vtprune: {exc}") from exc
-        _, cols = candidate_columns(table, crops, side * side)
-        newlines = int((table < 0).sum())
-        return image_record(spec, self.vtprune_host(), [(side, side)] * crops, [len(c) for c in cols], newlines)
 
 
-class VTPruneLlavaOnevisionMultiModalProcessor(PlaceholderCountMixin, LlavaOnevisionMultiModalProcessor):
-    def _apply_hf_processor_main(self, mm_items, hf_kwargs) -> BatchFeature:
-        processed_data = super()._apply_hf_processor_main(mm_items, strip_request_keys(hf_kwargs))
-        spec = self.info.vtprune_spec(hf_kwargs)
-        rows = []
-        if processed_data.get("pixel_values") is not None:
-            rows += [self.info.vtprune_record(spec, s) for s in torch.as_tensor(processed_data["image_sizes"]).tolist()]
-        if processed_data.get("image_embeds") is not None:
-            rows += [PruneSpec(None).record(len(e), len(e)) for e in processed_data["image_embeds"]]
-        if rows:
-            processed_data[SPEC_FIELD] = torch.tensor(rows, dtype=torch.long)
-        return processed_data
+class VTPruneLlavaOnevisionMultiModalProcessor(AnyresRecordsMixin, PlaceholderCountMixin,
+                                              LlavaOnevisionMultiModalProcessor):
+    pass
 
 
 class SiglipOnevisionPruneMixin(ClipLlavaPruneMixin):
