@@ -161,7 +161,7 @@ def method_plan(family: str, num_layers: int, keep: int, methods: list[str] | No
             kwargs["checkpoint"] = checkpoint_dir() / "synthetic-d32" if tiny else None
         if name == "sparsevlm":  # merged tokens in their centres' rows: the reference matches rows in order
             kwargs["merged_position"] = "centre"
-        layout = "flat" if family == "llava_next" and getattr(cls, "needs_full_grid", False) else None
+        layout = "flat" if family in ANYRES and getattr(cls, "needs_full_grid", False) else None
         plan.append(Config(name, name, kwargs, layout))
     if methods:
         wanted = {m.replace(":", "(") + (")" if ":" in m else "") for m in methods}
@@ -280,11 +280,16 @@ class Capture:
     tokens: dict = field(default_factory=dict)
 
 
+QWEN = ("qwen2_5_vl", "qwen3_vl")
+ANYRES = ("llava_next", "llava_onevision")  # AnyRes crops, image_sizes, newline tokens
+LLAVA_LIKE = ("llava",) + ANYRES  # 1-D positions, a multi_modal_projector on tower features
+
+
 def _vision_pixels(model, family: str, inputs: dict) -> dict:
-    if family in ("qwen2_5_vl", "qwen3_vl"):
+    if family in QWEN:
         return {"pixel_values": inputs["pixel_values"], "image_grid_thw": inputs["image_grid_thw"]}
     pv = inputs["pixel_values"]
-    if family == "llava_next":
+    if family in ANYRES:
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
         crops = [image_size_to_num_patches(tuple(s), model.config.image_grid_pinpoints,
@@ -315,7 +320,7 @@ def capture(model, handle, inputs: dict) -> Capture:
     method = handle.method
     try:
         handles.append(inner.register_forward_pre_hook(on_inner, with_kwargs=True))
-        if family in ("llava", "llava_next"):
+        if family in LLAVA_LIKE:
             handles.append(inner.multi_modal_projector.register_forward_pre_hook(on_proj, with_kwargs=True))
         llm_layers = tuple(method.llm_layers) if Stage.LLM in method.stages else ()
         for K in llm_layers:
@@ -362,7 +367,7 @@ def capture(model, handle, inputs: dict) -> Capture:
 def _positions(family: str, position_ids):
     """(rotary position ids, position ids the decoder layers and the mask get) as the model's forward
     derives them."""
-    if family in ("llava", "llava_next"):
+    if family in LLAVA_LIKE:
         return position_ids, position_ids
     if position_ids.dim() == 2:
         position_ids = position_ids[None].expand(3, -1, -1)
@@ -374,7 +379,7 @@ def _positions(family: str, position_ids):
 def reference_vision(model, cap: Capture):
     """The unmodified model's vision side on the same pixels (output discarded: the timed compute)."""
     inner = model.model
-    if cap.family in ("qwen2_5_vl", "qwen3_vl"):
+    if cap.family in QWEN:
         return inner.get_image_features(cap.pixels["pixel_values"], cap.pixels["image_grid_thw"])
     tower = inner.vision_tower(cap.pixels["pixel_values"], output_hidden_states=True, return_dict=True)
     return tower, [inner.multi_modal_projector(x) for x in cap.projector_inputs]
@@ -540,7 +545,7 @@ def prepare_config(model, inputs: dict, config: Config) -> Slot | dict:
     family = family_of(model)
     row: dict[str, Any] = {"method": config.label, "name": config.name,
                            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in config.kwargs.items()}}
-    options = {"layout": config.layout} if config.layout and family == "llava_next" else {}
+    options = {"layout": config.layout} if config.layout and family in ANYRES else {}
     # the reference finds each kept row by its rotary row, so every method runs with original positions
     # (renumbering them is one cumsum per call: the same bookkeeping cost)
     options["positions"] = "original"
@@ -559,7 +564,7 @@ def prepare_config(model, inputs: dict, config: Config) -> Slot | dict:
         return {**row, "status": "error", "error": f"{type(e).__name__}: {e}"}
     kind = _stage_kind(method)
     row.update(status="ok", kind=kind, describe=method.describe(),
-               layout=(options.get("layout") or method.default_layout) if family == "llava_next" else None,
+               layout=(options.get("layout") or method.default_layout) if family in ANYRES else None,
                llm_layers=list(cap.stages), tokens=cap.tokens, target_ms=TARGET_MS[kind])
     with torch.no_grad():
         ref_logits = reference_llm(model, cap, logits_to_keep=0)
@@ -660,20 +665,26 @@ def unavoidable_work(model, inputs: dict, repeats: int) -> dict:
 
     family = family_of(model)
     inner = model.model
-    if family in ("qwen2_5_vl", "qwen3_vl"):
+    if family in QWEN:
         name = "get_rope_index(full sequence)"
         fn = lambda: inner.get_rope_index(inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
                                           image_grid_thw=inputs["image_grid_thw"],
                                           attention_mask=inputs["attention_mask"])
-    elif family == "llava_next":
+    elif family in ANYRES:
         name = "pack_image_features(projected crops)"
         pixels = _vision_pixels(model, family, inputs)["pixel_values"]
+        cfg = model.config
         with torch.no_grad():
             tower = inner.vision_tower(pixels, output_hidden_states=True, return_dict=True)
-            feats = inner.multi_modal_projector(tower.hidden_states[model.config.vision_feature_layer][:, 1:])
-        fn = lambda: inner.pack_image_features([feats], inputs["image_sizes"],
-                                               model.config.vision_feature_select_strategy,
-                                               image_newline=inner.image_newline)
+            hidden = tower.hidden_states[cfg.vision_feature_layer]
+            feats = inner.multi_modal_projector(hidden[:, 1:] if cfg.vision_feature_select_strategy == "default"
+                                                else hidden)
+        if family == "llava_next":
+            fn = lambda: inner.pack_image_features([feats], inputs["image_sizes"], cfg.vision_feature_select_strategy,
+                                                   image_newline=inner.image_newline)
+        else:  # OneVision: no select strategy, its own down-sampling rule
+            fn = lambda: inner.pack_image_features([feats], inputs["image_sizes"], image_newline=inner.image_newline,
+                                                   vision_aspect_ratio=cfg.vision_aspect_ratio)
     else:
         return {}
     times = []
@@ -930,7 +941,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--families", default=",".join(FAMILIES), help="tiny families (default: all four)")
+    p.add_argument("--families", default=",".join(FAMILIES), help="tiny families (default: all)")
     p.add_argument("--preset", action="append", default=None,
                    help="a preset's full-width architecture instead of the tiny models (repeatable), with --num-layers")
     p.add_argument("--num-layers", type=int, default=2, help="decoder and vision-tower depth of --preset models (default 2)")
