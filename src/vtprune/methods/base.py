@@ -367,6 +367,16 @@ class ImageContext:
         return self._lazy.get("keys", "the vision tower's keys at the feature layer")
 
     @property
+    def register_features(self) -> torch.Tensor:
+        """(R, D) the feature layer's test-time register tokens of every crop (CLIP-style towers)."""
+        return self._lazy.get("register_features", "register features (no register in this tower)")
+
+    @property
+    def cls_features(self) -> torch.Tensor:
+        """(crops, D) the feature layer's [CLS] token of every crop (CLIP-style towers)."""
+        return self._lazy.get("cls_features", "the [CLS] token's features")
+
+    @property
     def text_embeddings(self) -> torch.Tensor:
         return self._lazy.get("text_embeddings", "text embeddings of the instruction")
 

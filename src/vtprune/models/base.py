@@ -7,9 +7,11 @@ for, builds original position ids (1-D or M-RoPE), and names the decoder layers.
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
+import numpy as np
 import torch
 
 from ..attention import record_attention
@@ -113,10 +115,9 @@ class Adapter:
                           what: str) -> list[list[tuple[int, int]]]:
         """Per sample, the (start, end) column ranges of the runs of ``token_id``, cut into items of
         ``expected`` placeholders each (in order over the batch); checks the counts."""
-        is_item = (input_ids == token_id).to(torch.int8)
-        edges = torch.diff(torch.nn.functional.pad(is_item, (1, 1)), dim=1)  # +1 where a run starts, -1 after it
-        starts, ends = torch.nonzero(edges > 0), torch.nonzero(edges < 0)
-        runs = torch.cat([starts, ends[:, 1:]], dim=1).tolist()  # sync: where the images are (once per call)
+        is_item = (input_ids == token_id).cpu().numpy().view(np.int8)  # sync: where the images are (once per call)
+        edges = np.diff(is_item, axis=1, prepend=0, append=0)  # +1 where a run starts, -1 after it (host: numpy)
+        runs = np.concatenate([np.argwhere(edges > 0), np.argwhere(edges < 0)[:, 1:]], axis=1).tolist()
         spans: list[list[tuple[int, int]]] = [[] for _ in range(input_ids.shape[0])]
         k = 0
         for b, col, end in runs:  # (sample, first column, column after the run), in order
@@ -144,8 +145,12 @@ class Adapter:
     def check_prefill_inputs(self, input_ids: torch.Tensor, image_inputs: dict, user_positions) -> None:
         """Refuse, before anything runs, inputs on which a pruned run could not equal the plain model."""
 
+    @functools.cached_property
+    def _first_parameter(self) -> torch.nn.Parameter:  # the same object after model.to(...): its device follows
+        return next(self.model.parameters())
+
     def check_inputs(self, pixel_values: torch.Tensor) -> None:
-        param = next(self.model.parameters())
+        param = self._first_parameter
         if pixel_values.device != param.device:
             raise InputError(
                 f"pixel_values are on {pixel_values.device} but the model is on {param.device}; "

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -19,6 +20,10 @@ from .stages import (ClipTowerShape, append_extras, clip_context, feature_index,
 
 class LlavaAdapter(Adapter):
     family = "llava"
+
+    def __init__(self, model, layout: str = "model"):
+        super().__init__(model, layout)
+        self.unit_cells = functools.lru_cache(maxsize=8)(self.unit_cells)  # per adapter: no model kept alive
 
     # -- vision tower structure ---------------------------------------------------------------
     @property
@@ -38,12 +43,14 @@ class LlavaAdapter(Adapter):
         tower = self.vision_tower
         return getattr(tower, "vision_model", tower).encoder.layers
 
-    @property
+    # the tower's structure is read from the config once per apply(): a transformers config attribute
+    # costs microseconds, and the prefill path reads these many times per call
+    @functools.cached_property
     def grid_side(self) -> int:
         vc = self.config.vision_config
         return vc.image_size // vc.patch_size
 
-    @property
+    @functools.cached_property
     def feature_layer(self) -> int:
         layer = self.config.vision_feature_layer
         if not isinstance(layer, int):
@@ -53,7 +60,7 @@ class LlavaAdapter(Adapter):
             )
         return layer
 
-    @property
+    @functools.cached_property
     def drops_cls(self) -> bool:
         return self.config.vision_feature_select_strategy == "default"
 
@@ -74,7 +81,7 @@ class LlavaAdapter(Adapter):
         return [n] * self.num_images(inputs)
 
     # -- vision side ----------------------------------------------------------------------------
-    @property
+    @functools.cached_property
     def tower_shape(self) -> ClipTowerShape:
         layers = len(self.vision_blocks)
         return ClipTowerShape(num_layers=layers, feature_index=feature_index(self.feature_layer, layers),
@@ -109,12 +116,18 @@ class LlavaAdapter(Adapter):
             keep, embeds, info = select_and_project(ctx, method, self.project, timer=timer, instruction=instructions[i])
             embeds = append_extras(embeds, ctx, method, self.project)
             n = ctx.num_tokens
-            keep_units = torch.cat([keep, torch.arange(n, n + extra_units, device=keep.device)])
-            cells = torch.stack([torch.zeros(n, dtype=torch.long), torch.arange(n) // side, torch.arange(n) % side], 1)
-            cells = torch.cat([cells, torch.full((extra_units, 3), -1)])
-            images.append(EncodedImage(embeds=embeds, keep=keep_units, n_units=n, n_extra=extra_units, candidates=n,
-                                       protected=torch.arange(n, n + extra_units), info=info, unit_cells=cells))
+            cells, extras = self.unit_cells(n, side, extra_units)
+            images.append(EncodedImage(embeds=embeds, keep=torch.cat([keep, extras.to(keep.device)]), n_units=n,
+                                       n_extra=extra_units, candidates=n, protected=extras, info=info,
+                                       unit_cells=cells))
         return images
+
+    def unit_cells(self, n: int, side: int, extra_units: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (crop, row, col) of each unit of one ``side``×``side`` crop followed by ``extra_units``
+        registers / [CLS] (-1), and the extras' unit indices; made once per shape (read-only)."""
+        patch = torch.arange(n)
+        cells = torch.stack([torch.zeros(n, dtype=torch.long), patch // side, patch % side], 1)
+        return torch.cat([cells, torch.full((extra_units, 3), -1)]), torch.arange(n, n + extra_units)
 
 
 @dataclass

@@ -150,10 +150,10 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         }
         if extra:
             providers["register_received_attention"] = lambda: ctx.register_received_attention
+            providers["register_features"] = lambda: ctx.register_features
         pooled = ImageContext(features=self.pool(per_frame).flatten(0, 1), grids=[(side, side)] * frames,
                               crop_slices=[slice(f * cells, (f + 1) * cells) for f in range(frames)],
                               family=self.family, image_index=v, extra=extra, providers=providers)
-        pooled.register_features, pooled.cls_features = ctx.register_features, ctx.cls_features
         keep, embeds, info = select_and_project(pooled, method, self.project, timer=timer, instruction=instruction,
                                                 projected=pooled_embeds)
         newline_embed = self.model.model.image_newline.to(embeds.dtype)[None]

@@ -79,16 +79,25 @@ def clip_context(tower: TowerReadout, shape: ClipTowerShape, crops: list[int],
                  cols: list[torch.Tensor] | None = None, *, family: str, image_index: int, extra: int,
                  grids) -> ImageContext:
     """The ImageContext of one image over tower crops ``crops`` (patch columns ``cols`` of each, all by
-    default). ``extra``: test-time registers appended after each crop's patches. The context carries
-    ``register_features`` and ``cls_features`` (feature-layer rows) for :func:`append_extras`."""
+    default). ``extra``: test-time registers appended after each crop's patches. The context provides
+    ``register_features`` and ``cls_features`` (feature-layer rows) for :func:`append_extras`.
+
+    Everything but the candidates' features is computed when a method first asks for it; with all
+    columns (``cols`` None) the candidates are slices of the tower's states, not gathers."""
     first = shape.patch_offset if shape.drops_cls else 0  # the first feature the LLM sees
     at, n, block = shape.patch_offset, shape.patches, shape.feature_block  # at: tower position of patch 0
     feature = tower.hidden_state(shape.feature_index)
-    cols = cols or [torch.arange(n, device=feature.device)] * len(crops)
-    reg_cols = torch.arange(at + n, at + n + extra, device=feature.device)
+    reg_cols = slice(at + n, at + n + extra)
+
+    def columns(offset: int) -> list:  # per crop, the tower positions of its candidates
+        return [slice(offset, offset + n)] * len(crops) if cols is None else [offset + c for c in cols]
+
+    def gather(rows_of: Callable[[int], torch.Tensor], offset: int) -> torch.Tensor:  # candidates' rows, all crops
+        parts = [rows_of(r)[c] for r, c in zip(crops, columns(offset))]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def cls_attention():  # the candidates of every crop, then each crop's register columns
-        parts = [tower.attention_rows(block, r, [0])[:, 0, at + c] for r, c in zip(crops, cols)]
+        parts = [tower.attention_rows(block, r, [0])[:, 0, c] for r, c in zip(crops, columns(at))]
         parts += [tower.attention_rows(block, r, [0])[:, 0, reg_cols] for r in crops] if extra else []
         return torch.cat(parts, dim=-1)
 
@@ -97,24 +106,24 @@ def clip_context(tower: TowerReadout, shape: ClipTowerShape, crops: list[int],
 
     def hidden(layer: int) -> torch.Tensor:
         states = tower.hidden_state(layer + 1 if layer >= 0 else shape.num_layers + 1 + layer)
-        return torch.cat([states[r, first + c] for r, c in zip(crops, cols)])
+        return gather(lambda r: states[r], first)
 
     providers = {
-        "received_attention": lambda: torch.cat([received(r)[at + c] for r, c in zip(crops, cols)]),
-        "keys": lambda: torch.cat([tower.keys(block, r)[:, first + c] for r, c in zip(crops, cols)], dim=1),
+        "received_attention": lambda: gather(received, at),
+        "keys": lambda: gather(lambda r: tower.keys(block, r).transpose(0, 1), first).transpose(0, 1),
         "register_received_attention": lambda: torch.cat([received(r)[reg_cols] for r in crops]),
         "hidden": hidden,
         "vision_attention": lambda layer: torch.stack([tower.attention_rows(layer % shape.num_layers, r)
                                                        for r in crops]),
+        "register_features": lambda: feature[crops][:, reg_cols].reshape(-1, feature.shape[-1]),
+        "cls_features": lambda: feature[crops][:, 0],  # (crops, D): forwarded by methods with ``forwards_cls``
     }
     if shape.drops_cls:
         providers["cls_attention"] = cls_attention
-    ctx = ImageContext(features=torch.cat([feature[r, first + c] for r, c in zip(crops, cols)]),
-                       grids=list(grids), crop_slices=crop_slices([len(c) for c in cols]), family=family,
-                       image_index=image_index, extra=extra, providers=providers)
-    ctx.register_features = feature[crops][:, at + n:at + n + extra].reshape(-1, feature.shape[-1])
-    ctx.cls_features = feature[crops][:, 0]  # (crops, D): forwarded by methods with ``forwards_cls``
-    return ctx
+    sizes = [n] * len(crops) if cols is None else [len(c) for c in cols]
+    return ImageContext(features=gather(lambda r: feature[r], first), grids=list(grids),
+                        crop_slices=crop_slices(sizes), family=family, image_index=image_index, extra=extra,
+                        providers=providers)
 
 
 def crop_slices(sizes: list[int]) -> list[slice]:
