@@ -15,7 +15,7 @@ import torch
 from tiny_models import model_of
 from vtprune.errors import InputError
 from vtprune.methods.base import ImageContext, Selection, Stage
-from vtprune.models.llava_next import candidate_columns, layout_units, unit_table
+from vtprune.models.llava_next import layout_units, unit_plan, unit_table
 from vtprune.models.stages import run_selection, select_and_project
 
 #: (height, width): square, wide, tall, tiny, odd sizes beyond the pinpoints (the tiny model's crops are 28 px)
@@ -76,14 +76,17 @@ def test_onevision_unit_table_is_the_models_packing(size, aspect):
 
 def test_layout_units_puts_kept_patches_and_newlines_in_layout_order():
     table = torch.tensor([0, 1, 2, 3, 5, 4, -1, 7, 6, -1])  # 2 crops of 4 patches, a permuted second crop
-    present, cols = candidate_columns(table, 2, 4)
-    assert present.tolist() == [0, 1, 2, 3, 4, 5, 6, 7]
-    assert [c.tolist() for c in cols] == [[0, 1, 2, 3], [0, 1, 2, 3]]
+    plan = unit_plan(table, 2, 4)
+    assert plan.present.tolist() == [0, 1, 2, 3, 4, 5, 6, 7]
+    assert [c.tolist() for c in plan.cols] == [[0, 1, 2, 3], [0, 1, 2, 3]]
+    assert plan.candidate_unit.tolist() == [0, 1, 2, 3, 5, 4, 8, 7] and plan.newline_unit.tolist() == [6, 9]
     keep = torch.tensor([1, 4, 6])  # patches 1, 4 and 6
     embeds = torch.tensor([[1.0], [4.0], [6.0]])
-    units, ordered = layout_units(table, present, keep, embeds, torch.tensor([-1.0]))
+    units, ordered = layout_units(plan, keep, embeds, torch.tensor([-1.0]))
     assert units.tolist() == [1, 5, 6, 8, 9]  # patch 1, patch 4, newline, patch 6, newline
     assert ordered[:, 0].tolist() == [1.0, 4.0, -1.0, 6.0, -1.0]
+    units, ordered = layout_units(plan, torch.tensor([5, 7]), torch.tensor([[5.0], [7.0]]), torch.tensor([-1.0]))
+    assert units.tolist() == [4, 6, 7, 9] and ordered[:, 0].tolist() == [5.0, -1.0, 7.0, -1.0]
 
 
 # -- selection checks --------------------------------------------------------------------------------

@@ -115,8 +115,9 @@ class Adapter:
                           what: str) -> list[list[tuple[int, int]]]:
         """Per sample, the (start, end) column ranges of the runs of ``token_id``, cut into items of
         ``expected`` placeholders each (in order over the batch); checks the counts."""
-        is_item = (input_ids == token_id).cpu().numpy().view(np.int8)  # sync: where the images are (once per call)
-        edges = np.diff(is_item, axis=1, prepend=0, append=0)  # +1 where a run starts, -1 after it (host: numpy)
+        is_item = np.zeros((input_ids.shape[0], input_ids.shape[1] + 2), dtype=np.int8)  # host: numpy, 0-padded
+        is_item[:, 1:-1] = (input_ids == token_id).cpu().numpy()  # sync: where the images are (once per call)
+        edges = is_item[:, 1:] - is_item[:, :-1]  # +1 where a run starts, -1 after it
         runs = np.concatenate([np.argwhere(edges > 0), np.argwhere(edges < 0)[:, 1:]], axis=1).tolist()
         spans: list[list[tuple[int, int]]] = [[] for _ in range(input_ids.shape[0])]
         k = 0

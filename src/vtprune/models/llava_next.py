@@ -9,6 +9,7 @@ Two layouts of an image's tokens in the LLM:
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 
@@ -26,8 +27,9 @@ class LlavaNextAdapter(LlavaAdapter):
         if layout not in ("model", "flat"):
             raise InputError(f"layout must be 'model' or 'flat', got {layout!r}.")
         super().__init__(model, layout)
-        # one unit table per image size, made once per apply() (read-only: callers never modify it)
+        # one unit table and plan per image size, made once per apply() (read-only: callers never modify them)
         self.unit_table = functools.lru_cache(maxsize=64)(self.unit_table)
+        self.image_plan = functools.lru_cache(maxsize=64)(self.image_plan)
 
     def crops_per_image(self, inputs: dict) -> list[int]:
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
@@ -56,29 +58,33 @@ class LlavaNextAdapter(LlavaAdapter):
         tower = self.run_tower(flat_pixels, method)
         extra = method.extra_tokens if method is not None else 0
         extra_units = extra + forwarded_cls(method)  # per crop: registers, then the forwarded [CLS]
-        side, n = self.grid_side, self.grid_side ** 2
+        side = self.grid_side
         images, first = [], 0
-        for i, c in enumerate(crops):
+        for i, (size, c) in enumerate(zip(inputs["image_sizes"].tolist(), crops)):
             rows = list(range(first, first + c))
             first += c
-            table = self.unit_table(tuple(inputs["image_sizes"][i].tolist()), c)
-            if self.layout == "flat":
-                table = torch.arange(c * n)
-            present, cols = candidate_columns(table, c, n)
-            ctx = self.crop_context(tower, rows, i, extra, [(side, side)] * c, keep_cols=cols)
+            plan, cells, extras = self.image_plan(tuple(size), c, extra_units)
+            ctx = self.crop_context(tower, rows, i, extra, [(side, side)] * c, keep_cols=plan.cols)
             keep, embeds, info = select_and_project(ctx, method, self.project, timer=timer, instruction=instructions[i])
-            keep_units, ordered = layout_units(table, present, keep, embeds, self.model.model.image_newline)
-            n_units = len(table)
-            extras = torch.arange(n_units, n_units + c * extra_units)  # registers / [CLS] of every crop
-            keep_units = torch.cat([keep_units, extras])
+            keep_units, ordered = layout_units(plan, keep, embeds, self.model.model.image_newline)
             ordered = append_extras(ordered, ctx, method, self.project)
-            cells = torch.stack([table.clamp(min=0) // n, (table.clamp(min=0) % n) // side, table.clamp(min=0) % side], 1)
-            cells[table < 0] = -1
-            cells = torch.cat([cells, torch.full((c * extra_units, 3), -1)])
-            images.append(EncodedImage(embeds=ordered, keep=keep_units, n_units=n_units, n_extra=c * extra_units,
-                                       candidates=len(present), protected=extras,
+            images.append(EncodedImage(embeds=ordered, keep=torch.cat([keep_units, extras]), n_units=len(plan.table),
+                                       n_extra=len(extras), candidates=len(plan.present), protected=extras,
                                        info=info, unit_cells=cells))
         return images
+
+    def image_plan(self, image_size: tuple[int, int], crops: int,
+                   extra_units: int) -> tuple[UnitPlan, torch.Tensor, torch.Tensor]:
+        """An image size's unit plan in this adapter's layout, the (crop, row, col) of every unit
+        followed by ``extra_units`` per crop (-1), and those extras' unit indices."""
+        n, side = self.grid_side ** 2, self.grid_side
+        table = torch.arange(crops * n) if self.layout == "flat" else self.unit_table(image_size, crops)
+        plan = unit_plan(table, crops, n)
+        patch = table.clamp(min=0)
+        cells = torch.stack([patch // n, (patch % n) // side, patch % side], 1)
+        cells[table < 0] = -1
+        extras = torch.arange(len(table), len(table) + crops * extra_units)  # registers / [CLS] of every crop
+        return plan, torch.cat([cells, torch.full((len(extras), 3), -1)]), extras
 
 
 # -- the model layout, shared with the vLLM variant ------------------------------------------------
@@ -115,20 +121,39 @@ def candidate_columns(table: torch.Tensor, crops: int, patches: int) -> tuple[to
     return present, cols
 
 
-def layout_units(table: torch.Tensor, present: torch.Tensor, keep: torch.Tensor, embeds: torch.Tensor,
+@dataclass(frozen=True)
+class UnitPlan:
+    """One image size's layout, on the host (read-only; made once per size).
+
+    table             per unit: the crop-major patch id it shows, or -1 for a newline token
+    present, cols     the candidates (patch ids present, ascending) and each crop's patch columns
+    candidate_unit    the unit showing each candidate
+    newline_unit      the units of the newline tokens"""
+
+    table: torch.Tensor
+    present: torch.Tensor
+    cols: list[torch.Tensor]
+    candidate_unit: torch.Tensor
+    newline_unit: torch.Tensor
+
+
+def unit_plan(table: torch.Tensor, crops: int, patches: int) -> UnitPlan:
+    present, cols = candidate_columns(table, crops, patches)
+    by_id = torch.argsort(table)  # the newline units (-1) first, then the units of ``present`` in its order
+    newlines = len(table) - len(present)
+    return UnitPlan(table=table, present=present, cols=cols, candidate_unit=by_id[newlines:],
+                    newline_unit=torch.sort(by_id[:newlines]).values)
+
+
+def layout_units(plan: UnitPlan, keep: torch.Tensor, embeds: torch.Tensor,
                  newline: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The kept units in the layout's order (newline tokens always kept, patches where ``keep`` — indices
-    into ``present`` — holds them) and their LLM inputs: the newline parameter or the kept patches' rows
-    of ``embeds``."""
-    kept_patches = present[keep.cpu()]  # sync: the unit table lives on the CPU
-    keep_units = torch.nonzero((table < 0) | torch.isin(table, kept_patches)).flatten()
-    rank = torch.full((int(table.max()) + 1,), -1, dtype=torch.long)  # table: on the CPU
-    rank[kept_patches] = torch.arange(len(kept_patches))
-    kept_table = table[keep_units]
-    gather = rank[kept_table.clamp(min=0)].clamp(min=0).to(embeds.device)
-    is_newline = (kept_table < 0).to(embeds.device).unsqueeze(1)
-    ordered = torch.where(is_newline, newline.to(embeds.dtype).expand(len(kept_table), -1), embeds[gather])
-    return keep_units, ordered
+    """The kept units in the layout's order (newline tokens always kept, candidates where ``keep`` —
+    ascending indices into ``plan.present`` — holds them) and their LLM inputs: the kept candidates'
+    rows of ``embeds`` (in ``keep`` order) or the newline parameter."""
+    units = torch.cat([plan.candidate_unit[keep.cpu()], plan.newline_unit])  # sync: the plan lives on the CPU
+    keep_units, order = torch.sort(units)
+    rows = torch.cat([embeds, newline.to(embeds.dtype).expand(len(plan.newline_unit), -1)])
+    return keep_units, rows[order.to(embeds.device)]
 
 
 # -- tiny test model ------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from vllm.model_executor.models.llava_next import (LlavaNextForConditionalGenera
                                                    LlavaNextMultiModalProcessor, LlavaNextProcessingInfo)
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from ..models.llava_next import candidate_columns, layout_units, unit_table
+from ..models.llava_next import candidate_columns, layout_units, unit_plan, unit_table
 from ..models.stages import append_extras
 from .vllm_llava import ClipLlavaPruneMixin
 from .vllm_plugin import (SPEC_FIELD, Host, ImageSlot, PlaceholderCountMixin, PruneSpec, attach_positions,
@@ -89,15 +89,15 @@ class AnyresPruneMixin:
         layouts = []
         for s in sizes:
             table, crops = unit_table_of(self.config, s)
-            present, cols = candidate_columns(table, crops, n)
-            layouts.append((table, crops, present, cols))
-        per_image = [p[:crops] for p, (_, crops, _, _) in zip(pixel_values, layouts)]
+            layouts.append((crops, unit_plan(table, crops, n)))
+        per_image = [p[:crops] for p, (crops, _) in zip(pixel_values, layouts)]
         chosen, placement = self.vtprune_tower_runs(spec_field, [len(p) for p in per_image], torch.cat(per_image))
         out = []
-        for (table, crops, present, cols), (method, kept, _), (run, rows) in zip(layouts, chosen, placement):
+        for (crops, plan), (method, kept, _), (run, rows) in zip(layouts, chosen, placement):
             device = run.hidden_state(0).device
-            ctx, keep, embeds = self.vtprune_select(method, run, rows, [c.to(device) for c in cols])
-            keep_units, ordered = layout_units(table, present, keep, embeds, self.image_newline)
+            table = plan.table
+            ctx, keep, embeds = self.vtprune_select(method, run, rows, [c.to(device) for c in plan.cols])
+            keep_units, ordered = layout_units(plan, keep, embeds, self.image_newline)
             with_extras = append_extras(ordered, ctx, method, self.multi_modal_projector)  # per crop, at the last unit
             extras = len(with_extras) - len(ordered)
             if method is not None:
