@@ -45,7 +45,8 @@ class Selection:
     info: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.keep = torch.as_tensor(self.keep, dtype=torch.long).flatten()
+        if not (isinstance(self.keep, torch.Tensor) and self.keep.dtype == torch.long and self.keep.dim() == 1):
+            self.keep = torch.as_tensor(self.keep, dtype=torch.long).flatten()
         if self.values is not None and self.values.shape[0] != self.keep.numel():
             raise ValueError(
                 f"Selection.values has {self.values.shape[0]} rows for {self.keep.numel()} kept tokens"
@@ -53,7 +54,8 @@ class Selection:
         if self.keep.numel() < 2:
             return
         if self.keep.device.type == "cpu":  # asking costs nothing here: sort only if needed, refuse duplicates
-            if bool((self.keep[1:] > self.keep[:-1]).all()):  # cpu only: no device to wait for
+            host = self.keep.numpy()  # cpu only: a view, no device to wait for (numpy: cheaper on small arrays)
+            if (host[1:] > host[:-1]).all():
                 return
             if torch.unique(self.keep).numel() != self.keep.numel():  # cpu only: no device to wait for
                 raise ValueError("Selection.keep holds duplicate indices")

@@ -118,7 +118,8 @@ class Adapter:
         is_item = np.zeros((input_ids.shape[0], input_ids.shape[1] + 2), dtype=np.int8)  # host: numpy, 0-padded
         is_item[:, 1:-1] = (input_ids == token_id).cpu().numpy()  # sync: where the images are (once per call)
         edges = is_item[:, 1:] - is_item[:, :-1]  # +1 where a run starts, -1 after it
-        runs = np.concatenate([np.argwhere(edges > 0), np.argwhere(edges < 0)[:, 1:]], axis=1).tolist()
+        samples, starts = np.nonzero(edges == 1)
+        runs = zip(samples.tolist(), starts.tolist(), np.nonzero(edges == -1)[1].tolist())
         spans: list[list[tuple[int, int]]] = [[] for _ in range(input_ids.shape[0])]
         k = 0
         for b, col, end in runs:  # (sample, first column, column after the run), in order
