@@ -30,14 +30,18 @@ class LlavaNextAdapter(LlavaAdapter):
         # one unit table and plan per image size, made once per apply() (read-only: callers never modify them)
         self.unit_table = functools.lru_cache(maxsize=64)(self.unit_table)
         self.image_plan = functools.lru_cache(maxsize=64)(self.image_plan)
+        self.crops_of_size = functools.lru_cache(maxsize=64)(self.crops_of_size)
 
     def crops_per_image(self, inputs: dict) -> list[int]:
-        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
-
         if inputs.get("image_sizes") is None:
             raise InputError("LLaVA-NeXT needs image_sizes; pass the processor's output unchanged.")
-        return [image_size_to_num_patches(tuple(s), self.config.image_grid_pinpoints, self.config.vision_config.image_size)
-                for s in inputs["image_sizes"].tolist()]
+        return [self.crops_of_size(tuple(s)) for s in inputs["image_sizes"].tolist()]
+
+    def crops_of_size(self, image_size: tuple[int, int]) -> int:
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        return image_size_to_num_patches(image_size, self.config.image_grid_pinpoints,
+                                         self.config.vision_config.image_size)
 
     def num_images(self, inputs: dict) -> int:
         return inputs["pixel_values"].shape[0]

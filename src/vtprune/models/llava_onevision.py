@@ -56,9 +56,13 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     def num_images(self, inputs: dict) -> int:
         return 0 if inputs.get("pixel_values") is None else inputs["pixel_values"].shape[0]
 
-    def crops_per_image(self, inputs: dict) -> list[int]:
+    def crops_of_size(self, image_size: tuple[int, int]) -> int:
         from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
 
+        return image_size_to_num_patches(image_size, self.config.image_grid_pinpoints,
+                                         self.config.vision_config.image_size)
+
+    def crops_per_image(self, inputs: dict) -> list[int]:
         if inputs.get("pixel_values") is None:
             return []
         if inputs.get("image_sizes") is None:
@@ -67,8 +71,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         sizes = inputs["image_sizes"].tolist()
         # like the model: images of a multi-image sample are seen as their base view only
         single = [True] * len(sizes) if per_sample is None else [int(n) == 1 for n in per_sample for _ in range(int(n))]
-        return [image_size_to_num_patches(tuple(s), self.config.image_grid_pinpoints, self.config.vision_config.image_size)
-                if one else 1 for s, one in zip(sizes, single)]
+        return [self.crops_of_size(tuple(s)) if one else 1 for s, one in zip(sizes, single)]
 
     def unit_table(self, image_size, crops: int) -> torch.Tensor:
         """For each unit of the model layout: the crop-major patch id it shows, or -1 (newline).
