@@ -35,6 +35,16 @@ def family_of(model) -> str:
     return family_of_model(model).name
 
 
+TEXT, CANDIDATE, REGISTER, NEWLINE = range(4)  # what a unit / a column of the compact sequence holds
+
+
+def unit_kind_table(newline: torch.Tensor, extras: int) -> torch.Tensor:
+    """Per unit of an image (``newline``: which of its ``n_units`` are newline tokens), then per extra
+    unit (registers, forwarded [CLS]): NEWLINE, CANDIDATE or REGISTER."""
+    kinds = torch.where(newline, NEWLINE, CANDIDATE)
+    return torch.cat([kinds, torch.full((extras,), REGISTER, dtype=kinds.dtype)])
+
+
 @dataclass
 class EncodedImage:
     """One image after the vision side and any vision/projected pruning.
@@ -58,6 +68,7 @@ class EncodedImage:
     deepstack: list[torch.Tensor] | None = None
     info: dict[str, Any] = field(default_factory=dict)
     unit_cells: torch.Tensor | None = None  # (n_units+n_extra, 3): crop, row, col of each unit (-1 = none)
+    unit_kind: torch.Tensor | None = None  # (n_units+n_extra,) on the host, ``unit_kind_table``; else derived
     modality: str = "image"  # "video": frames of one video (LLaVA-OneVision)
 
 

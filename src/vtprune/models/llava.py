@@ -12,7 +12,7 @@ from ..attention import AttentionRecorder
 from ..errors import InputError, UnsupportedModelError
 from ..methods.base import ImageContext, Method
 from ..occamtoken.towers import RegisterTower, first_param, redirect_activations
-from .base import Adapter, EncodedImage
+from .base import Adapter, EncodedImage, unit_kind_table
 from .families import Family, FlopsInfo, TinySpec, register_family
 from .stages import (ClipTowerShape, append_extras, clip_context, feature_index, forwarded_cls, select_and_project,
                      watched_blocks)
@@ -116,18 +116,20 @@ class LlavaAdapter(Adapter):
             keep, embeds, info = select_and_project(ctx, method, self.project, timer=timer, instruction=instructions[i])
             embeds = append_extras(embeds, ctx, method, self.project)
             n = ctx.num_tokens
-            cells, extras = self.unit_cells(n, side, extra_units)
+            cells, extras, kinds = self.unit_cells(n, side, extra_units)
             images.append(EncodedImage(embeds=embeds, keep=torch.cat([keep, extras.to(keep.device)]), n_units=n,
                                        n_extra=extra_units, candidates=n, protected=extras, info=info,
-                                       unit_cells=cells))
+                                       unit_cells=cells, unit_kind=kinds))
         return images
 
-    def unit_cells(self, n: int, side: int, extra_units: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def unit_cells(self, n: int, side: int, extra_units: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The (crop, row, col) of each unit of one ``side``×``side`` crop followed by ``extra_units``
-        registers / [CLS] (-1), and the extras' unit indices; made once per shape (read-only)."""
+        registers / [CLS] (-1), the extras' unit indices and every unit's kind; made once per shape
+        (read-only)."""
         patch = torch.arange(n)
         cells = torch.stack([torch.zeros(n, dtype=torch.long), patch // side, patch % side], 1)
-        return torch.cat([cells, torch.full((extra_units, 3), -1)]), torch.arange(n, n + extra_units)
+        return (torch.cat([cells, torch.full((extra_units, 3), -1)]), torch.arange(n, n + extra_units),
+                unit_kind_table(torch.zeros(n, dtype=torch.bool), extra_units))
 
 
 @dataclass

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import InputError
-from .base import EncodedImage
+from .base import EncodedImage, unit_kind_table
 from .families import Family, FlopsInfo, TinySpec, register_family
 from .llava import CLIP_VISION_CLASSES, ClipTower, LlavaAdapter, clip_vision, llama_text
 from .stages import append_extras, forwarded_cls, select_and_project
@@ -67,20 +67,20 @@ class LlavaNextAdapter(LlavaAdapter):
         for i, (size, c) in enumerate(zip(inputs["image_sizes"].tolist(), crops)):
             rows = list(range(first, first + c))
             first += c
-            plan, cells, extras = self.image_plan(tuple(size), c, extra_units)
+            plan, cells, extras, kinds = self.image_plan(tuple(size), c, extra_units)
             ctx = self.crop_context(tower, rows, i, extra, [(side, side)] * c, keep_cols=plan.cols)
             keep, embeds, info = select_and_project(ctx, method, self.project, timer=timer, instruction=instructions[i])
             keep_units, ordered = layout_units(plan, keep, embeds, self.model.model.image_newline)
             ordered = append_extras(ordered, ctx, method, self.project)
             images.append(EncodedImage(embeds=ordered, keep=torch.cat([keep_units, extras]), n_units=len(plan.table),
                                        n_extra=len(extras), candidates=len(plan.present), protected=extras,
-                                       info=info, unit_cells=cells))
+                                       info=info, unit_cells=cells, unit_kind=kinds))
         return images
 
     def image_plan(self, image_size: tuple[int, int], crops: int,
-                   extra_units: int) -> tuple[UnitPlan, torch.Tensor, torch.Tensor]:
+                   extra_units: int) -> tuple[UnitPlan, torch.Tensor, torch.Tensor, torch.Tensor]:
         """An image size's unit plan in this adapter's layout, the (crop, row, col) of every unit
-        followed by ``extra_units`` per crop (-1), and those extras' unit indices."""
+        followed by ``extra_units`` per crop (-1), those extras' unit indices and every unit's kind."""
         n, side = self.grid_side ** 2, self.grid_side
         table = torch.arange(crops * n) if self.layout == "flat" else self.unit_table(image_size, crops)
         plan = unit_plan(table, crops, n)
@@ -88,7 +88,8 @@ class LlavaNextAdapter(LlavaAdapter):
         cells = torch.stack([patch // n, (patch % n) // side, patch % side], 1)
         cells[table < 0] = -1
         extras = torch.arange(len(table), len(table) + crops * extra_units)  # registers / [CLS] of every crop
-        return plan, torch.cat([cells, torch.full((len(extras), 3), -1)]), extras
+        return (plan, torch.cat([cells, torch.full((len(extras), 3), -1)]), extras,
+                unit_kind_table(table < 0, len(extras)))
 
 
 # -- the model layout, shared with the vLLM variant ------------------------------------------------

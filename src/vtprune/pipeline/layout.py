@@ -6,9 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..models.base import EncodedImage
-
-TEXT, CANDIDATE, REGISTER, NEWLINE = range(4)  # what a column of the compact sequence holds
+from ..models.base import CANDIDATE, NEWLINE, REGISTER, TEXT, EncodedImage
 
 
 @dataclass
@@ -92,6 +90,8 @@ def newline_units(im: EncodedImage) -> int:
 
 def unit_kinds(im: EncodedImage, keep: torch.Tensor) -> torch.Tensor:
     """Per kept unit (``keep``: CPU indices into the image's units): candidate, register or newline."""
+    if im.unit_kind is not None:
+        return im.unit_kind[keep]
     kinds = torch.full_like(keep, CANDIDATE)
     if im.unit_cells is not None and newline_units(im):
         inside = keep < im.n_units

@@ -164,7 +164,7 @@ def compact(call: PrefillCall, ids, mask, real, padded: bool, positions, span_un
         for start, n_units in units:
             im = images[k]
             k += 1
-            text = real_columns(real[b], cursor, start, padded)
+            text = real_columns(real[b] if padded else None, cursor, start, padded)
             keep = im.keep.cpu()  # sync: the units the method kept (one per image)
             kinds = unit_kinds(im, keep)
             newline_counts.append(int((kinds == NEWLINE).sum()) if newline_units(im) else 0)  # CPU: no sync
@@ -173,7 +173,7 @@ def compact(call: PrefillCall, ids, mask, real, padded: bool, positions, span_un
             length += len(text) + len(keep)
             last_visual = length - 1 if len(keep) else last_visual
             cursor = start + n_units
-        cols.append(real_columns(real[b], cursor, ids.shape[1], padded))
+        cols.append(real_columns(real[b] if padded else None, cursor, ids.shape[1], padded))
         rows_cols.append(torch.cat(cols))
         samples.append(SampleUnits(length=len(rows_cols[-1]), images=placed, last_visual=last_visual))
     lengths = [len(c) for c in rows_cols]
