@@ -153,7 +153,8 @@ class Qwen25VLAdapter(Adapter):
                 for i, blk in enumerate(blocks):
                     handles.append(blk.register_forward_hook(lambda m, a, o, i=i: outputs.__setitem__(i, o)))
             patch = method.vision_tower_patch(self) if method is not None else None
-            with self.recording(watch) as recs, (patch if patch is not None else contextlib.nullcontext()):
+            recording = self.recording(watch) if watch else contextlib.nullcontext({})
+            with recording as recs, (patch if patch is not None else contextlib.nullcontext()):
                 out = self._visual(pixel_values.type(self._visual.dtype), grid_thw=grid, return_dict=True)
         finally:
             for h in handles:
@@ -175,7 +176,8 @@ class Qwen25VLAdapter(Adapter):
         for i, n in enumerate(counts):
             shift = i * extra  # the registers of earlier images precede this image in the tower
             tower_idx = order[first:first + n] + shift if shift else order[first:first + n]
-            register_idx = torch.arange(first + shift + n, first + shift + n + extra)
+            register_idx = self._cached(("registers", first + shift + n, extra),
+                                        lambda: torch.arange(first + shift + n, first + shift + n + extra))
             images.append(self._encode_one(i, n, extra, tower_idx, register_idx, first + shift, merged[i], out,
                                            recs, block_outputs, key[i], method, timer, instructions[i]))
             first += n
