@@ -26,21 +26,34 @@ class Qwen25VLAdapter(Adapter):
         "its M-RoPE positions are 3-D (time, row, column) and no official code renumbers them; the text after an "
         "image already starts right after the image's largest position")
 
+    def __init__(self, model, layout: str = "model"):
+        super().__init__(model, layout)
+        # read once: transformers' config attribute access is slow, and the pipeline asks on every call
+        self._visual = model.model.visual
+        self._merge = self.config.vision_config.spatial_merge_size
+        self._image_token_id = self.config.image_token_id
+        self._grid_memo: tuple[torch.Tensor, int, tuple] | None = None  # (grid tensor, its version, its key)
+        self._tables: dict[Any, Any] = {}  # per-grid constant tables, keyed on the grid values (and device)
+
+    @property
+    def image_token_id(self) -> int:
+        return self._image_token_id
+
     @property
     def visual(self):
-        return self.model.model.visual
+        return self._visual
 
     @property
     def vision_module(self):
-        return self.visual
+        return self._visual
 
     @property
     def vision_depth(self) -> int:
-        return len(self.visual.blocks)
+        return len(self._visual.blocks)
 
     @property
     def merge(self) -> int:
-        return self.config.vision_config.spatial_merge_size
+        return self._merge
 
     def grids(self, inputs) -> torch.Tensor:
         grid = inputs.get("image_grid_thw")
@@ -48,11 +61,28 @@ class Qwen25VLAdapter(Adapter):
             raise InputError("Qwen-VL models need image_grid_thw; pass the processor's output unchanged.")
         return grid
 
+    def grid_key(self, grid: torch.Tensor) -> tuple[tuple[int, int, int], ...]:
+        """The (t, h, w) of every image as Python ints, read once per grid tensor (transformers' tower
+        reads them too); the key of every per-grid table."""
+        memo = self._grid_memo
+        if memo is not None and memo[0] is grid and memo[1] == grid._version:
+            return memo[2]
+        key = tuple(tuple(row) for row in grid.tolist())  # sync: the image grids, read once per call
+        self._grid_memo = (grid, grid._version, key)  # holding the tensor keeps its id from being reused
+        return key
+
+    def _cached(self, key, make: Callable[[], Any]):
+        value = self._tables.get(key)
+        if value is None:
+            value = self._tables[key] = make()
+        return value
+
     def num_images(self, inputs: dict) -> int:
         return self.grids(inputs).shape[0]
 
     def expected_tokens(self, inputs: dict) -> list[int]:
-        return (self.grids(inputs).prod(-1) // self.merge ** 2).tolist()
+        m2 = self._merge ** 2
+        return [t * h * w // m2 for t, h, w in self.grid_key(self.grids(inputs))]
 
     def check_prefill_inputs(self, input_ids, image_inputs, user_positions):
         if user_positions is not None:
@@ -70,9 +100,16 @@ class Qwen25VLAdapter(Adapter):
             return user_positions if user_positions.dim() == 3 else user_positions.unsqueeze(0).expand(3, -1, -1)
         mm = inputs.get("mm_token_type_ids")
         if mm is None or mm.shape != input_ids.shape:
-            mm = (input_ids == self.image_token_id).int()
-        positions, deltas = self.model.model.get_rope_index(
-            input_ids, mm_token_type_ids=mm, image_grid_thw=self.grids(inputs), attention_mask=attention_mask)
+            mm = (input_ids == self._image_token_id).int()
+        grid = self.grids(inputs)
+        if any(inputs.get(k) is not None for k in ("pixel_values_videos", "video_grid_thw")) or grid.shape[0] == 0 \
+                or any(t != 1 for t, _, _ in self.grid_key(grid)):
+            positions, deltas = self.model.model.get_rope_index(  # videos, frames: the model's own (per-token) code
+                input_ids, mm_token_type_ids=mm, image_grid_thw=grid, attention_mask=attention_mask)
+        else:
+            table = self._cached(("rope", self.grid_key(grid), input_ids.device),
+                                 lambda: rope_table(self.grid_key(grid), self._merge, input_ids.device))
+            positions, deltas = image_rope_index(input_ids, mm, attention_mask, table)
         self.model.model.rope_deltas = deltas
         return positions
 
@@ -93,16 +130,20 @@ class Qwen25VLAdapter(Adapter):
 
     # -- vision side --------------------------------------------------------------------------------
     def unit_order(self, grid: torch.Tensor) -> torch.Tensor:
-        """Permutation taking the tower's output order of all images' units to raster order."""
+        """Permutation taking the tower's output order of all images' units to raster order (one per
+        distinct grid)."""
+        return self._cached(("order", self.grid_key(grid)), lambda: self._compute_unit_order(grid))
+
+    def _compute_unit_order(self, grid: torch.Tensor) -> torch.Tensor:
         from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import get_vision_window_index
 
-        window_index, _ = get_vision_window_index(grid, spatial_merge_size=self.merge,
-                                                  window_size=self.visual.window_size,
-                                                  patch_size=self.visual.patch_size, kwargs={})
+        window_index, _ = get_vision_window_index(grid, spatial_merge_size=self._merge,
+                                                  window_size=self._visual.window_size,
+                                                  patch_size=self._visual.patch_size, kwargs={})
         return torch.argsort(window_index)
 
     def run_tower(self, pixel_values, grid, method):
-        blocks = self.visual.blocks
+        blocks = self._visual.blocks
         wants = method is not None and any(s in method.stages for s in (Stage.VISION, Stage.PROJECTED))
         watch = {len(blocks) - 1: blocks[-1].attn} if wants else {}
         outputs: dict[int, torch.Tensor] = {}
@@ -112,8 +153,9 @@ class Qwen25VLAdapter(Adapter):
                 for i, blk in enumerate(blocks):
                     handles.append(blk.register_forward_hook(lambda m, a, o, i=i: outputs.__setitem__(i, o)))
             patch = method.vision_tower_patch(self) if method is not None else None
-            with self.recording(watch) as recs, (patch if patch is not None else contextlib.nullcontext()):
-                out = self.visual(pixel_values.type(self.visual.dtype), grid_thw=grid, return_dict=True)
+            recording = self.recording(watch) if watch else contextlib.nullcontext({})
+            with recording as recs, (patch if patch is not None else contextlib.nullcontext()):
+                out = self._visual(pixel_values.type(self._visual.dtype), grid_thw=grid, return_dict=True)
         finally:
             for h in handles:
                 h.remove()
@@ -125,6 +167,7 @@ class Qwen25VLAdapter(Adapter):
         grid = self.grids(inputs)
         out, recs, block_outputs = self.run_tower(pixel_values, grid, method)
         extra = method.extra_tokens if method is not None else 0  # registers: merged units per image
+        key = self.grid_key(grid)
         counts = self.expected_tokens(inputs)
         self._split = [n + extra for n in counts]
         merged = torch.split(out.pooler_output, self._split)
@@ -132,40 +175,92 @@ class Qwen25VLAdapter(Adapter):
         images, first = [], 0
         for i, n in enumerate(counts):
             shift = i * extra  # the registers of earlier images precede this image in the tower
-            tower_idx = order[first:first + n] + shift
-            register_idx = torch.arange(first + shift + n, first + shift + n + extra)
+            tower_idx = order[first:first + n] + shift if shift else order[first:first + n]
+            register_idx = self._cached(("registers", first + shift + n, extra),
+                                        lambda: torch.arange(first + shift + n, first + shift + n + extra))
             images.append(self._encode_one(i, n, extra, tower_idx, register_idx, first + shift, merged[i], out,
-                                           recs, block_outputs, grid[i], method, timer, instructions[i]))
+                                           recs, block_outputs, key[i], method, timer, instructions[i]))
             first += n
         return images
 
     def _unit_attention(self, recs, image: int) -> torch.Tensor:
         """Mean attention each of the image's units (tower order, registers included) receives from all of
         the image's tokens at the last block, pooled over its 2×2 patches."""
-        call = recs[len(self.visual.blocks) - 1].calls[image]
-        return call.rows(0).mean(0).mean(0).view(-1, self.merge ** 2).mean(1)
+        call = recs[len(self._visual.blocks) - 1].calls[image]
+        return call.rows(0).mean(0).mean(0).view(-1, self._merge ** 2).mean(1)
 
     def _encode_one(self, i, n, extra, tower_idx, register_idx, start, merged, out, recs, block_outputs, grid_row,
                     method, timer, instruction):
-        rows, cols = int(grid_row[1]) // self.merge, int(grid_row[2]) // self.merge
-        merge2 = self.merge ** 2
+        rows, cols = grid_row[1] // self._merge, grid_row[2] // self._merge
+        merge2 = self._merge ** 2
         features = unit_features(out.last_hidden_state, tower_idx, merge2) if block_outputs else merged[:n]
         ctx = unit_context(features, (rows, cols), family=self.family, image_index=i, extra=extra, tower_idx=tower_idx,
-                           start=start, merge2=merge2, num_blocks=len(self.visual.blocks),
+                           start=start, merge2=merge2, num_blocks=len(self._visual.blocks),
                            block_output=block_outputs.__getitem__, unit_attention=lambda: self._unit_attention(recs, i),
                            register_idx=register_idx)
         keep, embeds, info = select_and_project(ctx, method, None, timer=timer, instruction=instruction,
                                                 projected=merged[:n])
-        registers = torch.arange(n, n + extra)
-        keep_units = torch.cat([keep.cpu(), registers])
-        cells = torch.stack([torch.zeros(n, dtype=torch.long), torch.arange(n) // cols, torch.arange(n) % cols], 1)
-        cells = torch.cat([cells, torch.full((extra, 3), -1)])
-        return EncodedImage(embeds=torch.cat([embeds, merged[n:]]), keep=keep_units, n_units=n, n_extra=extra,
-                            candidates=n, protected=registers, info=info, unit_cells=cells,
+        registers, cells = self._cached(("cells", n, cols, extra), lambda: unit_cells(n, cols, extra))
+        keep_units = torch.cat([keep.cpu(), registers]) if extra else keep.cpu().long()
+        return EncodedImage(embeds=torch.cat([embeds, merged[n:]]) if extra else embeds, keep=keep_units, n_units=n,
+                            n_extra=extra, candidates=n, protected=registers, info=info, unit_cells=cells,
                             deepstack=self._deepstack(out, i, keep_units))
 
     def _deepstack(self, out, image: int, keep: torch.Tensor):
         return None
+
+
+def unit_cells(n: int, cols: int, extra: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The register indices (n .. n+extra) and the (crop, row, col) cells of an image's ``n`` raster
+    units (``cols`` per row) followed by its ``extra`` registers (cells -1). Constant per shape: the
+    callers keep them, nothing writes to them."""
+    units = torch.arange(n)
+    cells = torch.stack([torch.zeros(n, dtype=torch.long), units // cols, units % cols], 1)
+    return torch.arange(n, n + extra), torch.cat([cells, torch.full((extra, 3), -1)])
+
+
+# -- M-RoPE positions of image + text sequences ---------------------------------------------------
+def rope_table(key: tuple[tuple[int, int, int], ...], merge: int, device) -> torch.Tensor:
+    """(4, 1 + units) long table on ``device`` over all images' units of ``key`` ((t, h, w) in patches,
+    in order), after a column 0 for text: rows 0-2, each unit's (frame, row, column) minus how far
+    its position lies behind a text token's at its place (``j + advance + 1``; text: 1); row 3, at
+    each image's first unit, how far the position counter advances past the image beyond its token
+    count (transformers: max(h, w) // merge per image, for t·h·w / merge² tokens)."""
+    columns = [torch.tensor([[-1], [-1], [-1], [0]])]
+    for t, h, w in key:
+        rows, cols = h // merge, w // merge
+        n = t * rows * cols
+        advance = max(h, w) // merge - n
+        j = torch.arange(n)
+        behind = j + advance + 1
+        first = torch.zeros(n, dtype=torch.long)
+        first[0] = advance
+        columns.append(torch.stack([j // (rows * cols) - behind, j // cols % rows - behind, j % cols - behind, first]))
+    return torch.cat(columns, 1).to(device)
+
+
+def image_rope_index(input_ids: torch.Tensor, mm_token_type_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                     table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' Qwen2.5-VL / Qwen3-VL ``get_rope_index`` for single-frame images (t == 1) only,
+    without a per-token loop or a host read: (3, B, L) positions (0 at padding) and (B, 1) deltas;
+    ``table``: :func:`rope_table`.
+
+    As there, padding (``attention_mask`` 0) is dropped first; text advances one position per token;
+    an image (a run of ``mm_token_type_ids == 1``, the grids taken in batch order) at counter ``s``
+    gets ``s + (frame, row, column)`` per unit, and the counter moves on by max(h, w) / merge. Here the
+    image tokens are cut by the grids' unit counts (as the pipeline does), so back-to-back images,
+    where transformers raises, get each its own positions; image tokens beyond the grids' units (where
+    transformers raises too) take the last unit's."""
+    valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    image = (mm_token_type_ids == 1) & valid
+    seen = valid.cumsum(-1)  # real tokens so far, this one included
+    unit = image.view(-1).cumsum(0).view_as(image).mul_(image).clamp_(max=table.shape[1] - 1)  # 1 + unit; text: 0
+    per_token = table[:, unit]
+    advanced = per_token[3].cumsum(-1)  # the advances of the row's images so far
+    positions = (seen + advanced + per_token[:3]).mul_(valid).to(input_ids.dtype)
+    # the largest position is the counter at the end, less one (single-frame images: no frame index
+    # exceeds the image's advance), so max + 1 - real tokens = the row's total advance
+    return positions, advanced[:, -1:]
 
 
 # -- merged units, shared with the vLLM variants ---------------------------------------------------

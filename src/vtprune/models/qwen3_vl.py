@@ -12,11 +12,15 @@ from .qwen2_5_vl import QWEN_INPUT_KEYS, QWEN_OCCAMTOKEN_DEFAULTS, Qwen25VLAdapt
 class Qwen3VLAdapter(Qwen25VLAdapter):
     family = "qwen3_vl"
 
-    def unit_order(self, grid: torch.Tensor) -> torch.Tensor:
-        return torch.arange(int((grid.prod(-1) // self.merge ** 2).sum()))
+    def _compute_unit_order(self, grid: torch.Tensor) -> torch.Tensor:
+        return torch.arange(sum(self.expected_tokens({"image_grid_thw": grid})))
 
     def _deepstack(self, out, image: int, keep: torch.Tensor):
-        return [torch.split(feat, self._split)[image][keep] for feat in out.deepstack_features]
+        start = sum(self._split[:image])
+        size = self._split[image]
+        if len(keep) == size:  # every unit kept (keep: sorted, distinct): the image's rows as they are
+            return [feat[start:start + size] for feat in out.deepstack_features]
+        return [feat[start:start + size][keep] for feat in out.deepstack_features]
 
     def mm_encoder_outputs(self, images):
         from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
