@@ -15,7 +15,7 @@ import torch
 from ..errors import InputError, UnsupportedModelError
 from ..methods.base import ImageContext, Stage
 from ..occamtoken.towers import RegisterTower, _Handles, _insert_after_segments, first_param, redirect_activations
-from .base import Adapter, EncodedImage
+from .base import Adapter, EncodedImage, unit_kind_table
 from .families import Family, FlopsInfo, TinySpec, register_family
 from .stages import select_and_project
 
@@ -200,23 +200,25 @@ class Qwen25VLAdapter(Adapter):
                            register_idx=register_idx)
         keep, embeds, info = select_and_project(ctx, method, None, timer=timer, instruction=instruction,
                                                 projected=merged[:n])
-        registers, cells = self._cached(("cells", n, cols, extra), lambda: unit_cells(n, cols, extra))
+        registers, cells, kinds = self._cached(("cells", n, cols, extra), lambda: unit_cells(n, cols, extra))
         keep_units = torch.cat([keep.cpu(), registers]) if extra else keep.cpu().long()
         return EncodedImage(embeds=torch.cat([embeds, merged[n:]]) if extra else embeds, keep=keep_units, n_units=n,
                             n_extra=extra, candidates=n, protected=registers, info=info, unit_cells=cells,
+                            unit_kind=kinds,
                             deepstack=self._deepstack(out, i, keep_units))
 
     def _deepstack(self, out, image: int, keep: torch.Tensor):
         return None
 
 
-def unit_cells(n: int, cols: int, extra: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The register indices (n .. n+extra) and the (crop, row, col) cells of an image's ``n`` raster
-    units (``cols`` per row) followed by its ``extra`` registers (cells -1). Constant per shape: the
-    callers keep them, nothing writes to them."""
+def unit_cells(n: int, cols: int, extra: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The register indices (n .. n+extra), the (crop, row, col) cells of an image's ``n`` raster
+    units (``cols`` per row) followed by its ``extra`` registers (cells -1), and every unit's kind.
+    Constant per shape: the callers keep them, nothing writes to them."""
     units = torch.arange(n)
     cells = torch.stack([torch.zeros(n, dtype=torch.long), units // cols, units % cols], 1)
-    return torch.arange(n, n + extra), torch.cat([cells, torch.full((extra, 3), -1)])
+    return (torch.arange(n, n + extra), torch.cat([cells, torch.full((extra, 3), -1)]),
+            unit_kind_table(torch.zeros(n, dtype=torch.bool), extra))
 
 
 # -- M-RoPE positions of image + text sequences ---------------------------------------------------
