@@ -45,6 +45,11 @@ def unit_kind_table(newline: torch.Tensor, extras: int) -> torch.Tensor:
     return torch.cat([kinds, torch.full((extras,), REGISTER, dtype=kinds.dtype)])
 
 
+def host_ids(input_ids: torch.Tensor) -> np.ndarray:
+    """The token ids on the host, for the bookkeeping of where the images are."""
+    return input_ids.cpu().numpy()  # sync: where the images are (once per call)
+
+
 @dataclass
 class EncodedImage:
     """One image after the vision side and any vision/projected pruning.
@@ -122,16 +127,18 @@ class Adapter:
         return self.placeholder_spans(input_ids, self.image_token_id, self.expected_tokens(inputs), "image")
 
     @staticmethod
-    def placeholder_spans(input_ids: torch.Tensor, token_id: int, expected: list[int],
+    def placeholder_spans(input_ids: torch.Tensor | np.ndarray, token_id: int, expected: list[int],
                           what: str) -> list[list[tuple[int, int]]]:
         """Per sample, the (start, end) column ranges of the runs of ``token_id``, cut into items of
-        ``expected`` placeholders each (in order over the batch); checks the counts."""
-        is_item = np.zeros((input_ids.shape[0], input_ids.shape[1] + 2), dtype=np.int8)  # host: numpy, 0-padded
-        is_item[:, 1:-1] = (input_ids == token_id).cpu().numpy()  # sync: where the images are (once per call)
+        ``expected`` placeholders each (in order over the batch); checks the counts. ``input_ids``: a
+        tensor, or its host copy (``host_ids``) when the caller looks for several tokens."""
+        ids = input_ids if isinstance(input_ids, np.ndarray) else host_ids(input_ids)
+        is_item = np.zeros((ids.shape[0], ids.shape[1] + 2), dtype=np.int8)  # host: numpy, 0-padded
+        is_item[:, 1:-1] = ids == token_id
         edges = is_item[:, 1:] - is_item[:, :-1]  # +1 where a run starts, -1 after it
         samples, starts = np.nonzero(edges == 1)
         runs = zip(samples.tolist(), starts.tolist(), np.nonzero(edges == -1)[1].tolist())
-        spans: list[list[tuple[int, int]]] = [[] for _ in range(input_ids.shape[0])]
+        spans: list[list[tuple[int, int]]] = [[] for _ in range(ids.shape[0])]
         k = 0
         for b, col, end in runs:  # (sample, first column, column after the run), in order
             while col < end:  # a run may hold several images back to back

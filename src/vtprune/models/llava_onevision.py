@@ -24,7 +24,7 @@ import torch
 from ..errors import InputError
 from ..methods.base import ImageContext
 from ..occamtoken.towers import redirect_activations
-from .base import EncodedImage
+from .base import EncodedImage, host_ids
 from .families import Family, FlopsInfo, TinySpec, register_family
 from .llava import ClipTower, LlavaAdapter
 from .llava_next import LlavaNextAdapter, anyres_tiny_inputs
@@ -105,8 +105,9 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     def image_spans(self, input_ids: torch.Tensor, inputs: dict) -> list[list[tuple[int, int]]]:
         """Image and video spans, per sample in position order. Records each span's modality in
         ``inputs[SPAN_MODALITIES]`` (the per-call input dict) for ``encode_images``."""
-        image_spans = self.placeholder_spans(input_ids, self.image_token_id, self.expected_tokens(inputs), "image")
-        video_spans = self.placeholder_spans(input_ids, self.video_token_id,
+        ids = host_ids(input_ids)
+        image_spans = self.placeholder_spans(ids, self.image_token_id, self.expected_tokens(inputs), "image")
+        video_spans = self.placeholder_spans(ids, self.video_token_id,
                                              [self.video_tokens(f) for f in self.video_frames(inputs)], "video")
         spans, modalities = [], []
         for images, videos in zip(image_spans, video_spans):
