@@ -46,27 +46,27 @@ class AttentionCall:
         rows_t = torch.arange(q.shape[1], device=q.device) if rows is None else torch.as_tensor(
             rows, device=q.device, dtype=torch.long)
         scores = torch.einsum("hrd,hkd->hrk", q[:, rows_t], k) * self.scaling
-        allowed = self._allowed(batch, rows_t, k.shape[1], q.shape[1])
+        blocked = self._blocked(batch, rows_t, k.shape[1], q.shape[1])
         if columns is not None:
-            keep_cols = torch.zeros(k.shape[1], dtype=torch.bool, device=q.device)
-            keep_cols[columns] = True
-            allowed = allowed & keep_cols
-        if allowed is not None:
-            scores = scores.masked_fill(~allowed.unsqueeze(0), float("-inf"))
+            outside = torch.ones(k.shape[1], dtype=torch.bool, device=q.device)
+            outside[columns] = False
+            blocked = outside if blocked is None else blocked | outside
+        if blocked is not None:
+            scores = scores.masked_fill(blocked, float("-inf"))
         return torch.softmax(scores, dim=-1)
 
-    def _allowed(self, batch: int, rows: torch.Tensor, lk: int, lq: int) -> torch.Tensor:
-        allowed = torch.ones(len(rows), lk, dtype=torch.bool, device=rows.device)
+    def _blocked(self, batch: int, rows: torch.Tensor, lk: int, lq: int) -> torch.Tensor | None:
+        """(R, Lk) True where query row ``rows[r]`` may not attend (None: nowhere)."""
         if self.mask is not None:
             m = self.mask[batch if self.mask.shape[0] > 1 else 0]
             m = m[0] if m.dim() == 3 else m  # (heads=1, Lq, Lk)
             m = m[rows] if m.shape[0] == lq else m.expand(len(rows), -1)
-            allowed &= m if m.dtype == torch.bool else (m > torch.finfo(m.dtype).min / 2)
-        elif self.causal and lq > 1:
+            return ~m if m.dtype == torch.bool else ~(m > torch.finfo(m.dtype).min / 2)
+        if self.causal and lq > 1:
             offset = lk - lq
             key_pos = torch.arange(lk, device=rows.device)
-            allowed &= key_pos.unsqueeze(0) <= (rows + offset).unsqueeze(1)
-        return allowed
+            return key_pos.unsqueeze(0) > (rows + offset if offset else rows).unsqueeze(1)
+        return None
 
 
 @dataclass

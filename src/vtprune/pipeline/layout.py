@@ -46,22 +46,33 @@ def build_layout(samples: list[SampleUnits]) -> Layout:
     lengths = [s.length for s in samples]
     width = max(lengths)
     pads = [width - n for n in lengths]
-    kinds = []
-    for s in samples:
-        row = torch.full((s.length,), TEXT)
-        for start, unit_kind in s.images:
-            row[start:start + len(unit_kind)] = unit_kind
-        kinds.append(row)
+    by_kind = [slots_by_kind(s, pad) for s, pad in zip(samples, pads)]
     columns = torch.arange(width)
     index = (torch.where(columns >= torch.tensor(pads).unsqueeze(1), columns, -1) if max(pads)
              else columns.expand(len(samples), -1))
-
-    def slots(kind):
-        return [torch.nonzero(kd == kind).flatten() + p for kd, p in zip(kinds, pads)]
-
-    return Layout(index=index, candidates=slots(CANDIDATE), protected=slots(REGISTER), fixed=slots(NEWLINE),
-                  text_after=[torch.arange(s.last_visual + 1, s.length) + p for s, p in zip(samples, pads)],
+    return Layout(index=index, candidates=[k[0] for k in by_kind], protected=[k[1] for k in by_kind],
+                  fixed=[k[2] for k in by_kind],
+                  text_after=[torch.arange(s.last_visual + 1 + p, s.length + p) for s, p in zip(samples, pads)],
                   lengths=lengths)
+
+
+def slots_by_kind(sample: SampleUnits, pad: int) -> tuple[torch.Tensor, ...]:
+    """The sample's slots (after ``pad`` slots of padding) holding candidates, registers and newline
+    tokens, ascending."""
+    counts = [torch.bincount(kinds, minlength=4).tolist() for _, kinds in sample.images]  # host: CPU tensors
+    if all(c[REGISTER] == 0 and c[NEWLINE] == 0 for c in counts):  # candidates only: each image's units in a row
+        ranges = [torch.arange(start + pad, start + pad + len(kinds)) for start, kinds in sample.images]
+        empty = torch.zeros(0, dtype=torch.long)
+        return ranges[0] if len(ranges) == 1 else torch.cat(ranges) if ranges else empty, empty, empty
+    # otherwise one stable sort of the kinds of every slot, split by their counts
+    kinds = torch.full((sample.length,), TEXT)
+    for start, unit_kind in sample.images:
+        kinds[start:start + len(unit_kind)] = unit_kind
+    order = torch.argsort(kinds, stable=True)
+    if pad:
+        order += pad
+    by_kind = order.split(torch.bincount(kinds, minlength=4).tolist())  # host: CPU tensors
+    return by_kind[CANDIDATE], by_kind[REGISTER], by_kind[NEWLINE]
 
 
 def left_pad(rows: list[torch.Tensor], fill) -> torch.Tensor:
@@ -109,10 +120,16 @@ def first_real(mask: torch.Tensor) -> int:
     return int(nz[0]) if len(nz) else len(mask)  # sync: once per sample, only when the layout was rewritten
 
 
-def compose_gathers(gathers: list[torch.Tensor]) -> list[torch.Tensor]:
+def compose_gathers(gathers: list[torch.Tensor], padded: bool = True) -> list[torch.Tensor]:
     """``gathers[s]``: per row, the slots of the layout entering stage s that stage s kept (-1 =
     padding). Returns, per stage, the slot in the layout entering it of each slot of the final
-    layout (padding maps to slot 0, masked anyway): one gather per stage, whatever the layer count."""
+    layout (padding maps to slot 0, masked anyway): one gather per stage, whatever the layer count.
+    ``padded`` False: the final layout has no padding (then no slot of any stage maps to padding)."""
+    if not padded:
+        out = [gathers[-1]]
+        for g in reversed(gathers[:-1]):
+            out.append(g.gather(1, out[-1]))
+        return out[::-1]
     valid = gathers[-1] >= 0
     slots = gathers[-1].clamp(min=0)
     out = [slots]

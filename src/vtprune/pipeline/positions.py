@@ -14,21 +14,25 @@ def as_rows_or_none(positions):
     return None if positions is None else as_rows(positions)
 
 
-def gathered_positions(kwargs, gather) -> dict:
-    """The current position embeddings and ids at the slots ``gather`` keeps (original positions)."""
+def gathered_positions(kwargs, gather, padded: bool = True) -> dict:
+    """The current position embeddings and ids at the slots ``gather`` keeps (original positions;
+    ``padded`` False: no slot is padding, -1)."""
     cos, sin = kwargs["position_embeddings"]
-    idx = gather.clamp(min=0).to(cos.device)
-
-    def take(t):
-        # sequence is the second-to-last dim for (B, L, d) and (3, B, L, d)
-        view = idx.view(*([1] * (t.dim() - 3)), *idx.shape, 1).expand(*t.shape[:-2], idx.shape[1], t.shape[-1])
-        return t.gather(t.dim() - 2, view)
-
-    out = {"position_embeddings": (take(cos), take(sin))}
+    idx = (gather.clamp(min=0) if padded else gather).to(cos.device)
+    out = {"position_embeddings": (take(cos, idx), take(sin, idx))}
     pos = kwargs.get("position_ids")
     if pos is not None:
         out["position_ids"] = pos.expand(idx.shape[0], -1).gather(1, idx.to(pos.device)) if pos.dim() == 2 else pos
     return out
+
+
+def take(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """The sequence slots ``idx`` (B, L') of ``t``, whose sequence is the second-to-last dim: (B, L, d)
+    or (3, B, L, d)."""
+    if idx.shape[0] == 1:
+        return t.index_select(t.dim() - 2, idx[0])
+    view = idx.view(*([1] * (t.dim() - 3)), *idx.shape, 1).expand(*t.shape[:-2], idx.shape[1], t.shape[-1])
+    return t.gather(t.dim() - 2, view)
 
 
 def contiguous_positions(mask: torch.Tensor, caller_positions: bool) -> torch.Tensor:
