@@ -578,3 +578,93 @@ def test_pipeline_reads_back_only_host_tensors_outside_the_marked_lines():
     marked = {(name, line) for name, line, _, _, text in findings if "# sync:" in text}
     assert len(marked) == PIPELINE_SYNCS
     assert set(PIPELINE_FUNCTIONS) <= {func for _, _, func, _, _ in findings} | {"__init__"}, "stale allow-list entry"
+
+
+# -- (a'') the model adapters ------------------------------------------------------------------------
+#
+# The same rule for the vision side and the per-family code the prefill runs (``vtprune/models``): device
+# tensors are read back only on the lines marked ``# sync:`` — where the images are, the image sizes or
+# grids, a selection's range and the kept units, once per call or per image — and the loops run per
+# image, crop, sample or tower block. ``test_prefill_python.py`` checks that the lines they execute do not
+# grow with the visual tokens.
+MODELS = METHODS_DIR.parent / "models"
+MODEL_LOOPS = {  # functions whose loops are not per token
+    "placeholder_spans": "per run of placeholders (host numpy)",
+    "mm_encoder_outputs": "per image or video",
+    "recording": "per watched tower block",
+    "run_tower": "per tower block: the hooks that keep each block's output",
+    "encode_images": "per image",
+    "encode_videos": "per video",
+    "encode_video": "per frame of a video",
+    "image_spans": "per sample and image or video (OneVision's modalities)",
+    "crops_per_image": "per image",
+    "expected_tokens": "per image",
+    "candidate_columns": "per crop, once per image size (cached plan)",
+    "full_positions": "per image: Qwen's M-RoPE table, once per grid (cached)",
+    "rope_table": "per image, once per grid (cached)",
+    "clip_context": "per crop", "columns": "per crop", "gather": "per crop", "cls_attention": "per crop",
+    "crop_slices": "per crop",
+    "watched_blocks": "per layer a method names",
+    "_deepstack": "per DeepStack layer",
+    "split": "OccamToken's registers on the Qwen tower: per image",
+    "before": "OccamToken's registers on the Qwen tower: per image",
+    "_register_kwargs": "OccamToken's registers on the Qwen tower: per image and window bound",
+    "unit_table": "once per image size (cached per adapter)",
+    "identity_tensors": "off the prefill path (checkpoint identity)",
+    "matches": "off the prefill path (which tower class)",
+    "redirect": "off the prefill path (once per apply: the register neurons' sites)",
+    "_tiny_inputs": "tiny test inputs", "tiny_inputs": "tiny test inputs", "anyres_tiny_inputs": "tiny test inputs",
+}
+MODEL_HOST_READS = {  # functions whose unmarked read-backs touch host values only (or run once per size)
+    "unit_table": "once per image size, on the host (cached per adapter)",
+    "rope_table": "a constant column, once per grid (cached)",
+    "encode_video": "the newline's index (a Python int)",
+    "split": "OccamToken's registers on the Qwen tower: the grid, which the tower reads itself",
+    "before": "OccamToken's registers on the Qwen tower: the grid, which the tower reads itself",
+    "_register_kwargs": "OccamToken's registers on the Qwen tower: the window bounds the tower computed",
+    "anyres_tiny_inputs": "tiny test inputs", "_qwen_pixels": "tiny test inputs",
+}
+MODEL_SYNC_FUNCTIONS = {  # every function with a marked read-back
+    "host_ids": "where the images are: the ids, once per call",
+    "host_rows": "the image sizes or grids, once per call (the model's forward reads them too)",
+    "crops_per_image": "OneVision's images per sample, when given",
+    "check_selection": "a selection's range, before it indexes the features (per image and stage)",
+    "layout_units": "LLaVA-NeXT / OneVision: the kept units, per image",
+    "encode_video": "OneVision: the kept cells of a video",
+    "_encode_one": "Qwen: the kept units, per image",
+}
+
+
+def _model_findings():
+    files = sorted(p for p in MODELS.glob("*.py") if p.name not in ("__init__.py", "families.py"))
+    assert len(files) >= 7
+    return [(p.name, *f) for p in files for f in _findings(p)]
+
+
+def _model_violations(findings) -> list[str]:
+    out = []
+    for name, line, func, what, text in findings:
+        if any(m in text for m in MARKERS) or func in OFF_PATH:
+            continue
+        if func not in (MODEL_LOOPS if what == "loop" else MODEL_HOST_READS):
+            out.append(f"models/{name}:{line} in {func}(): {what}: {text}")
+    return out
+
+
+def test_model_adapters_read_back_only_on_marked_lines():
+    findings = _model_findings()
+    bad = _model_violations(findings)
+    assert not bad, "read-backs or loops on the prefill path:\n" + "\n".join(bad)
+    assert {func for _, _, func, _, text in findings if "# sync:" in text} == set(MODEL_SYNC_FUNCTIONS)
+    seen = {func for _, _, func, _, _ in findings}
+    assert set(MODEL_LOOPS) | set(MODEL_HOST_READS) <= seen, "stale allow-list entry"
+
+
+def test_the_model_scan_flags_an_unmarked_read_back():
+    findings = _model_findings()
+    planted = [("llava_next.py", 1, "encode_images", ".tolist()", "keep = keep.tolist()"),
+               ("stages.py", 2, "check_selection", "int(...)", "n = int(selection.keep.max())"),
+               ("base.py", 3, "placeholder_spans", "loop", "for t in ids[0]:")]
+    assert _model_violations(findings + planted[:2]) == [f"models/{n}:{l} in {f}(): {w}: {t}"
+                                                          for n, l, f, w, t in planted[:2]]
+    assert not _model_violations(findings + planted[2:])  # listed as a loop per run (the line count test guards it)

@@ -88,6 +88,17 @@ class Adapter:
         self.model = model
         self.config = model.config
         self.layout = layout
+        self._rows_memo: tuple[torch.Tensor, int, tuple] | None = None  # (tensor, its version, its rows)
+
+    def host_rows(self, values: torch.Tensor) -> tuple[tuple[int, ...], ...]:
+        """The rows of a small 2-D tensor of image sizes or grids as Python ints, read once per tensor
+        and version (the model's forward reads them too); the keys of the per-size tables."""
+        memo = self._rows_memo
+        if memo is not None and memo[0] is values and memo[1] == values._version:
+            return memo[2]
+        rows = tuple(tuple(r) for r in values.tolist())  # sync: the image sizes or grids, once per call
+        self._rows_memo = (values, values._version, rows)  # holding the tensor keeps its id from being reused
+        return rows
 
     # -- structure --------------------------------------------------------------------------
     @property
@@ -136,8 +147,8 @@ class Adapter:
         is_item = np.zeros((ids.shape[0], ids.shape[1] + 2), dtype=np.int8)  # host: numpy, 0-padded
         is_item[:, 1:-1] = ids == token_id
         edges = is_item[:, 1:] - is_item[:, :-1]  # +1 where a run starts, -1 after it
-        samples, starts = np.nonzero(edges == 1)
-        runs = zip(samples.tolist(), starts.tolist(), np.nonzero(edges == -1)[1].tolist())
+        samples, starts = np.nonzero(edges == 1)  # host: numpy
+        runs = zip(samples.tolist(), starts.tolist(), np.nonzero(edges == -1)[1].tolist())  # host: numpy
         spans: list[list[tuple[int, int]]] = [[] for _ in range(ids.shape[0])]
         k = 0
         for b, col, end in runs:  # (sample, first column, column after the run), in order

@@ -35,7 +35,7 @@ class LlavaNextAdapter(LlavaAdapter):
     def crops_per_image(self, inputs: dict) -> list[int]:
         if inputs.get("image_sizes") is None:
             raise InputError("LLaVA-NeXT needs image_sizes; pass the processor's output unchanged.")
-        return [self.crops_of_size(tuple(s)) for s in inputs["image_sizes"].tolist()]
+        return [self.crops_of_size(s) for s in self.host_rows(inputs["image_sizes"])]
 
     def crops_of_size(self, image_size: tuple[int, int]) -> int:
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
@@ -51,8 +51,8 @@ class LlavaNextAdapter(LlavaAdapter):
         return unit_table(self.config, image_size)[0]
 
     def expected_tokens(self, inputs: dict) -> list[int]:
-        return [len(self.unit_table(tuple(s), c))
-                for s, c in zip(inputs["image_sizes"].tolist(), self.crops_per_image(inputs))]
+        crops = self.crops_per_image(inputs)
+        return [len(self.unit_table(s, c)) for s, c in zip(self.host_rows(inputs["image_sizes"]), crops)]
 
     def encode_images(self, inputs, method, instructions, timer):
         pixel_values = inputs["pixel_values"]
@@ -64,10 +64,10 @@ class LlavaNextAdapter(LlavaAdapter):
         extra_units = extra + forwarded_cls(method)  # per crop: registers, then the forwarded [CLS]
         side = self.grid_side
         images, first = [], 0
-        for i, (size, c) in enumerate(zip(inputs["image_sizes"].tolist(), crops)):
+        for i, (size, c) in enumerate(zip(self.host_rows(inputs["image_sizes"]), crops)):
             rows = list(range(first, first + c))
             first += c
-            plan, cells, extras, kinds = self.image_plan(tuple(size), c, extra_units)
+            plan, cells, extras, kinds = self.image_plan(size, c, extra_units)
             ctx = self.crop_context(tower, rows, i, extra, [(side, side)] * c, keep_cols=plan.cols)
             keep, embeds, info = select_and_project(ctx, method, self.project, timer=timer, instruction=instructions[i])
             keep_units, ordered = layout_units(plan, keep, embeds, self.model.model.image_newline)

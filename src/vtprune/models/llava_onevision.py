@@ -68,10 +68,14 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         if inputs.get("image_sizes") is None:
             raise InputError("LLaVA-OneVision needs image_sizes; pass the processor's output unchanged.")
         per_sample = inputs.get("batch_num_images")
-        sizes = inputs["image_sizes"].tolist()
+        sizes = self.host_rows(inputs["image_sizes"])
         # like the model: images of a multi-image sample are seen as their base view only
-        single = [True] * len(sizes) if per_sample is None else [int(n) == 1 for n in per_sample for _ in range(int(n))]
-        return [self.crops_of_size(tuple(s)) if one else 1 for s, one in zip(sizes, single)]
+        if per_sample is None:
+            single = [True] * len(sizes)
+        else:
+            counts = per_sample.tolist() if torch.is_tensor(per_sample) else list(per_sample)  # sync: when given
+            single = [n == 1 for n in counts for _ in range(n)]
+        return [self.crops_of_size(s) if one else 1 for s, one in zip(sizes, single)]
 
     def unit_table(self, image_size, crops: int) -> torch.Tensor:
         """For each unit of the model layout: the crop-major patch id it shows, or -1 (newline).

@@ -32,7 +32,6 @@ class Qwen25VLAdapter(Adapter):
         self._visual = model.model.visual
         self._merge = self.config.vision_config.spatial_merge_size
         self._image_token_id = self.config.image_token_id
-        self._grid_memo: tuple[torch.Tensor, int, tuple] | None = None  # (grid tensor, its version, its key)
         self._tables: dict[Any, Any] = {}  # per-grid constant tables, keyed on the grid values (and device)
 
     @property
@@ -62,18 +61,14 @@ class Qwen25VLAdapter(Adapter):
         return grid
 
     def grid_key(self, grid: torch.Tensor) -> tuple[tuple[int, int, int], ...]:
-        """The (t, h, w) of every image as Python ints, read once per grid tensor (transformers' tower
-        reads them too); the key of every per-grid table."""
-        memo = self._grid_memo
-        if memo is not None and memo[0] is grid and memo[1] == grid._version:
-            return memo[2]
-        key = tuple(tuple(row) for row in grid.tolist())  # sync: the image grids, read once per call
-        self._grid_memo = (grid, grid._version, key)  # holding the tensor keeps its id from being reused
-        return key
+        """The (t, h, w) of every image as Python ints; the key of every per-grid table."""
+        return self.host_rows(grid)
 
     def _cached(self, key, make: Callable[[], Any]):
         value = self._tables.get(key)
         if value is None:
+            if len(self._tables) >= 1024:  # a server seeing ever new image sizes: start over
+                self._tables.clear()
             value = self._tables[key] = make()
         return value
 
@@ -201,7 +196,8 @@ class Qwen25VLAdapter(Adapter):
         keep, embeds, info = select_and_project(ctx, method, None, timer=timer, instruction=instruction,
                                                 projected=merged[:n])
         registers, cells, kinds = self._cached(("cells", n, cols, extra), lambda: unit_cells(n, cols, extra))
-        keep_units = torch.cat([keep.cpu(), registers]) if extra else keep.cpu().long()
+        kept = keep.cpu()  # sync: the units the method kept (one per image)
+        keep_units = torch.cat([kept, registers]) if extra else kept.long()
         return EncodedImage(embeds=torch.cat([embeds, merged[n:]]) if extra else embeds, keep=keep_units, n_units=n,
                             n_extra=extra, candidates=n, protected=registers, info=info, unit_cells=cells,
                             unit_kind=kinds,

@@ -156,7 +156,9 @@ def check_selection(method: Method, stage: Stage, ctx: ImageContext, selection: 
             raise InputError(f"Method '{method.name}' kept no token of image {ctx.image_index}; give it a "
                              f"budget that keeps at least one token.")
         return
-    if int(selection.keep.max()) >= ctx.num_tokens or int(selection.keep.min()) < 0:
+    # before the indices reach a gather (a bad one fails deep inside torch, or as a device assert)
+    low, high = torch.stack(torch.aminmax(selection.keep)).tolist()  # sync: the range of a selection, per image
+    if high >= ctx.num_tokens or low < 0:
         raise InputError(f"Method '{method.name}' returned indices outside the {ctx.num_tokens} candidates; "
                          f"Selection.keep indexes the context's features.")
 
